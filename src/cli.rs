@@ -1,0 +1,110 @@
+//! Command-line arguments.
+
+use clap::Parser;
+
+pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "sdgen",
+    version,
+    about = "Text-to-image with Stable Diffusion 1.x/2.x on candle: the same image as diffusers for the same seed.",
+    after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen --list-schedulers"
+)]
+pub struct Args {
+    /// The text prompt.
+    #[arg(required_unless_present = "list_schedulers")]
+    pub prompt: Option<String>,
+
+    /// Negative prompt (empty: diffusers' unconditional embedding of "").
+    #[arg(short = 'n', long, default_value = "")]
+    pub negative_prompt: String,
+
+    /// Hub repo id or local diffusers folder.
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+
+    /// Seed (torch CPU generator); image i uses seed + i. Random when omitted (and reported).
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+
+    /// Classifier-free guidance scale; <= 1 skips the unconditional pass.
+    #[arg(short = 'g', long, default_value_t = 7.5)]
+    pub guidance: f64,
+
+    /// Scheduler name (see --list-schedulers); default: the model's own scheduler.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+
+    /// Use Karras sigmas (schedulers that support them).
+    #[arg(long)]
+    pub karras: bool,
+
+    /// Override the scheduler's timestep_spacing (leading, linspace, trailing).
+    #[arg(long)]
+    pub timestep_spacing: Option<String>,
+
+    /// Override the scheduler's prediction_type (epsilon, v_prediction).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+
+    /// Image width in pixels (default: the model's native size).
+    #[arg(short = 'W', long)]
+    pub width: Option<usize>,
+
+    /// Image height in pixels (default: the model's native size).
+    #[arg(short = 'H', long)]
+    pub height: Option<usize>,
+
+    /// Number of images (seeds seed, seed+1, ...).
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+
+    /// Images per U-Net batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+
+    /// Output file or template with {seed}, {index}, {prompt}.
+    #[arg(short = 'o', long, default_value = "sdgen-{seed}.png")]
+    pub output: String,
+
+    /// Also write a ROWSxCOLS grid of all images (next to the first output, suffixed -grid).
+    #[arg(long, value_name = "RxC")]
+    pub grid: Option<String>,
+
+    /// Replace existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+
+    /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+
+    /// No progress bars or messages (errors still go to stderr).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+
+    /// Print one JSON object per written image on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// List the schedulers and exit.
+    #[arg(long)]
+    pub list_schedulers: bool,
+}

@@ -1,0 +1,419 @@
+//! The diffusers config files (`model_index.json`, `unet/config.json`, `vae/config.json`,
+//! `text_encoder/config.json`) as plain structs, with the checks that turn a config this
+//! pipeline cannot run into an error naming the field.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let v = read_json(path)?;
+    serde_json::from_value(v).with_context(|| format!("{}: unexpected config", path.display()))
+}
+
+/// `attention_head_dim` / `num_attention_heads` / `transformer_layers_per_block` may be one
+/// number for every block or a list with one entry per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    pub fn expand(&self, n: usize, field: &str) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; n]),
+            PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
+            PerBlock::Each(v) => bail!(
+                "unet config: {field} has {} entries but there are {n} blocks",
+                v.len()
+            ),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+fn default_groups() -> usize {
+    32
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_one_usize() -> usize {
+    1
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_four() -> usize {
+    4
+}
+fn default_three() -> usize {
+    3
+}
+fn default_default() -> String {
+    "default".into()
+}
+fn default_positional() -> String {
+    "positional".into()
+}
+fn default_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+/// `unet/config.json` of a `UNet2DConditionModel`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default = "default_four")]
+    pub in_channels: usize,
+    #[serde(default = "default_four")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    #[serde(default = "default_mid")]
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub only_cross_attention: Value,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_one_usize")]
+    pub downsample_padding: usize,
+    #[serde(default = "default_one")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "default_silu")]
+    pub act_fn: String,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    #[serde(default)]
+    pub transformer_layers_per_block: Option<PerBlock>,
+    #[serde(default)]
+    pub attention_head_dim: Option<PerBlock>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "default_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "default_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "default_three")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "default_three")]
+    pub conv_out_kernel: usize,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+}
+
+/// What one down (and its mirrored up) block holds, resolved from the per-block fields.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UNetBlock {
+    pub out_channels: usize,
+    /// `Some(layers)` for a CrossAttn block with that many transformer layers.
+    pub cross_attention: Option<usize>,
+    pub num_heads: usize,
+}
+
+impl UNetConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let c: Self = parse(path)?;
+        c.validate()
+            .with_context(|| format!("{}: this U-Net cannot be run by sdgen", path.display()))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            bail!("block_out_channels is empty");
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            bail!("down_block_types/up_block_types must have one entry per block_out_channels");
+        }
+        for (i, t) in self.down_block_types.iter().enumerate() {
+            let up = &self.up_block_types[n - 1 - i];
+            let ok = matches!(
+                (t.as_str(), up.as_str()),
+                ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") | ("DownBlock2D", "UpBlock2D")
+            );
+            if !ok {
+                bail!("unsupported block pair down_block_types[{i}]={t} / up_block_types[{}]={up} (supported: CrossAttnDownBlock2D/CrossAttnUpBlock2D, DownBlock2D/UpBlock2D)", n - 1 - i);
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            other => {
+                bail!("unsupported mid_block_type {other:?} (supported: UNetMidBlock2DCrossAttn)")
+            }
+        }
+        match &self.only_cross_attention {
+            Value::Null | Value::Bool(false) => {}
+            Value::Array(a) if a.iter().all(|v| v == &Value::Bool(false)) => {}
+            v => bail!("unsupported only_cross_attention={v}"),
+        }
+        if self.act_fn != "silu" {
+            bail!("unsupported act_fn={} (supported: silu)", self.act_fn);
+        }
+        if self.dual_cross_attention {
+            bail!("unsupported dual_cross_attention=true");
+        }
+        if let Some(t) = &self.class_embed_type {
+            bail!("unsupported class_embed_type={t}");
+        }
+        if let Some(t) = &self.addition_embed_type {
+            bail!("unsupported addition_embed_type={t} (SDXL-style models are not supported)");
+        }
+        if self.resnet_time_scale_shift != "default" {
+            bail!(
+                "unsupported resnet_time_scale_shift={}",
+                self.resnet_time_scale_shift
+            );
+        }
+        if self.time_embedding_type != "positional" {
+            bail!(
+                "unsupported time_embedding_type={}",
+                self.time_embedding_type
+            );
+        }
+        if self.time_cond_proj_dim.is_some() {
+            bail!("unsupported time_cond_proj_dim (LCM-distilled U-Nets are not supported)");
+        }
+        if self.encoder_hid_dim.is_some() {
+            bail!("unsupported encoder_hid_dim");
+        }
+        if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
+            bail!("unsupported conv_in_kernel/conv_out_kernel (only 3 is supported)");
+        }
+        if self.in_channels != self.out_channels {
+            bail!(
+                "in_channels={} differs from out_channels={} (inpainting U-Nets are not text-to-image models)",
+                self.in_channels,
+                self.out_channels
+            );
+        }
+        let blocks = self.blocks()?;
+        for (i, b) in blocks.iter().enumerate() {
+            if b.out_channels % b.num_heads != 0 {
+                bail!("block {i}: {} channels are not divisible by {} attention heads (attention_head_dim)", b.out_channels, b.num_heads);
+            }
+            if b.out_channels % self.norm_num_groups != 0 {
+                bail!(
+                    "block {i}: {} channels are not divisible by norm_num_groups={}",
+                    b.out_channels,
+                    self.norm_num_groups
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-block settings. Like diffusers, `num_attention_heads` falls back to the
+    /// (misnamed) `attention_head_dim`, which in SD 1.x/2.x configs is the number of heads.
+    pub fn blocks(&self) -> Result<Vec<UNetBlock>> {
+        let n = self.block_out_channels.len();
+        let heads = match (&self.num_attention_heads, &self.attention_head_dim) {
+            (Some(h), _) => h.expand(n, "num_attention_heads")?,
+            (None, Some(h)) => h.expand(n, "attention_head_dim")?,
+            (None, None) => vec![8; n],
+        };
+        let layers = match &self.transformer_layers_per_block {
+            Some(t) => t.expand(n, "transformer_layers_per_block")?,
+            None => vec![1; n],
+        };
+        Ok((0..n)
+            .map(|i| UNetBlock {
+                out_channels: self.block_out_channels[i],
+                cross_attention: (self.down_block_types[i] == "CrossAttnDownBlock2D")
+                    .then_some(layers[i]),
+                num_heads: heads[i],
+            })
+            .collect())
+    }
+}
+
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+/// `vae/config.json` of an `AutoencoderKL`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "default_three")]
+    pub in_channels: usize,
+    #[serde(default = "default_three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_one_usize")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_four")]
+    pub latent_channels: usize,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "default_silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let c: Self = parse(path)?;
+        let bad = |why: String| -> Result<Self> {
+            bail!("{}: this VAE cannot be run by sdgen: {why}", path.display())
+        };
+        if c.act_fn != "silu" {
+            return bad(format!("unsupported act_fn={}", c.act_fn));
+        }
+        if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return bad(format!("unsupported up_block_types entry {t}"));
+        }
+        if !c.mid_block_add_attention {
+            return bad("unsupported mid_block_add_attention=false".into());
+        }
+        if c.shift_factor.is_some_and(|s| s != 0.0) {
+            return bad("unsupported shift_factor".into());
+        }
+        if c.block_out_channels.is_empty() {
+            return bad("block_out_channels is empty".into());
+        }
+        Ok(c)
+    }
+
+    /// 2^(number of blocks - 1): 8 for every SD 1.x/2.x VAE.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+fn default_max_pos() -> usize {
+    77
+}
+
+/// `text_encoder/config.json` of a transformers `CLIPTextModel`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl ClipTextConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let c: Self = parse(path)?;
+        if !matches!(c.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            bail!(
+                "{}: unsupported hidden_act={} (supported: quick_gelu, gelu)",
+                path.display(),
+                c.hidden_act
+            );
+        }
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail!(
+                "{}: hidden_size is not divisible by num_attention_heads",
+                path.display()
+            );
+        }
+        Ok(c)
+    }
+}
+
+/// `model_index.json`: which pipeline this is and which classes fill each slot.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    pub class_name: String,
+    pub scheduler_class: Option<String>,
+}
+
+impl ModelIndex {
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "AltDiffusionPipeline",
+    ];
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        let class_name = v
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if !Self::SUPPORTED.contains(&class_name.as_str()) {
+            bail!(
+                "{}: the model is a {:?}, not a Stable Diffusion 1.x/2.x pipeline (expected StableDiffusionPipeline)",
+                path.display(),
+                class_name
+            );
+        }
+        let scheduler_class = v
+            .get("scheduler")
+            .and_then(|s| s.get(1))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(Self {
+            class_name,
+            scheduler_class,
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! sdgen: Stable Diffusion text-to-image on candle, matching diffusers seed for seed.
+//!
+//! The binary is a thin shell over [`app::run`]; tests use the same library.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod model_source;
+pub mod models;
+pub mod output;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;

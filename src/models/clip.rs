@@ -1,0 +1,165 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`), mirroring its module names.
+//!
+//! candle-transformers has a CLIP text model, but its `Config` fields are private (only its
+//! presets can be built, so the model's own `text_encoder/config.json` cannot be used), its
+//! layer-norm eps is fixed, and its `gelu` is the tanh approximation where transformers' "gelu"
+//! (SD 2.x) is the exact erf form. This module reads every size from the config instead.
+
+use crate::config::ClipTextConfig;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Activation {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Activation::Gelu => xs.gelu_erf(),
+        }
+    }
+}
+
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            num_heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = xs.dims3()?;
+        let shape = |x: Tensor| -> Result<Tensor> {
+            x.reshape((b, t, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = shape((self.q_proj.forward(xs)? * scale)?)?;
+        let k = shape(self.k_proj.forward(xs)?)?;
+        let v = shape(self.v_proj.forward(xs)?)?;
+        let attn = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    activation: Activation,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipTextConfig, activation: Activation) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            self_attn: ClipAttention::new(vb.pp("self_attn"), c)?,
+            layer_norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            layer_norm2: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let residual = xs;
+        let xs = self.layer_norm1.forward(xs)?;
+        let xs = (self.self_attn.forward(&xs, causal_mask)? + residual)?;
+        let residual = &xs;
+        let h = self.layer_norm2.forward(&xs)?;
+        let h = self
+            .fc2
+            .forward(&self.activation.forward(&self.fc1.forward(&h)?)?)?;
+        h + residual
+    }
+}
+
+/// `CLIPTextModel`: returns `last_hidden_state` (after the final layer norm), which is what the
+/// Stable Diffusion pipeline feeds the U-Net.
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        // Hub files keep the `text_model.` prefix; transformers 5 saves without it.
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let activation = match c.hidden_act.as_str() {
+            "gelu" => Activation::Gelu,
+            _ => Activation::QuickGelu,
+        };
+        let emb = vb.pp("embeddings");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), c, activation))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: layer_norm(
+                c.hidden_size,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+        })
+    }
+
+    fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
+    }
+
+    /// `input_ids`: (batch, seq) u32.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
+        let mut xs = xs;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+}

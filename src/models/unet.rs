@@ -1,0 +1,352 @@
+//! diffusers' `UNet2DConditionModel` for SD 1.x/2.x, built from the model's own
+//! `unet/config.json` and named like diffusers' modules (down_blocks.N.attentions.M...).
+//!
+//! The ResNet blocks are candle-transformers' `ResnetBlock2D`, which matches diffusers'. The
+//! rest is owned here: candle's U-Net takes its per-block settings from presets shaped like a
+//! few known checkpoints, and its attention blocks use an approximate GELU (see attention.rs).
+
+use super::attention::{Transformer2DConfig, Transformer2DModel};
+use crate::config::{UNetBlock, UNetConfig};
+use anyhow::Context;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<candle_nn::Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, 3, cfg, vb)
+}
+
+/// `get_timestep_embedding` followed by `TimestepEmbedding` (linear_1, SiLU, linear_2).
+struct TimeEmbedding {
+    num_channels: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    linear_1: candle_nn::Linear,
+    linear_2: candle_nn::Linear,
+}
+
+impl TimeEmbedding {
+    fn sinusoidal(&self, timesteps: &[f64], device: &Device) -> Result<Tensor> {
+        let half = self.num_channels / 2;
+        // diffusers: exp(-ln(10000) * arange(half, f32) / (half - shift)) in float32.
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| {
+                let exponent =
+                    (-(10000f64.ln()) as f32 * i as f32) / (half as f64 - self.freq_shift) as f32;
+                exponent.exp()
+            })
+            .collect();
+        let mut data = Vec::with_capacity(timesteps.len() * half * 2);
+        for &t in timesteps {
+            let args: Vec<f32> = freqs.iter().map(|f| t as f32 * f).collect();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
+            if self.flip_sin_to_cos {
+                data.extend(cos);
+                data.extend(sin);
+            } else {
+                data.extend(sin);
+                data.extend(cos);
+            }
+        }
+        Tensor::from_vec(data, (timesteps.len(), half * 2), device)
+    }
+
+    fn forward(&self, timesteps: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
+        let emb = self.sinusoidal(timesteps, device)?.to_dtype(dtype)?;
+        let emb = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
+        self.linear_2.forward(&emb)
+    }
+}
+
+struct CrossAttnBlock {
+    resnets: Vec<ResnetBlock2D>,
+    /// Empty for a DownBlock2D / UpBlock2D.
+    attentions: Vec<Transformer2DModel>,
+    sampler: Option<candle_nn::Conv2d>,
+}
+
+/// `ResnetBlock2D` settings shared by every U-Net block.
+fn resnet(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    c: &UNetConfig,
+    temb: usize,
+    scale: f64,
+) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        out_channels: Some(cout),
+        temb_channels: Some(temb),
+        groups: c.norm_num_groups,
+        groups_out: None,
+        eps: c.norm_eps,
+        use_in_shortcut: None,
+        output_scale_factor: scale,
+    };
+    ResnetBlock2D::new(vb, cin, cfg)
+}
+
+fn transformer(
+    vb: VarBuilder,
+    channels: usize,
+    block: &UNetBlock,
+    layers: usize,
+    c: &UNetConfig,
+) -> Result<Transformer2DModel> {
+    Transformer2DModel::new(
+        vb,
+        &Transformer2DConfig {
+            heads: block.num_heads,
+            dim_head: channels / block.num_heads,
+            in_channels: channels,
+            num_layers: layers,
+            norm_num_groups: c.norm_num_groups,
+            cross_attention_dim: c.cross_attention_dim,
+            use_linear_projection: c.use_linear_projection,
+        },
+    )
+}
+
+pub struct UNet2DConditionModel {
+    conv_in: candle_nn::Conv2d,
+    time_embedding: TimeEmbedding,
+    down_blocks: Vec<CrossAttnBlock>,
+    mid_resnets: Vec<ResnetBlock2D>,
+    mid_attentions: Vec<Transformer2DModel>,
+    up_blocks: Vec<CrossAttnBlock>,
+    conv_norm_out: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+    center_input_sample: bool,
+    pub in_channels: usize,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> anyhow::Result<Self> {
+        Self::build(vb, c).context("loading the U-Net weights")
+    }
+
+    fn build(vb: VarBuilder, c: &UNetConfig) -> anyhow::Result<Self> {
+        let blocks = c.blocks()?;
+        let n = blocks.len();
+        let ch0 = c.block_out_channels[0];
+        let temb = ch0 * 4;
+        let conv_in = conv3x3(vb.pp("conv_in"), c.in_channels, ch0, 1)?;
+        let time_embedding = TimeEmbedding {
+            num_channels: ch0,
+            flip_sin_to_cos: c.flip_sin_to_cos,
+            freq_shift: c.freq_shift,
+            linear_1: linear(ch0, temb, vb.pp("time_embedding.linear_1"))?,
+            linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut output_channel = ch0;
+        for (i, block) in blocks.iter().enumerate() {
+            let input_channel = output_channel;
+            output_channel = block.out_channels;
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..c.layers_per_block {
+                let cin = if j == 0 {
+                    input_channel
+                } else {
+                    output_channel
+                };
+                resnets.push(resnet(
+                    vb.pp(format!("resnets.{j}")),
+                    cin,
+                    output_channel,
+                    c,
+                    temb,
+                    1.0,
+                )?);
+                if let Some(layers) = block.cross_attention {
+                    attentions.push(transformer(
+                        vb.pp(format!("attentions.{j}")),
+                        output_channel,
+                        block,
+                        layers,
+                        c,
+                    )?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                let cfg = Conv2dConfig {
+                    padding: c.downsample_padding,
+                    stride: 2,
+                    ..Default::default()
+                };
+                Some(conv2d(
+                    output_channel,
+                    output_channel,
+                    3,
+                    cfg,
+                    vb.pp("downsamplers.0.conv"),
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(CrossAttnBlock {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        let last = blocks[n - 1];
+        let mid_ch = last.out_channels;
+        let mid_layers = last.cross_attention.unwrap_or(1);
+        let vbm = vb.pp("mid_block");
+        let scale = c.mid_block_scale_factor;
+        let mid_resnets = vec![
+            resnet(vbm.pp("resnets.0"), mid_ch, mid_ch, c, temb, scale)?,
+            resnet(vbm.pp("resnets.1"), mid_ch, mid_ch, c, temb, scale)?,
+        ];
+        let mid_attentions = vec![transformer(
+            vbm.pp("attentions.0"),
+            mid_ch,
+            &last,
+            mid_layers,
+            c,
+        )?];
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let reversed: Vec<UNetBlock> = blocks.iter().rev().copied().collect();
+        let mut output_channel = reversed[0].out_channels;
+        for (i, block) in reversed.iter().enumerate() {
+            let prev_output_channel = output_channel;
+            output_channel = block.out_channels;
+            let input_channel = reversed[(i + 1).min(n - 1)].out_channels;
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let num_layers = c.layers_per_block + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..num_layers {
+                let skip = if j == num_layers - 1 {
+                    input_channel
+                } else {
+                    output_channel
+                };
+                let cin = if j == 0 {
+                    prev_output_channel
+                } else {
+                    output_channel
+                };
+                resnets.push(resnet(
+                    vb.pp(format!("resnets.{j}")),
+                    cin + skip,
+                    output_channel,
+                    c,
+                    temb,
+                    1.0,
+                )?);
+                if let Some(layers) = block.cross_attention {
+                    attentions.push(transformer(
+                        vb.pp(format!("attentions.{j}")),
+                        output_channel,
+                        block,
+                        layers,
+                        c,
+                    )?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                Some(conv3x3(
+                    vb.pp("upsamplers.0.conv"),
+                    output_channel,
+                    output_channel,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(CrossAttnBlock {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_resnets,
+            mid_attentions,
+            up_blocks,
+            conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(vb.pp("conv_out"), ch0, c.out_channels, 1)?,
+            center_input_sample: c.center_input_sample,
+            in_channels: c.in_channels,
+        })
+    }
+
+    /// One denoising call: `sample` (batch, C, h, w), the same `timestep` for the whole batch,
+    /// `context` (batch, 77, cross_attention_dim). Returns the model output (noise or v).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = sample.dims4()?;
+        let n = self.down_blocks.len();
+        let up_factor = 1usize << (n - 1);
+        let forward_upsample_size = h % up_factor != 0 || w % up_factor != 0;
+        let sample = if self.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let emb =
+            self.time_embedding
+                .forward(&vec![timestep; b], sample.dtype(), sample.device())?;
+
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut res_stack = vec![xs.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+                res_stack.push(xs.clone());
+            }
+            if let Some(down) = &block.sampler {
+                xs = down.forward(&xs)?;
+                res_stack.push(xs.clone());
+            }
+        }
+
+        xs = self.mid_resnets[0].forward(&xs, Some(&emb))?;
+        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
+            xs = attn.forward(&xs, context)?;
+            xs = resnet.forward(&xs, Some(&emb))?;
+        }
+
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = res_stack.pop().expect("skip connection");
+                xs = Tensor::cat(&[&xs, &skip], 1)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, context)?;
+                }
+            }
+            if let Some(up) = &block.sampler {
+                let (th, tw) = if forward_upsample_size && i + 1 < n {
+                    let (_, _, sh, sw) = res_stack.last().expect("skip").dims4()?;
+                    (sh, sw)
+                } else {
+                    let (_, _, xh, xw) = xs.dims4()?;
+                    (xh * 2, xw * 2)
+                };
+                xs = up.forward(&xs.upsample_nearest2d(th, tw)?)?;
+            }
+        }
+
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

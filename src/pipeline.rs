@@ -1,0 +1,280 @@
+//! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle.
+
+use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+use crate::model_source::ModelFiles;
+use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, var_builder};
+use crate::rng::TorchGenerator;
+use crate::schedulers::{self, NoiseSource, SchedulerConfig};
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// Image i uses seed + i.
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// `--scheduler` name; `None` = the model's own.
+    pub scheduler: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub num_images: usize,
+    pub batch_size: usize,
+}
+
+/// Called after every denoising step with (steps done, total).
+pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// One generated image: RGB8, row-major.
+pub struct GeneratedImage {
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+pub struct Pipeline {
+    pub files: ModelFiles,
+    pub device: Device,
+    pub dtype: DType,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: Vae,
+    pub unet_config: UNetConfig,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    /// The `--scheduler` name of the model's own scheduler class, if supported.
+    pub default_scheduler: Option<&'static str>,
+}
+
+impl Pipeline {
+    pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
+        let index = ModelIndex::load(&files.model_index)?;
+        let unet_config = UNetConfig::load(&files.unet_config)?;
+        let vae_config = VaeConfig::load(&files.vae_config)?;
+        let clip_config = ClipTextConfig::load(&files.text_encoder_config)?;
+        let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
+        if clip_config.hidden_size != unet_config.cross_attention_dim {
+            bail!(
+                "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
+                clip_config.hidden_size,
+                unet_config.cross_attention_dim
+            );
+        }
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
+        let text_encoder = ClipTextModel::new(
+            var_builder(&files.text_encoder_weights, dtype, &device)?,
+            &clip_config,
+        )
+        .context("loading the text encoder weights")?;
+        let unet = UNet2DConditionModel::new(
+            var_builder(&files.unet_weights, dtype, &device)?,
+            &unet_config,
+        )?;
+        let vae = Vae::new(
+            var_builder(&files.vae_weights, dtype, &device)?,
+            &vae_config,
+        )?;
+        let class = scheduler_config
+            .class_name()
+            .map(str::to_string)
+            .or(index.scheduler_class);
+        let default_scheduler = class.as_deref().and_then(schedulers::name_for_class);
+        Ok(Self {
+            files,
+            device,
+            dtype,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config,
+            vae_config,
+            scheduler_config,
+            default_scheduler,
+        })
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_config.scale_factor()
+    }
+
+    /// diffusers' default size: unet sample_size x the VAE scale factor.
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size.unwrap_or(64) * self.vae_scale_factor()
+    }
+
+    /// Checks a request before any work is done.
+    pub fn validate(&self, r: &Request) -> Result<()> {
+        let f = self.vae_scale_factor();
+        if r.width == 0 || r.height == 0 || r.width % f != 0 || r.height % f != 0 {
+            bail!(
+                "width and height must be positive multiples of {f} for this model (got {}x{})",
+                r.width,
+                r.height
+            );
+        }
+        if r.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if r.num_images == 0 || r.batch_size == 0 {
+            bail!("--num-images and --batch-size must be at least 1");
+        }
+        if !r.guidance.is_finite() {
+            bail!("--guidance must be a finite number");
+        }
+        // Builds the scheduler once to surface configuration errors early.
+        schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
+        Ok(())
+    }
+
+    /// Token ids, and whether the prompt was cut at 77 tokens.
+    pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, bool)> {
+        let e = self.tokenizer.encode(prompt)?;
+        Ok((e.ids, e.truncated))
+    }
+
+    /// `encode_prompt`'s text-encoder pass: (1, 77, hidden).
+    pub fn encode_text(&self, prompt: &str) -> Result<Tensor> {
+        let (ids, _) = self.tokenize(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    pub fn unet_forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        Ok(self.unet.forward(sample, timestep, context)?)
+    }
+
+    pub fn vae_decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode_raw(latents)
+    }
+
+    /// The initial latents of images `first..first+n` (seed + i each), drawn on the host.
+    pub fn initial_latents(
+        &self,
+        r: &Request,
+        first: usize,
+        n: usize,
+    ) -> Result<(Vec<TorchGenerator>, Tensor)> {
+        let f = self.vae_scale_factor();
+        let c = self.unet_config.in_channels;
+        let (h, w) = (r.height / f, r.width / f);
+        let mut generators: Vec<TorchGenerator> = (first..first + n)
+            .map(|i| TorchGenerator::new(r.seed.wrapping_add(i as u64)))
+            .collect();
+        let mut data = Vec::with_capacity(n * c * h * w);
+        for g in generators.iter_mut() {
+            data.extend(g.randn(c * h * w));
+        }
+        let latents = Tensor::from_vec(data, (n, c, h, w), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        Ok((generators, latents))
+    }
+
+    /// Runs the whole request; images come back in order (seed, seed + 1, ...).
+    pub fn generate(&self, r: &Request, on_step: StepCallback) -> Result<Vec<GeneratedImage>> {
+        self.validate(r)?;
+        let cfg = r.guidance > 1.0;
+        let cond = self.encode_text(&r.prompt)?;
+        let uncond = if cfg {
+            Some(self.encode_text(&r.negative_prompt)?)
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(r.num_images);
+        let mut first = 0;
+        let total_steps = {
+            let (_, s) =
+                schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
+            s.timesteps().len() * r.num_images.div_ceil(r.batch_size)
+        };
+        let mut done = 0;
+        while first < r.num_images {
+            let n = r.batch_size.min(r.num_images - first);
+            let latents = self.denoise(r, first, n, &cond, uncond.as_ref(), &mut |_, _| {
+                done += 1;
+                on_step(done, total_steps);
+            })?;
+            let images = self.vae.decode(&latents)?;
+            for i in 0..n {
+                let img = images.get(i)?;
+                out.push(GeneratedImage {
+                    seed: r.seed.wrapping_add((first + i) as u64),
+                    width: r.width,
+                    height: r.height,
+                    rgb: to_rgb8(&img)?,
+                });
+            }
+            first += n;
+        }
+        Ok(out)
+    }
+
+    /// The denoising loop for images `first..first+n`; returns the final latents.
+    pub fn denoise(
+        &self,
+        r: &Request,
+        first: usize,
+        n: usize,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        on_step: StepCallback,
+    ) -> Result<Tensor> {
+        let (_, mut scheduler) =
+            schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
+        let (mut generators, latents) = self.initial_latents(r, first, n)?;
+        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let cond = cond.repeat((n, 1, 1))?;
+        let context = match uncond {
+            Some(u) => Tensor::cat(&[&u.repeat((n, 1, 1))?, &cond], 0)?,
+            None => cond,
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if uncond.is_some() {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler.scale_model_input(&model_input, i)?;
+            let noise_pred = self.unet.forward(&model_input, t, &context)?;
+            let noise_pred = if uncond.is_some() {
+                let u = noise_pred.narrow(0, 0, n)?;
+                let c = noise_pred.narrow(0, n, n)?;
+                (&u + ((c - &u)? * r.guidance)?)?
+            } else {
+                noise_pred
+            };
+            let mut noise = NoiseSource {
+                generators: &mut generators,
+            };
+            latents = scheduler.step(&noise_pred, i, &latents, &mut noise)?;
+            on_step(i + 1, timesteps.len());
+        }
+        Ok(latents)
+    }
+}
+
+/// (3, H, W) in [0, 1] to RGB8 with diffusers' `(x * 255).round()`.
+pub fn to_rgb8(img: &Tensor) -> Result<Vec<u8>> {
+    let (c, h, w) = img.dims3()?;
+    if c != 3 {
+        bail!("the VAE produced {c} channels, expected 3");
+    }
+    let data: Vec<f32> = img
+        .to_dtype(DType::F32)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1()?;
+    debug_assert_eq!(data.len(), h * w * 3);
+    Ok(data
+        .iter()
+        .map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+        .collect())
+}

@@ -1,0 +1,339 @@
+//! The diffusers scheduler family, one file per scheduler behind one interface.
+//!
+//! candle-transformers ships DDIM, DDPM, Euler a and UniPC, but not PNDM (the SD 1.5 default),
+//! LMS or plain Euler, and its configs cannot express `timestep_spacing`/`steps_offset` the way
+//! `scheduler_config.json` does. To give diffusers' exact `set_timesteps` / `scale_model_input`
+//! / `step` arithmetic for every scheduler, they are all written here from diffusers' sources.
+//!
+//! Like diffusers' `from_config`, a scheduler reads the keys of the model's
+//! `scheduler_config.json` that it knows; the others take that scheduler's own defaults.
+
+pub mod ddim;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod lms;
+pub mod pndm;
+pub mod sigmas;
+
+use crate::rng::TorchGenerator;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::Value;
+use std::path::Path;
+
+/// Per-image noise for ancestral steps: image i of the batch draws from generator i, as
+/// diffusers does when called with a list of generators.
+pub struct NoiseSource<'a> {
+    pub generators: &'a mut [TorchGenerator],
+}
+
+impl NoiseSource<'_> {
+    /// `randn_tensor(shape, generator=[...])`: one draw of shape[1..] per generator, stacked.
+    pub fn randn_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        let dims = like.dims().to_vec();
+        let per_image: usize = dims[1..].iter().product();
+        if dims[0] != self.generators.len() {
+            bail!(
+                "batch of {} but {} generators",
+                dims[0],
+                self.generators.len()
+            );
+        }
+        let mut data = Vec::with_capacity(per_image * dims[0]);
+        for g in self.generators.iter_mut() {
+            data.extend(g.randn(per_image));
+        }
+        Ok(Tensor::from_vec(data, dims, like.device())?.to_dtype(like.dtype())?)
+    }
+}
+
+/// One scheduler of the diffusers family.
+pub trait Scheduler {
+    /// The timesteps at which the U-Net is called, in order (PNDM, Heun and DPM2 repeat some).
+    fn timesteps(&self) -> &[f64];
+    /// `init_noise_sigma`: the factor applied to the initial Gaussian latents.
+    fn init_noise_sigma(&self) -> f64;
+    /// `scale_model_input` for the call at index `step`.
+    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    /// `step` for the call at index `step`: returns `prev_sample`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor>;
+}
+
+/// The `--scheduler` names, the diffusers class each one is, and a one-line description.
+pub const SCHEDULERS: &[(&str, &str, &str)] = &[
+    (
+        "pndm",
+        "PNDMScheduler",
+        "pseudo numerical methods (PLMS); SD 1.x default",
+    ),
+    (
+        "ddim",
+        "DDIMScheduler",
+        "denoising diffusion implicit models, deterministic (eta 0)",
+    ),
+    (
+        "euler",
+        "EulerDiscreteScheduler",
+        "Euler method on the Karras ODE",
+    ),
+    (
+        "euler_a",
+        "EulerAncestralDiscreteScheduler",
+        "Euler ancestral: adds fresh noise every step",
+    ),
+    ("lms", "LMSDiscreteScheduler", "linear multistep (order 4)"),
+];
+
+pub fn name_for_class(class: &str) -> Option<&'static str> {
+    SCHEDULERS.iter().find(|s| s.1 == class).map(|s| s.0)
+}
+
+pub fn known_names() -> String {
+    SCHEDULERS
+        .iter()
+        .map(|s| s.0)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `prediction_type`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+/// `timestep_spacing`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Spacing {
+    Leading,
+    Linspace,
+    Trailing,
+}
+
+/// The model's `scheduler_config.json` plus command-line overrides. Getters take the default of
+/// the scheduler that asks, as diffusers' `from_config` does.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerConfig {
+    pub values: serde_json::Map<String, Value>,
+}
+
+impl SchedulerConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        match crate::config::read_json(path)? {
+            Value::Object(values) => Ok(Self { values }),
+            _ => bail!("{}: expected a JSON object", path.display()),
+        }
+    }
+
+    pub fn class_name(&self) -> Option<&str> {
+        self.values.get("_class_name").and_then(Value::as_str)
+    }
+
+    pub fn set(&mut self, key: &str, v: Value) {
+        self.values.insert(key.to_string(), v);
+    }
+
+    pub fn f64_or(&self, key: &str, default: f64) -> f64 {
+        self.values
+            .get(key)
+            .and_then(Value::as_f64)
+            .unwrap_or(default)
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> usize {
+        self.values
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(default)
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> bool {
+        self.values
+            .get(key)
+            .and_then(Value::as_bool)
+            .unwrap_or(default)
+    }
+
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.values
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+    }
+
+    pub fn prediction(&self) -> Result<Prediction> {
+        match self.str_or("prediction_type", "epsilon") {
+            "epsilon" => Ok(Prediction::Epsilon),
+            "v_prediction" => Ok(Prediction::VPrediction),
+            other => bail!("scheduler config: unsupported prediction_type={other} (supported: epsilon, v_prediction)"),
+        }
+    }
+
+    pub fn spacing(&self, default: &str) -> Result<Spacing> {
+        match self.str_or("timestep_spacing", default) {
+            "leading" => Ok(Spacing::Leading),
+            "linspace" => Ok(Spacing::Linspace),
+            "trailing" => Ok(Spacing::Trailing),
+            other => bail!("scheduler config: unsupported timestep_spacing={other} (supported: leading, linspace, trailing)"),
+        }
+    }
+
+    pub fn train_timesteps(&self) -> usize {
+        self.usize_or("num_train_timesteps", 1000)
+    }
+
+    /// `alphas_cumprod` as diffusers computes it: betas in float32, the running product
+    /// accumulated in double (torch's CPU cumprod) and stored as float32.
+    pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
+        if self.bool_or("rescale_betas_zero_snr", false) {
+            bail!("scheduler config: rescale_betas_zero_snr=true is not supported");
+        }
+        if self
+            .values
+            .get("trained_betas")
+            .is_some_and(|v| !v.is_null())
+        {
+            bail!("scheduler config: trained_betas is not supported");
+        }
+        let n = self.train_timesteps();
+        let start = self.f64_or("beta_start", 0.0001);
+        let end = self.f64_or("beta_end", 0.02);
+        let betas: Vec<f32> = match self.str_or("beta_schedule", "linear") {
+            "linear" => linspace_f32(start as f32, end as f32, n),
+            "scaled_linear" => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            "squaredcos_cap_v2" => {
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
+                (0..n)
+                    .map(|i| {
+                        let t1 = i as f64 / n as f64;
+                        let t2 = (i + 1) as f64 / n as f64;
+                        (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+                    })
+                    .collect()
+            }
+            other => bail!("scheduler config: unsupported beta_schedule={other}"),
+        };
+        let mut acc = 1f64;
+        Ok(betas
+            .iter()
+            .map(|b| {
+                acc *= (1.0f32 - b) as f64;
+                acc as f32
+            })
+            .collect())
+    }
+}
+
+/// `torch.linspace(start, end, n, dtype=float32)`: the first half counts up from start, the
+/// second half down from end, as ATen's kernel does.
+pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// Builds the scheduler named `name` (or the model's own when `None`) for `steps` steps.
+pub fn build(
+    name: Option<&str>,
+    config: &SchedulerConfig,
+    steps: usize,
+) -> Result<(String, Box<dyn Scheduler>)> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => {
+            let class = config.class_name().unwrap_or("PNDMScheduler");
+            name_for_class(class)
+                .with_context(|| format!("the model's scheduler {class} is not supported; pick one with --scheduler ({})", known_names()))?
+                .to_string()
+        }
+    };
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let sched: Box<dyn Scheduler> = match name.as_str() {
+        "pndm" => Box::new(pndm::PndmScheduler::new(config, steps)?),
+        "ddim" => Box::new(ddim::DdimScheduler::new(config, steps)?),
+        "euler" => Box::new(euler::EulerScheduler::new(config, steps)?),
+        "euler_a" => Box::new(euler_ancestral::EulerAncestralScheduler::new(
+            config, steps,
+        )?),
+        "lms" => Box::new(lms::LmsScheduler::new(config, steps)?),
+        other => bail!("unknown scheduler {other:?}; known: {}", known_names()),
+    };
+    Ok((name, sched))
+}
+
+/// Integer timesteps for DDIM/PNDM-style schedulers, descending, per `timestep_spacing`.
+pub fn discrete_timesteps(
+    spacing: Spacing,
+    train: usize,
+    steps: usize,
+    offset: usize,
+) -> Result<Vec<i64>> {
+    if steps > train {
+        bail!("--steps {steps} is more than the scheduler's {train} training timesteps");
+    }
+    let ts: Vec<i64> = match spacing {
+        Spacing::Leading => {
+            let ratio = train / steps;
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + offset) as i64)
+                .collect()
+        }
+        Spacing::Linspace => {
+            let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
+            (0..steps)
+                .rev()
+                .map(|i| round_half_even(i as f64 * step) as i64)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = train as f64 / steps as f64;
+            let mut v = Vec::new();
+            let mut x = train as f64;
+            while x > 0.0 {
+                v.push(round_half_even(x) as i64 - 1);
+                x -= ratio;
+            }
+            v
+        }
+    };
+    Ok(ts)
+}
+
+/// numpy's round: half to even.
+pub fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}

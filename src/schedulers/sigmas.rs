@@ -1,0 +1,168 @@
+//! The sigma schedule shared by the k-diffusion style schedulers (Euler, Euler a, LMS):
+//! `set_timesteps` of diffusers' `EulerDiscreteScheduler` and friends.
+
+use super::{SchedulerConfig, Spacing};
+use anyhow::{bail, Result};
+
+pub struct SigmaSchedule {
+    /// The timesteps handed to the U-Net (float32 values, as diffusers stores them).
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep plus the final sigma, float32 as diffusers stores them.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f64,
+}
+
+/// Whether the scheduler class accepts `use_karras_sigmas` / `final_sigmas_type`.
+pub struct SigmaOptions {
+    pub karras_allowed: bool,
+    pub final_sigma_allowed: bool,
+}
+
+/// `np.interp(x, arange(len(fp)), fp)` for x inside [0, len-1].
+fn interp(x: f64, fp: &[f64]) -> f64 {
+    let last = fp.len() - 1;
+    if x <= 0.0 {
+        return fp[0];
+    }
+    if x >= last as f64 {
+        return fp[last];
+    }
+    let j = x.floor() as usize;
+    let slope = (fp[j + 1] - fp[j]) / 1.0;
+    slope * (x - j as f64) + fp[j]
+}
+
+/// `_sigma_to_t`: the fractional timestep whose log-sigma matches, by linear interpolation.
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    let mut low = 0;
+    for (i, ls) in log_sigmas.iter().enumerate() {
+        if log_sigma - *ls as f64 >= 0.0 {
+            low = i;
+        }
+    }
+    let low = low.min(n - 2);
+    let high = low + 1;
+    let (l, h) = (log_sigmas[low] as f64, log_sigmas[high] as f64);
+    let w = ((l - log_sigma) / (l - h)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * high as f64
+}
+
+pub fn sigma_schedule(
+    config: &SchedulerConfig,
+    steps: usize,
+    opts: SigmaOptions,
+) -> Result<SigmaSchedule> {
+    let ac = config.alphas_cumprod()?;
+    let train = ac.len();
+    if steps > train {
+        bail!("--steps {steps} is more than the scheduler's {train} training timesteps");
+    }
+    let spacing = config.spacing("linspace")?;
+    let offset = config.usize_or("steps_offset", 0) as f64;
+    let mut timesteps: Vec<f64> = match spacing {
+        Spacing::Linspace => {
+            let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
+            (0..steps)
+                .rev()
+                .map(|i| {
+                    if i + 1 == steps && steps > 1 {
+                        (train - 1) as f64
+                    } else {
+                        i as f64 * step
+                    }
+                })
+                .map(|t| t as f32 as f64)
+                .collect()
+        }
+        Spacing::Leading => {
+            let ratio = train / steps;
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio) as f64 + offset)
+                .collect()
+        }
+        Spacing::Trailing => {
+            let ratio = train as f64 / steps as f64;
+            let mut v = Vec::new();
+            let mut x = train as f64;
+            while x > 0.0 {
+                v.push(super::round_half_even(x) - 1.0);
+                x -= ratio;
+            }
+            v
+        }
+    };
+    let base: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
+    let log_sigmas: Vec<f32> = base.iter().map(|s| s.ln()).collect();
+    let base64: Vec<f64> = base.iter().map(|&s| s as f64).collect();
+    match config.str_or("interpolation_type", "linear") {
+        "linear" => {}
+        other => {
+            bail!("scheduler config: unsupported interpolation_type={other} (supported: linear)")
+        }
+    }
+    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &base64)).collect();
+    if opts.karras_allowed && config.bool_or("use_karras_sigmas", false) {
+        let sigma_min = *sigmas.last().unwrap();
+        let sigma_max = sigmas[0];
+        let rho = 7.0f64;
+        let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+        sigmas = (0..steps)
+            .map(|i| {
+                let ramp = if steps > 1 {
+                    i as f64 / (steps - 1) as f64
+                } else {
+                    0.0
+                };
+                (max_inv + ramp * (min_inv - max_inv)).powf(rho)
+            })
+            .collect();
+        timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+    } else if config.bool_or("use_karras_sigmas", false) {
+        bail!("this scheduler does not support Karras sigmas (--karras)");
+    }
+    let last = match config.str_or("final_sigmas_type", "zero") {
+        "zero" => 0.0,
+        "sigma_min" if opts.final_sigma_allowed => base64[0],
+        other => bail!("scheduler config: unsupported final_sigmas_type={other}"),
+    };
+    sigmas.push(last);
+    let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+    let timesteps = timesteps.iter().map(|&t| t as f32 as f64).collect();
+    let max = sigmas.iter().cloned().fold(f32::MIN, f32::max);
+    let init_noise_sigma = match spacing {
+        Spacing::Linspace | Spacing::Trailing => max as f64,
+        Spacing::Leading => (max * max + 1.0).sqrt() as f64,
+    };
+    Ok(SigmaSchedule {
+        timesteps,
+        sigmas,
+        init_noise_sigma,
+    })
+}
+
+/// `sample / (sigma^2 + 1)^0.5`, the input scaling of every sigma-based scheduler.
+pub fn scale_input(
+    sample: &candle_core::Tensor,
+    sigma: f32,
+) -> candle_core::Result<candle_core::Tensor> {
+    sample / ((sigma * sigma + 1.0).sqrt() as f64)
+}
+
+/// The denoised estimate x0 from the model output at `sigma`.
+pub fn predict_original(
+    prediction: super::Prediction,
+    sample: &candle_core::Tensor,
+    model_output: &candle_core::Tensor,
+    sigma: f32,
+) -> candle_core::Result<candle_core::Tensor> {
+    match prediction {
+        super::Prediction::Epsilon => sample - (model_output * sigma as f64)?,
+        super::Prediction::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            (model_output * (-sigma / s2.sqrt()) as f64)? + (sample / s2 as f64)?
+        }
+    }
+}
