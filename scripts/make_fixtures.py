@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Builds the tiny random-weight Stable Diffusion models and records diffusers' outputs.
+
+Everything the Rust parity tests compare against comes from here:
+
+  tests/fixtures/models/tiny     SD 1.x-shaped: PNDM config as on the Hub (no timestep_spacing),
+                                 quick_gelu text encoder, conv projections, attention_head_dim int,
+                                 2-block VAE (scale factor 2)
+  tests/fixtures/models/tiny2    SD 2.x-shaped: DDIM v-prediction ('leading', as diffusers writes it),
+                                 gelu text encoder, pad token '!', linear projections,
+                                 attention_head_dim list, 4-block VAE (factor 8), scaling 0.13025
+  tests/fixtures/reference/      torch randn draws, scheduler traces, token ids, text-encoder,
+                                 U-Net and VAE outputs, and end-to-end images for every scheduler
+
+Weights are saved in float16 (to keep the repository small) and every reference is computed by
+loading the saved folders back in float32 with diffusers, exactly as a user would.
+
+Usage (versions pinned in scripts/requirements.txt):
+    python -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
+    .venv/bin/python scripts/make_fixtures.py [--out tests/fixtures]
+
+`--full-size DIR` instead writes a full-size random-weight SD 1.5 (for benchmarks; never commit it).
+"""
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import diffusers
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# The `--scheduler` names and the diffusers classes (with from_config overrides) they stand for.
+SCHEDULERS = {
+    "pndm": (PNDMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+# The scheduler_config.json of stable-diffusion-v1-5 as first written (diffusers 0.6.0): no
+# timestep_spacing key, so every class takes its own default.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(dirname, pad_token):
+    """vocab.json + merges.txt derived from OpenAI's bpe_simple_vocab_16e6.txt.gz (PyPI openai-clip),
+    as the Hub's CLIP tokenizers are, plus the two small JSON files SD repos ship."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip")
+    bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    for m in merges:
+        vocab.append("".join(m))
+    vocab.extend(["<|startoftext|>", "<|endoftext|>"])
+    os.makedirs(dirname, exist_ok=True)
+    with open(os.path.join(dirname, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({v: i for i, v in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(dirname, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.write("\n".join(" ".join(m) for m in merges) + "\n")
+    special = {
+        "bos_token": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+        "eos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+        "pad_token": pad_token,
+        "unk_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
+    }
+    with open(os.path.join(dirname, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    config = {
+        "add_prefix_space": False,
+        "bos_token": special["bos_token"],
+        "do_lower_case": True,
+        "eos_token": special["eos_token"],
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": special["unk_token"],
+    }
+    with open(os.path.join(dirname, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+MODELS = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        ),
+        vae=dict(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=32,
+        ),
+        text=dict(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"),
+        scheduler=SD15_SCHEDULER,
+        pad="<|endoftext|>",
+    ),
+    "tiny2": dict(
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 24, 24),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=8,
+            attention_head_dim=[2, 4, 4],
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=8,
+        ),
+        vae=dict(
+            block_out_channels=(16, 16, 32, 32),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=64,
+            scaling_factor=0.13025,
+        ),
+        text=dict(hidden_size=8, intermediate_size=29, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+        scheduler=SD21_SCHEDULER,
+        pad="!",
+    ),
+}
+
+
+def build_model(name, spec, out_dir):
+    torch.manual_seed({"tiny": 1, "tiny2": 2}[name])
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            layer_norm_eps=1e-5,
+            projection_dim=spec["text"]["hidden_size"],
+            **spec["text"],
+        )
+    )
+    # Random weights with a little more spread than the default init, so that every layer
+    # matters in the outputs; stored in float16.
+    with torch.no_grad():
+        for module in (unet, vae, text):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    p.add_(torch.randn_like(p) * 0.02)
+    tok_dir = os.path.join(out_dir, "_tokenizer_tmp")
+    write_clip_tokenizer(tok_dir, spec["pad"])
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec["scheduler"]["_class_name"]]
+    scheduler = scheduler_cls.from_config({k: v for k, v in spec["scheduler"].items() if not k.startswith("_")})
+    pipe = StableDiffusionPipeline(
+        vae=vae.half(),
+        text_encoder=text.half(),
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    model_dir = os.path.join(out_dir, "models", name)
+    if os.path.exists(model_dir):
+        shutil.rmtree(model_dir)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    # The Hub's SD repos carry vocab.json + merges.txt (no tokenizer.json), and the original
+    # scheduler_config.json as the model's authors wrote it.
+    shutil.rmtree(os.path.join(model_dir, "tokenizer"))
+    write_clip_tokenizer(os.path.join(model_dir, "tokenizer"), spec["pad"])
+    shutil.rmtree(tok_dir)
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(spec["scheduler"], f, indent=2)
+    return model_dir
+
+
+def load_pipe(model_dir):
+    return StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
+
+
+PROMPTS = [
+    "a photo of a cat on a beach",
+    "A Photo Of A CAT",
+    "",
+    " ",
+    "hello world",
+    "a    lot   of\tspaces\n and newlines",
+    "astronaut riding a horse, digital art, trending on artstation",
+    "Café crème brûlée à la mode",
+    "naïve résumé façade",
+    "Zürich Straße",
+    "東京の夜景",
+    "猫が好きです",
+    "한국어 문장입니다",
+    "Привет, мир!",
+    "Ελληνικά γράμματα",
+    "emoji 😀🐱🚀 party",
+    "🎉🎉🎉",
+    "numbers 1234567890 and 3.14159",
+    "2024-01-01 at 12:30pm",
+    "punctuation!!! ??? ... ,,, ;;;",
+    "(masterpiece:1.2), best quality, ((detailed))",
+    "[[[brackets]]] {{{braces}}} <<<angles>>>",
+    "it's a dog's life, they're here, we've gone, I'm ok, you'll see, he'd go",
+    "IT'S LOUD",
+    "a--b__c~~d",
+    "user@example.com http://example.com/path?x=1",
+    "#hashtag @mention $dollar %percent ^caret &amp *star",
+    "tab\tseparated\tvalues",
+    "mixed日本English한국",
+    "a" * 100,
+    "word " * 100,
+    "a very long prompt " * 20,
+    "oil painting of a lighthouse at dusk, by greg rutkowski, highly detailed, 8k",
+    "portrait of a woman, 85mm, f/1.8, bokeh",
+    "low poly 3d render of a fox",
+    "pixel art castle",
+    "<|startoftext|> inside text",
+    "text with <|endoftext|> inside",
+    "ends with endoftext<|endoftext|>",
+    "ALL CAPS SHOUTING PROMPT",
+    "MiXeD cAsE",
+    "hyphen-ated words and under_scores",
+    "quotes \"double\" and 'single'",
+    "back\\slash and /forward/slash",
+    "a!b!c!",
+    "!!!",
+    "wow! amazing!",
+    "tilde ~ and backtick `",
+    "ſ long s and ß sharp s",
+    "ﬁ ligature ﬂ",
+    "Ωmega and µ micro",
+    "x",
+    "12",
+    "supercalifragilisticexpialidocious",
+    "antidisestablishmentarianism is long",
+]
+
+
+def tensor_dict_to_contig(d):
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in d.items()}
+
+
+def record_randn(ref_dir):
+    out = {}
+    for seed in [0, 1, 42, 1234, 2**32 + 7]:
+        shapes = [(1,), (3,), (15,), (16,), (17,), (31,), (2, 3), (4, 8, 8), (1, 4, 16, 16)]
+        if seed in (0, 42):
+            shapes.append((1, 4, 65, 65))  # 16900 elements: the recomputed tail of 16
+        for shape in shapes:
+            g = torch.Generator("cpu").manual_seed(seed)
+            key = f"seed{seed}_" + "x".join(map(str, shape))
+            out[key] = torch.randn(shape, generator=g)
+        # successive draws from one generator: small (double path, caches a normal), then large
+        g = torch.Generator("cpu").manual_seed(seed)
+        a = torch.randn((3,), generator=g)
+        b = torch.randn((5,), generator=g)
+        c = torch.randn((40,), generator=g)
+        out[f"seq{seed}"] = torch.cat([a, b, c])
+    save_file(out, os.path.join(ref_dir, "randn.safetensors"))
+
+
+SCHED_SHAPE = (1, 4, 4, 4)
+
+SCHED_CASES = [
+    # (case name, base config, overrides, steps)
+    ("sd15", SD15_SCHEDULER, {}, 10),
+    ("sd21", SD21_SCHEDULER, {}, 10),
+    ("sd15_karras", SD15_SCHEDULER, {"use_karras_sigmas": True}, 10),
+    ("sd15_trailing", SD15_SCHEDULER, {"timestep_spacing": "trailing"}, 7),
+    ("sd15_prk", {**SD15_SCHEDULER, "skip_prk_steps": False}, {}, 10),
+]
+
+
+def record_schedulers(ref_dir):
+    tensors = {}
+    meta = {}
+    for case, base, overrides, steps in SCHED_CASES:
+        for name, (cls, extra) in SCHEDULERS.items():
+            kwargs = {**extra, **overrides}
+            if "use_karras_sigmas" in kwargs and "use_karras_sigmas" not in cls.__init__.__code__.co_varnames:
+                continue
+            try:
+                s = cls.from_config({k: v for k, v in base.items() if not k.startswith("_")}, **kwargs)
+            except Exception as e:  # a class that does not take an option
+                print(f"skip {case}/{name}: {e}", file=sys.stderr)
+                continue
+            s.set_timesteps(steps)
+            key = f"{case}/{name}"
+            g = torch.Generator("cpu").manual_seed(7)
+            sample = torch.randn(SCHED_SHAPE, generator=torch.Generator("cpu").manual_seed(0)) * float(s.init_noise_sigma)
+            tensors[f"{key}/sample0"] = sample.clone()
+            ts = s.timesteps
+            for i, t in enumerate(ts):
+                scaled = s.scale_model_input(sample, t)
+                # the Rust tests draw the same model outputs with their torch-compatible generator
+                model_output = torch.randn(SCHED_SHAPE, generator=torch.Generator("cpu").manual_seed(1000 + i))
+                sig = s.step.__code__.co_varnames
+                kw = {"generator": g} if "generator" in sig else {}
+                sample = s.step(model_output, t, sample, **kw).prev_sample
+                tensors[f"{key}/scaled{i}"] = scaled.clone()
+                tensors[f"{key}/prev{i}"] = sample.clone()
+            sigmas = getattr(s, "sigmas", None)
+            meta[key] = {
+                "steps": steps,
+                "config": {**{k: v for k, v in base.items()}, **kwargs},
+                "timesteps": [float(t) for t in ts],
+                "init_noise_sigma": float(s.init_noise_sigma),
+                "sigmas": [float(x) for x in sigmas] if sigmas is not None else None,
+            }
+    save_file(tensor_dict_to_contig(tensors), os.path.join(ref_dir, "schedulers.safetensors"))
+    with open(os.path.join(ref_dir, "schedulers.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+E2E_PROMPT = "a photo of a cat on a beach"
+E2E_NEGATIVE = "blurry, lowres"
+E2E_STEPS = 6
+
+
+def record_model(name, model_dir, ref_dir):
+    pipe = load_pipe(model_dir)
+    out = os.path.join(ref_dir, name)
+    os.makedirs(out, exist_ok=True)
+    tok = pipe.tokenizer
+    ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+    with open(os.path.join(out, "tokens.json"), "w") as f:
+        json.dump({"prompts": PROMPTS, "ids": ids}, f, ensure_ascii=False)
+
+    tensors = {}
+    with torch.no_grad():
+        text_prompts = ["a photo of a cat on a beach", "", "emoji 😀🐱🚀 party", "word " * 100]
+        for i, p in enumerate(text_prompts):
+            t = tok(p, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            tensors[f"text{i}"] = pipe.text_encoder(t)[0]
+        unet = pipe.unet
+        cfg = unet.config
+        f = pipe.vae_scale_factor
+        h = cfg.sample_size
+        g = torch.Generator("cpu").manual_seed(3)
+        sample = torch.randn((2, 4, h, h), generator=g)
+        context = torch.randn((2, 77, cfg.cross_attention_dim), generator=g)
+        tensors["unet_sample"] = sample
+        tensors["unet_context"] = context
+        for t in [1, 500, 999]:
+            tensors[f"unet_out_t{t}"] = unet(sample, torch.tensor(t), encoder_hidden_states=context).sample
+        tensors["unet_out_t37.5"] = unet(sample, torch.tensor(37.5), encoder_hidden_states=context).sample
+        # odd latent size: forward_upsample_size path
+        odd = torch.randn((1, 4, h + 2, h - 2), generator=g)
+        tensors["unet_odd_sample"] = odd
+        tensors["unet_odd_out"] = unet(odd, torch.tensor(250), encoder_hidden_states=context[:1]).sample
+        latents = torch.randn((1, 4, h, h), generator=g)
+        tensors["vae_latents"] = latents
+        tensors["vae_decoded"] = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    save_file(tensor_dict_to_contig(tensors), os.path.join(out, "tensors.safetensors"))
+
+    e2e = os.path.join(out, "e2e")
+    os.makedirs(e2e, exist_ok=True)
+    base_config = dict(pipe.scheduler.config)
+    runs = [(n, 7.5) for n in SCHEDULERS] + [("euler_nocfg", 1.0)]
+    meta = {"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seeds": [42, 43], "runs": {}}
+    for run_name, guidance in runs:
+        sched_name = run_name.replace("_nocfg", "")
+        cls, extra = SCHEDULERS[sched_name]
+        pipe.scheduler = cls.from_config(base_config, **extra)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in meta["seeds"]]
+        images = pipe(
+            E2E_PROMPT,
+            negative_prompt=E2E_NEGATIVE,
+            num_inference_steps=E2E_STEPS,
+            guidance_scale=guidance,
+            num_images_per_prompt=2,
+            generator=gens,
+            output_type="np",
+        ).images
+        u8 = (images * 255).round().astype("uint8")
+        from PIL import Image
+
+        for i, s in enumerate(meta["seeds"]):
+            Image.fromarray(u8[i]).save(os.path.join(e2e, f"{run_name}-{s}.png"))
+        meta["runs"][run_name] = {"scheduler": sched_name, "guidance": guidance}
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def full_size(out_dir):
+    """A full-size SD 1.5 architecture with random weights, for benchmarks (never committed)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    tok_dir = os.path.join(out_dir, "_tok")
+    write_clip_tokenizer(tok_dir, "<|endoftext|>")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    shutil.rmtree(os.path.join(out_dir, "tokenizer"))
+    write_clip_tokenizer(os.path.join(out_dir, "tokenizer"), "<|endoftext|>")
+    shutil.rmtree(tok_dir)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD15_SCHEDULER, f, indent=2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.full_size:
+        full_size(args.full_size)
+        return
+    out = os.path.abspath(args.out)
+    ref = os.path.join(out, "reference")
+    os.makedirs(ref, exist_ok=True)
+    print(f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
+    record_randn(ref)
+    record_schedulers(ref)
+    for name, spec in MODELS.items():
+        model_dir = build_model(name, spec, out)
+        record_model(name, model_dir, ref)
+    with open(os.path.join(ref, "versions.json"), "w") as f:
+        json.dump(
+            {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
