@@ -65,16 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.num_images == 0 || args.batch_size == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
-    let seed = match args.seed {
-        Some(s) => s,
-        None => {
-            let s = random_seed();
-            if messages(&args) {
-                eprintln!("seed: {s}");
-            }
-            s
-        }
-    };
+    let seed = args.seed.unwrap_or_else(random_seed);
 
     // Output names are settled (and checked) before any model work.
     let mut template = args.output.clone();
@@ -157,6 +148,9 @@ pub fn run(args: Args) -> Result<()> {
                 eprintln!("warning: the {what} is longer than 77 CLIP tokens and was truncated");
             }
         }
+    }
+    if args.seed.is_none() && messages(&args) {
+        eprintln!("seed: {seed} (pass --seed {seed} to reproduce)");
     }
     let scheduler_name = request
         .scheduler

@@ -210,15 +210,13 @@ pub fn from_cache(repo_id: &str, revision: &str, precision: Precision) -> Result
         revision.to_string()
     } else {
         let ref_path = repo_dir.join("refs").join(revision);
-        std::fs::read_to_string(&ref_path)
-            .with_context(|| {
-                format!(
-                    "{repo_id} (revision {revision}) is not in the Hugging Face cache at {}; run once without --offline to download it",
-                    cache.display()
-                )
-            })?
-            .trim()
-            .to_string()
+        match std::fs::read_to_string(&ref_path) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => bail!(
+                "{repo_id} (revision {revision}) is not in the Hugging Face cache at {}; run once without --offline to download it",
+                cache.display()
+            ),
+        }
     };
     let snapshot = repo_dir.join("snapshots").join(&commit);
     if !snapshot.is_dir() {
@@ -274,9 +272,24 @@ pub fn from_hub(
         RepoType::Model,
         revision.to_string(),
     ));
-    let info = repo
-        .info()
-        .map_err(|e| hub_error(repo_id, revision, &e.to_string()))?;
+    let info = match repo.info() {
+        Ok(info) => info,
+        Err(e) => {
+            let msg = e.to_string();
+            let unreachable = !(msg.contains("401") || msg.contains("403") || msg.contains("404"));
+            // Offline when cached: a Hub that cannot be reached is not needed for a model
+            // that is already complete in the cache.
+            if unreachable {
+                if let Ok(files) = from_cache(repo_id, revision, precision) {
+                    if progress {
+                        eprintln!("warning: the Hub is unreachable ({msg}); using the cached copy of {repo_id}");
+                    }
+                    return Ok(files);
+                }
+            }
+            return Err(hub_error(repo_id, revision, &msg));
+        }
+    };
     let available: BTreeSet<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let files = needed_files(&available, precision, repo_id)?;
     let mut root = None;

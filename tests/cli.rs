@@ -1,0 +1,479 @@
+//! The `sdgen` binary end to end on the tiny fixture models: files, determinism, grids,
+//! metadata, JSON output, the Hugging Face cache layout, and one-line errors.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sdgen(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdgen"));
+    cmd.args(args);
+    // no network and no user cache in tests
+    cmd.env(
+        "HF_HUB_CACHE",
+        std::env::temp_dir().join("sdgen-test-empty-cache"),
+    );
+    cmd.env("HF_ENDPOINT", "http://127.0.0.1:9");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run sdgen")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "sdgen failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn tiny() -> String {
+    model_dir("tiny").display().to_string()
+}
+
+fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    let mut text: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for t in &info.utf8_text {
+        text.push((t.keyword.clone(), t.get_text().unwrap()));
+    }
+    (info.width, info.height, text)
+}
+
+fn meta<'a>(text: &'a [(String, String)], key: &str) -> &'a str {
+    &text
+        .iter()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no {key} chunk"))
+        .1
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+const FAST: &[&str] = &["--steps", "3", "-q"];
+
+#[test]
+fn writes_png_of_requested_size_with_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nested/folder/cat-{seed}.png");
+    let o = sdgen(
+        &[
+            &[
+                "a cat on a beach",
+                "-m",
+                &tiny(),
+                "-s",
+                "42",
+                "-W",
+                "48",
+                "-H",
+                "32",
+                "-n",
+                "blurry",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    );
+    ok(&o);
+    let path = dir.path().join("nested/folder/cat-42.png");
+    let (w, h, text) = png_info(&path);
+    assert_eq!((w, h), (48, 32));
+    assert_eq!(meta(&text, "prompt"), "a cat on a beach");
+    assert_eq!(meta(&text, "negative_prompt"), "blurry");
+    assert_eq!(meta(&text, "seed"), "42");
+    assert_eq!(meta(&text, "steps"), "3");
+    assert_eq!(meta(&text, "guidance"), "7.5");
+    assert_eq!(meta(&text, "scheduler"), "pndm");
+    assert_eq!(meta(&text, "width"), "48");
+    assert!(meta(&text, "parameters").starts_with("a cat on a beach\nNegative prompt: blurry\nSteps: 3, Sampler: pndm, CFG scale: 7.5, Seed: 42, Size: 48x32"));
+    assert!(meta(&text, "software").starts_with("sdgen "));
+    assert!(o.stdout.is_empty(), "stdout must stay clean");
+}
+
+#[test]
+fn unicode_prompt_round_trips_through_itxt() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    ok(&sdgen(
+        &[
+            &[
+                "東京の夜景 🌃",
+                "-m",
+                &tiny(),
+                "-s",
+                "1",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    ));
+    let (_, _, text) = png_info(&out);
+    assert_eq!(meta(&text, "prompt"), "東京の夜景 🌃");
+}
+
+#[test]
+fn same_seed_gives_identical_files_other_seed_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |seed: &str, name: &str| {
+        let p = dir.path().join(name);
+        ok(&sdgen(
+            &[
+                &[
+                    "a cat",
+                    "-m",
+                    &tiny(),
+                    "-s",
+                    seed,
+                    "-o",
+                    p.to_str().unwrap(),
+                ],
+                FAST,
+            ]
+            .concat(),
+            &[],
+        ));
+        std::fs::read(p).unwrap()
+    };
+    let a = run("7", "a.png");
+    let b = run("7", "b.png");
+    let c = run("8", "c.png");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn grid_and_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img-{index}.png");
+    let o = sdgen(
+        &[
+            &[
+                "a cat",
+                "-m",
+                &tiny(),
+                "-s",
+                "100",
+                "--num-images",
+                "4",
+                "--batch-size",
+                "3",
+                "--grid",
+                "2x2",
+                "--json",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    );
+    ok(&o);
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["seed"], 100 + i as u64);
+        assert_eq!(l["index"], i as u64);
+        assert_eq!(l["steps"], 3);
+        assert_eq!(l["scheduler"], "pndm");
+        assert!(Path::new(l["path"].as_str().unwrap()).exists());
+    }
+    let (w, h, _) = png_info(&dir.path().join("img-0-grid.png"));
+    assert_eq!((w, h), (64, 64));
+    // image 2 of the batch equals the same seed generated alone
+    let alone = dir.path().join("alone.png");
+    ok(&sdgen(
+        &[
+            &[
+                "a cat",
+                "-m",
+                &tiny(),
+                "-s",
+                "102",
+                "-o",
+                alone.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    ));
+    let decode = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(decode(&alone), decode(&dir.path().join("img-2.png")));
+}
+
+#[test]
+fn scheduler_switch_changes_the_image_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.png");
+    let b = dir.path().join("b.png");
+    ok(&sdgen(
+        &[
+            &["a cat", "-m", &tiny(), "-s", "3", "-o", a.to_str().unwrap()],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    ));
+    ok(&sdgen(
+        &[
+            &[
+                "a cat",
+                "-m",
+                &tiny(),
+                "-s",
+                "3",
+                "--scheduler",
+                "euler_a",
+                "-o",
+                b.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[],
+    ));
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(meta(&png_info(&b).2, "scheduler"), "euler_a");
+}
+
+#[test]
+fn list_schedulers() {
+    let o = sdgen(&["--list-schedulers"], &[]);
+    ok(&o);
+    let s = String::from_utf8(o.stdout).unwrap();
+    for name in ["pndm", "ddim", "euler", "euler_a", "lms"] {
+        assert!(
+            s.lines().any(|l| l.starts_with(name)),
+            "{name} missing from {s}"
+        );
+    }
+}
+
+/// Lays the tiny model out as the Hub cache does: blobs, snapshots/REV with links, refs/main.
+fn fake_hub_cache(root: &Path, repo: &str) -> String {
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo_dir = root.join(format!("models--{}", repo.replace('/', "--")));
+    let snap = repo_dir.join("snapshots").join(commit);
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let src = model_dir("tiny");
+    let mut stack = vec![src.clone()];
+    let mut n = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(&src).unwrap();
+            let blob = blobs.join(format!("blob{n}"));
+            n += 1;
+            std::fs::copy(&p, &blob).unwrap();
+            let link = snap.join(rel);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&blob, &link).unwrap();
+        }
+    }
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    commit.to_string()
+}
+
+#[test]
+fn resolves_a_repo_id_from_the_hub_cache_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let commit = fake_hub_cache(&cache, "org/tiny-sd");
+    let cache_s = cache.to_str().unwrap();
+    for (flag, env) in [
+        (Some("--offline"), None),
+        (None, Some(("HF_HUB_OFFLINE", "1"))),
+    ] {
+        let out = dir.path().join(format!("o-{}.png", flag.is_some()));
+        let mut args = vec![
+            "a cat",
+            "-m",
+            "org/tiny-sd",
+            "-s",
+            "5",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(FAST);
+        if let Some(f) = flag {
+            args.push(f);
+        }
+        let mut envs = vec![("HF_HUB_CACHE", cache_s)];
+        envs.extend(env);
+        ok(&sdgen(&args, &envs));
+        let (_, _, text) = png_info(&out);
+        assert_eq!(meta(&text, "model"), "org/tiny-sd");
+        assert_eq!(meta(&text, "model_revision"), commit);
+    }
+    // HF_HOME/hub is the default cache under HF_HOME
+    let out = dir.path().join("home.png");
+    let o = sdgen(
+        &[
+            &[
+                "a cat",
+                "-m",
+                "org/tiny-sd",
+                "--offline",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            FAST,
+        ]
+        .concat(),
+        &[
+            ("HF_HUB_CACHE", ""),
+            ("HF_HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    ok(&o);
+    // not cached: a clear error that names the cache and --offline
+    let o = sdgen(
+        &[&["a cat", "-m", "org/other", "--offline"], FAST].concat(),
+        &[("HF_HUB_CACHE", cache_s)],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("org/other") && err.contains("cache"), "{err}");
+}
+
+/// Runs sdgen expecting failure: exit code 1, one `error:` line, no file left in `dir`.
+fn fails(args: &[&str], dir: &Path, expect: &str) {
+    let before = files_in(dir);
+    let o = sdgen(args, &[]);
+    assert_eq!(o.status.code(), Some(1), "{args:?} should fail");
+    let err = String::from_utf8(o.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(expect), "{err:?} should mention {expect:?}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"));
+    assert_eq!(files_in(dir), before, "files changed after {args:?}");
+}
+
+fn copy_model(to: &Path) {
+    let src = model_dir("tiny2");
+    let mut stack = vec![src.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let t = to.join(p.strip_prefix(&src).unwrap());
+            if p.is_dir() {
+                std::fs::create_dir_all(&t).unwrap();
+                stack.push(p);
+            } else {
+                std::fs::copy(&p, &t).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_gives_one_line_errors_and_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("img.png");
+    let o = out.to_str().unwrap();
+    let tiny2 = model_dir("tiny2").display().to_string();
+    fails(
+        &["a cat", "-m", &tiny2, "-W", "60", "-o", o, "-q"],
+        &out_dir,
+        "multiples of 8",
+    );
+    fails(
+        &["a cat", "-m", &tiny2, "--steps", "0", "-o", o, "-q"],
+        &out_dir,
+        "--steps",
+    );
+    fails(
+        &["a cat", "-m", &tiny2, "--scheduler", "fancy", "-o", o, "-q"],
+        &out_dir,
+        "pndm",
+    );
+    fails(
+        &["a cat", "-m", "./no/such/model", "-o", o, "-q"],
+        &out_dir,
+        "does not exist",
+    );
+    fails(
+        &["a cat", "-m", &tiny2, "--device", "cuda", "-o", o, "-q"],
+        &out_dir,
+        "cuda",
+    );
+
+    let broken = dir.path().join("broken");
+    copy_model(&broken);
+    std::fs::remove_file(broken.join("unet/config.json")).unwrap();
+    fails(
+        &["a cat", "-m", broken.to_str().unwrap(), "-o", o, "-q"],
+        &out_dir,
+        "unet/config.json",
+    );
+
+    let corrupt = dir.path().join("corrupt");
+    copy_model(&corrupt);
+    let w = corrupt.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    fails(
+        &["a cat", "-m", corrupt.to_str().unwrap(), "-o", o, "-q"],
+        &out_dir,
+        "diffusion_pytorch_model.safetensors",
+    );
+
+    std::fs::write(&out, b"precious").unwrap();
+    fails(
+        &["a cat", "-m", &tiny2, "-o", o, "-q", "--steps", "2"],
+        &out_dir,
+        "--overwrite",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    ok(&sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny2,
+            "-o",
+            o,
+            "-q",
+            "--steps",
+            "2",
+            "--overwrite",
+        ],
+        &[],
+    ));
+    assert_ne!(std::fs::read(&out).unwrap(), b"precious");
+}
