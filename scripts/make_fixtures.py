@@ -23,6 +23,7 @@ Usage (versions pinned in scripts/requirements.txt):
 """
 
 import argparse
+import inspect
 import gzip
 import json
 import os
@@ -379,7 +380,7 @@ def record_schedulers(ref_dir):
     for case, base, overrides, steps in SCHED_CASES:
         for name, (cls, extra) in SCHEDULERS.items():
             kwargs = {**extra, **overrides}
-            if "use_karras_sigmas" in kwargs and "use_karras_sigmas" not in cls.__init__.__code__.co_varnames:
+            if "use_karras_sigmas" in kwargs and "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
                 continue
             try:
                 s = cls.from_config({k: v for k, v in base.items() if not k.startswith("_")}, **kwargs)
@@ -396,8 +397,7 @@ def record_schedulers(ref_dir):
                 scaled = s.scale_model_input(sample, t)
                 # the Rust tests draw the same model outputs with their torch-compatible generator
                 model_output = torch.randn(SCHED_SHAPE, generator=torch.Generator("cpu").manual_seed(1000 + i))
-                sig = s.step.__code__.co_varnames
-                kw = {"generator": g} if "generator" in sig else {}
+                kw = {"generator": g} if "generator" in inspect.signature(s.step).parameters else {}
                 sample = s.step(model_output, t, sample, **kw).prev_sample
                 tensors[f"{key}/scaled{i}"] = scaled.clone()
                 tensors[f"{key}/prev{i}"] = sample.clone()

@@ -15,6 +15,7 @@ impl EulerScheduler {
         let opts = SigmaOptions {
             karras_allowed: true,
             final_sigma_allowed: true,
+            ..Default::default()
         };
         Ok(Self {
             schedule: sigma_schedule(config, steps, opts)?,

@@ -16,6 +16,7 @@ impl EulerAncestralScheduler {
         let opts = SigmaOptions {
             karras_allowed: false,
             final_sigma_allowed: false,
+            ..Default::default()
         };
         Ok(Self {
             schedule: sigma_schedule(config, steps, opts)?,

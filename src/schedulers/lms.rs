@@ -20,6 +20,7 @@ impl LmsScheduler {
         let opts = SigmaOptions {
             karras_allowed: true,
             final_sigma_allowed: false,
+            ..Default::default()
         };
         Ok(Self {
             schedule: sigma_schedule(config, steps, opts)?,

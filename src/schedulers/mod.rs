@@ -9,8 +9,12 @@
 //! `scheduler_config.json` that it knows; the others take that scheduler's own defaults.
 
 pub mod ddim;
+pub mod ddpm;
+pub mod dpm2;
+pub mod dpmpp_2m;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod heun;
 pub mod lms;
 pub mod pndm;
 pub mod sigmas;
@@ -88,6 +92,36 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
         "Euler ancestral: adds fresh noise every step",
     ),
     ("lms", "LMSDiscreteScheduler", "linear multistep (order 4)"),
+    (
+        "ddpm",
+        "DDPMScheduler",
+        "denoising diffusion probabilistic models, ancestral",
+    ),
+    (
+        "heun",
+        "HeunDiscreteScheduler",
+        "Heun's 2nd-order method (2 U-Net calls per step)",
+    ),
+    (
+        "dpm2",
+        "KDPM2DiscreteScheduler",
+        "DPM2, 2nd order (2 U-Net calls per step)",
+    ),
+    (
+        "dpm2_a",
+        "KDPM2AncestralDiscreteScheduler",
+        "DPM2 ancestral (2 U-Net calls per step, adds noise)",
+    ),
+    (
+        "dpmpp_2m",
+        "DPMSolverMultistepScheduler",
+        "DPM-Solver++ 2M, 2nd-order multistep",
+    ),
+    (
+        "dpmpp_2m_sde",
+        "DPMSolverMultistepScheduler",
+        "DPM-Solver++ 2M SDE (algorithm_type sde-dpmsolver++), adds noise",
+    ),
 ];
 
 pub fn name_for_class(class: &str) -> Option<&'static str> {
@@ -268,6 +302,11 @@ pub fn build(
         Some(n) => n.to_string(),
         None => {
             let class = config.class_name().unwrap_or("PNDMScheduler");
+            if class == "DPMSolverMultistepScheduler"
+                && config.str_or("algorithm_type", "dpmsolver++") == "sde-dpmsolver++"
+            {
+                return build(Some("dpmpp_2m_sde"), config, steps);
+            }
             name_for_class(class)
                 .with_context(|| format!("the model's scheduler {class} is not supported; pick one with --scheduler ({})", known_names()))?
                 .to_string()
@@ -284,6 +323,14 @@ pub fn build(
             config, steps,
         )?),
         "lms" => Box::new(lms::LmsScheduler::new(config, steps)?),
+        "ddpm" => Box::new(ddpm::DdpmScheduler::new(config, steps)?),
+        "heun" => Box::new(heun::HeunScheduler::new(config, steps)?),
+        "dpm2" => Box::new(dpm2::Dpm2Scheduler::new(config, steps, false)?),
+        "dpm2_a" => Box::new(dpm2::Dpm2Scheduler::new(config, steps, true)?),
+        "dpmpp_2m" => Box::new(dpmpp_2m::DpmppMultistepScheduler::new(
+            config, steps, false,
+        )?),
+        "dpmpp_2m_sde" => Box::new(dpmpp_2m::DpmppMultistepScheduler::new(config, steps, true)?),
         other => bail!("unknown scheduler {other:?}; known: {}", known_names()),
     };
     Ok((name, sched))
