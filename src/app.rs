@@ -29,7 +29,7 @@ fn random_seed() -> u64 {
 
 fn print_schedulers() {
     for (name, class, about) in SCHEDULERS {
-        println!("{name:<10} {class:<34} {about}");
+        println!("{name:<13} {class:<34} {about}");
     }
 }
 

@@ -10,14 +10,18 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod deis;
 pub mod dpm2;
+pub mod dpm_common;
 pub mod dpmpp_2m;
+pub mod dpmpp_2s;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
 pub mod pndm;
 pub mod sigmas;
+pub mod unipc;
 
 use crate::rng::TorchGenerator;
 use anyhow::{bail, Context, Result};
@@ -121,6 +125,21 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
         "dpmpp_2m_sde",
         "DPMSolverMultistepScheduler",
         "DPM-Solver++ 2M SDE (algorithm_type sde-dpmsolver++), adds noise",
+    ),
+    (
+        "dpmpp_2s",
+        "DPMSolverSinglestepScheduler",
+        "DPM-Solver++ 2S, 2nd-order singlestep",
+    ),
+    (
+        "deis",
+        "DEISMultistepScheduler",
+        "diffusion exponential integrator sampler, 2nd order",
+    ),
+    (
+        "unipc",
+        "UniPCMultistepScheduler",
+        "unified predictor-corrector (bh2), 2nd order",
     ),
 ];
 
@@ -331,6 +350,9 @@ pub fn build(
             config, steps, false,
         )?),
         "dpmpp_2m_sde" => Box::new(dpmpp_2m::DpmppMultistepScheduler::new(config, steps, true)?),
+        "dpmpp_2s" => Box::new(dpmpp_2s::DpmppSinglestepScheduler::new(config, steps)?),
+        "deis" => Box::new(deis::DeisScheduler::new(config, steps)?),
+        "unipc" => Box::new(unipc::UniPcScheduler::new(config, steps)?),
         other => bail!("unknown scheduler {other:?}; known: {}", known_names()),
     };
     Ok((name, sched))
