@@ -45,6 +45,35 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = args.prompt.clone().unwrap_or_default();
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    let precision = if dtype == DType::F32 {
+        Precision::Full
+    } else {
+        Precision::Half
+    };
+    let offline = args.offline || offline_from_env();
+    if args.download_only {
+        let files = model_source::resolve(
+            &args.model,
+            &args.revision,
+            precision,
+            offline,
+            messages(&args),
+        )?;
+        let root = files
+            .model_index
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if args.json {
+            println!(
+                "{}",
+                json!({"model": files.name, "revision": files.revision, "path": root})
+            );
+        } else {
+            println!("{root}");
+        }
+        return Ok(());
+    }
     if let Some(s) = &args.scheduler {
         if !SCHEDULERS.iter().any(|x| x.0 == s) {
             bail!(
@@ -98,12 +127,6 @@ pub fn run(args: Args) -> Result<()> {
         output::check_writable(g, args.overwrite)?;
     }
 
-    let precision = if dtype == DType::F32 {
-        Precision::Full
-    } else {
-        Precision::Half
-    };
-    let offline = args.offline || offline_from_env();
     let files = model_source::resolve(
         &args.model,
         &args.revision,

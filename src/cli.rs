@@ -13,7 +13,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 )]
 pub struct Args {
     /// The text prompt.
-    #[arg(required_unless_present = "list_schedulers")]
+    #[arg(required_unless_present_any = ["list_schedulers", "download_only"])]
     pub prompt: Option<String>,
 
     /// Negative prompt (empty: diffusers' unconditional embedding of "").
@@ -103,6 +103,10 @@ pub struct Args {
     /// Print one JSON object per written image on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Only download the model's files into the Hugging Face cache (for later --offline use).
+    #[arg(long)]
+    pub download_only: bool,
 
     /// List the schedulers and exit.
     #[arg(long)]

@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod hub;
 pub mod model_source;
 pub mod models;
 pub mod output;

@@ -1,7 +1,7 @@
 //! Where a model's files come from: a local diffusers folder, the Hugging Face cache (offline),
 //! or the Hub through hf-hub into that same cache.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -123,7 +123,12 @@ fn list_dir(root: &Path) -> BTreeSet<String> {
 }
 
 impl ModelFiles {
-    fn from_root(name: String, revision: Option<String>, root: &Path, files: &[String]) -> Self {
+    pub(crate) fn from_root(
+        name: String,
+        revision: Option<String>,
+        root: &Path,
+        files: &[String],
+    ) -> Self {
         // `files` holds exactly one weight file per component, chosen by `needed_files`.
         let weights = |component: &str| -> PathBuf {
             let prefix = format!("{component}/");
@@ -247,81 +252,6 @@ pub fn from_cache(repo_id: &str, revision: &str, precision: Precision) -> Result
     ))
 }
 
-/// Downloads (or reuses) `repo_id`'s needed files through hf-hub into the shared cache.
-pub fn from_hub(
-    repo_id: &str,
-    revision: &str,
-    precision: Precision,
-    progress: bool,
-) -> Result<ModelFiles> {
-    use hf_hub::api::sync::ApiBuilder;
-    use hf_hub::{Cache, Repo, RepoType};
-    let cache = Cache::new(hub_cache_dir());
-    let mut builder = ApiBuilder::from_cache(cache).with_progress(progress);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder
-        .build()
-        .context("cannot set up the Hugging Face Hub client")?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
-    let info = match repo.info() {
-        Ok(info) => info,
-        Err(e) => {
-            let msg = e.to_string();
-            let unreachable = !(msg.contains("401") || msg.contains("403") || msg.contains("404"));
-            // Offline when cached: a Hub that cannot be reached is not needed for a model
-            // that is already complete in the cache.
-            if unreachable {
-                if let Ok(files) = from_cache(repo_id, revision, precision) {
-                    if progress {
-                        eprintln!("warning: the Hub is unreachable ({msg}); using the cached copy of {repo_id}");
-                    }
-                    return Ok(files);
-                }
-            }
-            return Err(hub_error(repo_id, revision, &msg));
-        }
-    };
-    let available: BTreeSet<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-    let files = needed_files(&available, precision, repo_id)?;
-    let mut root = None;
-    for f in &files {
-        let path = repo
-            .get(f)
-            .map_err(|e| anyhow::anyhow!("downloading {f} from {repo_id}: {e}"))?;
-        if f == "model_index.json" {
-            root = path.parent().map(Path::to_path_buf);
-        }
-    }
-    let root = root.context("model_index.json was not downloaded")?;
-    Ok(ModelFiles::from_root(
-        repo_id.to_string(),
-        Some(info.sha),
-        &root,
-        &files,
-    ))
-}
-
-fn hub_error(repo_id: &str, revision: &str, msg: &str) -> anyhow::Error {
-    if msg.contains("401") || msg.contains("403") || msg.contains("404") {
-        anyhow::anyhow!(
-            "{repo_id} (revision {revision}) was not found on the Hub, or it is gated/private: check the name, or set HF_TOKEN to a token with access ({msg})"
-        )
-    } else {
-        anyhow::anyhow!(
-            "cannot reach the Hugging Face Hub for {repo_id} ({msg}); with the model already cached, use --offline"
-        )
-    }
-}
-
 /// Resolves a `--model` value: an existing folder, else a Hub repo id (cache only when offline).
 pub fn resolve(
     model: &str,
@@ -344,5 +274,5 @@ pub fn resolve(
     if offline {
         return from_cache(model, revision, precision);
     }
-    from_hub(model, revision, precision, progress)
+    crate::hub::fetch(model, revision, precision, progress)
 }

@@ -1,5 +1,7 @@
-//! Helpers shared by the integration tests: fixture paths and tensor comparisons.
+//! Helpers shared by the integration tests: fixture paths, tensor comparisons, a loopback Hub.
 #![allow(dead_code)]
+
+pub mod hub_server;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

@@ -1,0 +1,376 @@
+//! Hub downloads against a loopback Hub (tests/common/hub_server.rs): first download then
+//! generation, cache-only second run, a connection cut mid-file, a corrupted byte, 404/401/500
+//! answers, the token, and the fp16 variant. No test reaches the internet.
+
+mod common;
+use common::hub_server::{model_files, HubServer, COMMIT};
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const REPO: &str = "org/tiny-sd";
+
+fn sdgen(args: &[&str], server: &str, cache: &Path, extra_env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdgen"));
+    cmd.args(args)
+        .env("HF_ENDPOINT", server)
+        .env("HF_HUB_CACHE", cache)
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "sdgen failed: {}", stderr(o));
+}
+
+/// The tiny model as a Hub repo, plus files the pipeline must not fetch.
+fn repo_files() -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = model_files(&model_dir("tiny"));
+    files.insert("safety_checker/config.json".into(), b"{}".to_vec());
+    files.insert("safety_checker/model.safetensors".into(), vec![0u8; 64]);
+    files.insert(
+        "feature_extractor/preprocessor_config.json".into(),
+        b"{}".to_vec(),
+    );
+    files.insert(
+        "unet/diffusion_pytorch_model.bin".into(),
+        b"not a pickle".to_vec(),
+    );
+    // the fixture weights are float16 already: the same bytes make a valid fp16 variant
+    for c in [
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ] {
+        let full = files[&format!("{c}.safetensors")].clone();
+        files.insert(format!("{c}.fp16.safetensors"), full);
+    }
+    files
+}
+
+fn generate(server: &HubServer, cache: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "a cat",
+        "-m",
+        REPO,
+        "-s",
+        "1",
+        "--steps",
+        "2",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    sdgen(&args, &server.url, cache, &[])
+}
+
+fn fetched(server: &HubServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|p| p.strip_prefix(&format!("/{REPO}/resolve/main/")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn download_then_generate_then_cache_only() {
+    let server = HubServer::start(REPO, repo_files());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let out = dir.path().join("a.png");
+    ok(&generate(&server, &cache, &out, &[]));
+    assert!(out.exists());
+    // the standard cache layout, shared with Python's huggingface_hub
+    let repo_dir = cache.join("models--org--tiny-sd");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main"))
+            .unwrap()
+            .trim(),
+        COMMIT
+    );
+    assert!(repo_dir
+        .join(format!(
+            "snapshots/{COMMIT}/unet/diffusion_pytorch_model.safetensors"
+        ))
+        .exists());
+    assert!(std::fs::read_dir(repo_dir.join("blobs")).unwrap().count() >= 10);
+    // only what the pipeline needs
+    let files = fetched(&server);
+    assert!(files
+        .iter()
+        .any(|f| f == "unet/diffusion_pytorch_model.safetensors"));
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("safety_checker") || f.starts_with("feature_extractor")),
+        "{files:?}"
+    );
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.ends_with(".bin") || f.contains(".fp16.")),
+        "{files:?}"
+    );
+
+    // second run: the server is gone; the cache is enough, with or without --offline
+    server.stop();
+    let out2 = dir.path().join("b.png");
+    let o = sdgen(
+        &[
+            "a cat",
+            "-m",
+            REPO,
+            "-s",
+            "1",
+            "--steps",
+            "2",
+            "-o",
+            out2.to_str().unwrap(),
+        ],
+        &server.url,
+        &cache,
+        &[],
+    );
+    ok(&o);
+    assert!(
+        stderr(&o).contains("using the cached copy"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+    let out3 = dir.path().join("c.png");
+    ok(&sdgen(
+        &[
+            "a cat",
+            "-m",
+            REPO,
+            "-s",
+            "1",
+            "--steps",
+            "2",
+            "-q",
+            "--offline",
+            "-o",
+            out3.to_str().unwrap(),
+        ],
+        &server.url,
+        &cache,
+        &[],
+    ));
+}
+
+#[test]
+fn a_cut_connection_is_resumed() {
+    let server = HubServer::start(REPO, repo_files());
+    server
+        .state
+        .lock()
+        .unwrap()
+        .cut_once
+        .insert("unet/diffusion_pytorch_model.safetensors".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    ok(&generate(&server, &cache, &dir.path().join("a.png"), &[]));
+    let unet: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("unet/diffusion_pytorch_model.safetensors"))
+        .collect();
+    let size = repo_files()["unet/diffusion_pytorch_model.safetensors"].len();
+    let resumed = unet.iter().any(|r| {
+        r.split("bytes=")
+            .nth(1)
+            .and_then(|x| x.split('-').next())
+            .and_then(|x| x.parse::<usize>().ok())
+            .is_some_and(|start| start > 0 && start < size)
+    });
+    assert!(resumed, "no resumed range request: {unet:?}");
+}
+
+#[test]
+fn a_corrupted_download_is_refused_and_not_kept() {
+    let server = HubServer::start(REPO, repo_files());
+    server
+        .state
+        .lock()
+        .unwrap()
+        .corrupt
+        .insert("text_encoder/model.safetensors".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let out = dir.path().join("a.png");
+    let o = generate(&server, &cache, &out, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("checksum") && err.contains("text_encoder/model.safetensors"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!out.exists());
+    let snap = cache.join(format!(
+        "models--org--tiny-sd/snapshots/{COMMIT}/text_encoder/model.safetensors"
+    ));
+    assert!(!snap.exists(), "a corrupt file stayed in the cache");
+    // offline, the incomplete cache is refused rather than used
+    let o = sdgen(
+        &["a cat", "-m", REPO, "--offline", "-q"],
+        &server.url,
+        &cache,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    // the next run with a healthy server downloads it again and works
+    server.state.lock().unwrap().corrupt.clear();
+    ok(&generate(&server, &cache, &out, &[]));
+}
+
+#[test]
+fn error_answers_become_clear_messages() {
+    let server = HubServer::start(REPO, repo_files());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let run = |model: &str, env: &[(&str, &str)]| {
+        sdgen(
+            &[
+                "a cat",
+                "-m",
+                model,
+                "-q",
+                "--steps",
+                "2",
+                "-o",
+                dir.path().join("x.png").to_str().unwrap(),
+            ],
+            &server.url,
+            &cache,
+            env,
+        )
+    };
+
+    let o = run("org/unknown", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not found") && stderr(&o).contains("org/unknown"),
+        "{}",
+        stderr(&o)
+    );
+
+    server.state.lock().unwrap().token = Some("secret".into());
+    let o = run(REPO, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("HF_TOKEN"), "{}", stderr(&o));
+    ok(&run(REPO, &[("HF_TOKEN", "secret")]));
+    server.state.lock().unwrap().token = None;
+
+    let fresh = dir.path().join("hub2");
+    server.state.lock().unwrap().status = Some(500);
+    let o = sdgen(&["a cat", "-m", REPO, "-q"], &server.url, &fresh, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("server error (500)"), "{}", stderr(&o));
+    for o in [&o] {
+        assert_eq!(stderr(o).lines().count(), 1);
+    }
+
+    let closed = sdgen(
+        &["a cat", "-m", REPO, "-q"],
+        "http://127.0.0.1:9",
+        &fresh,
+        &[],
+    );
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(
+        stderr(&closed).contains("cannot reach"),
+        "{}",
+        stderr(&closed)
+    );
+}
+
+#[test]
+fn other_pipelines_and_missing_weights_are_refused() {
+    let mut files = repo_files();
+    files.insert(
+        "model_index.json".into(),
+        br#"{"_class_name": "StableDiffusionXLPipeline"}"#.to_vec(),
+    );
+    let server = HubServer::start(REPO, files);
+    let dir = tempfile::tempdir().unwrap();
+    let o = sdgen(
+        &["--download-only", "-m", REPO, "-q"],
+        &server.url,
+        &dir.path().join("hub"),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("StableDiffusionXLPipeline"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!fetched(&server)
+        .iter()
+        .any(|f| f.starts_with("unet/diffusion")));
+
+    let mut files = repo_files();
+    files.retain(|k, _| !k.starts_with("vae/diffusion_pytorch_model"));
+    let server = HubServer::start(REPO, files);
+    let o = sdgen(
+        &["--download-only", "-m", REPO, "-q"],
+        &server.url,
+        &dir.path().join("hub3"),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no weights for vae"), "{}", stderr(&o));
+
+    let mut files = repo_files();
+    files.remove("model_index.json");
+    let server = HubServer::start(REPO, files);
+    let o = sdgen(
+        &["--download-only", "-m", REPO, "-q"],
+        &server.url,
+        &dir.path().join("hub4"),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("model_index.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn download_only_fetches_the_fp16_variant_for_half_precision() {
+    let server = HubServer::start(REPO, repo_files());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let o = sdgen(
+        &["--download-only", "-m", REPO, "--dtype", "f16", "-q"],
+        &server.url,
+        &cache,
+        &[],
+    );
+    ok(&o);
+    let printed = String::from_utf8(o.stdout).unwrap();
+    assert!(printed.trim().ends_with(COMMIT), "{printed}");
+    let files = fetched(&server);
+    for c in [
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ] {
+        assert!(
+            files.contains(&format!("{c}.fp16.safetensors")),
+            "{files:?}"
+        );
+        assert!(!files.contains(&format!("{c}.safetensors")), "{files:?}");
+    }
+}
