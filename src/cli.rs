@@ -13,7 +13,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 )]
 pub struct Args {
     /// The text prompt.
-    #[arg(required_unless_present_any = ["list_schedulers", "download_only"])]
+    #[arg(required_unless_present_any = ["list_schedulers", "download_only", "prompts"])]
     pub prompt: Option<String>,
 
     /// Negative prompt (empty: diffusers' unconditional embedding of "").
@@ -56,6 +56,11 @@ pub struct Args {
     #[arg(long)]
     pub prediction_type: Option<String>,
 
+    /// Set any scheduler_config.json key, e.g. `--scheduler-option use_karras_sigmas=true`
+    /// (values are JSON, else strings). Repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub scheduler_option: Vec<(String, serde_json::Value)>,
+
     /// Image width in pixels (default: the model's native size).
     #[arg(short = 'W', long)]
     pub width: Option<usize>,
@@ -72,7 +77,21 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
 
-    /// Output file or template with {seed}, {index}, {prompt}.
+    /// Prompts file, one per line or JSON Lines with per-line overrides ("-" = stdin). The model
+    /// loads once; existing outputs are skipped, so a rerun continues an interrupted batch.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<String>,
+
+    /// Stop at the first bad line of --prompts instead of reporting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Process only shard I of N of --prompts (default: from SLURM_ARRAY_TASK_ID/COUNT, or
+    /// JOB_COMPLETION_INDEX with SDGEN_SHARDS).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+
+    /// Output file or template with {seed}, {index}, {prompt}, {line}.
     #[arg(short = 'o', long, default_value = "sdgen-{seed}.png")]
     pub output: String,
 
@@ -111,4 +130,13 @@ pub struct Args {
     /// List the schedulers and exit.
     #[arg(long)]
     pub list_schedulers: bool,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let value =
+        serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
 }

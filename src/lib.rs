@@ -3,10 +3,12 @@
 //! The binary is a thin shell over [`app::run`]; tests use the same library.
 
 pub mod app;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod hub;
+pub mod interrupt;
 pub mod model_source;
 pub mod models;
 pub mod output;

@@ -14,16 +14,22 @@ use candle_core::{DType, Device, Tensor};
 pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,
-    /// Image i uses seed + i.
-    pub seed: u64,
+    /// One seed per image (a run with `--seed S` asks for S, S + 1, ...): image i's latents
+    /// and ancestral noise come from `torch.Generator().manual_seed(seeds[i])`.
+    pub seeds: Vec<u64>,
     pub steps: usize,
     pub guidance: f64,
     /// `--scheduler` name; `None` = the model's own.
     pub scheduler: Option<String>,
     pub width: usize,
     pub height: usize,
-    pub num_images: usize,
     pub batch_size: usize,
+}
+
+impl Request {
+    pub fn num_images(&self) -> usize {
+        self.seeds.len()
+    }
 }
 
 /// Called after every denoising step with (steps done, total).
@@ -122,7 +128,7 @@ impl Pipeline {
         if r.steps == 0 {
             bail!("--steps must be at least 1");
         }
-        if r.num_images == 0 || r.batch_size == 0 {
+        if r.seeds.is_empty() || r.batch_size == 0 {
             bail!("--num-images and --batch-size must be at least 1");
         }
         if !r.guidance.is_finite() {
@@ -154,7 +160,7 @@ impl Pipeline {
         self.vae.decode_raw(latents)
     }
 
-    /// The initial latents of images `first..first+n` (seed + i each), drawn on the host.
+    /// The initial latents of images `first..first+n` (one generator each), drawn on the host.
     pub fn initial_latents(
         &self,
         r: &Request,
@@ -165,7 +171,7 @@ impl Pipeline {
         let c = self.unet_config.in_channels;
         let (h, w) = (r.height / f, r.width / f);
         let mut generators: Vec<TorchGenerator> = (first..first + n)
-            .map(|i| TorchGenerator::new(r.seed.wrapping_add(i as u64)))
+            .map(|i| TorchGenerator::new(r.seeds[i]))
             .collect();
         let mut data = Vec::with_capacity(n * c * h * w);
         for g in generators.iter_mut() {
@@ -177,8 +183,14 @@ impl Pipeline {
         Ok((generators, latents))
     }
 
-    /// Runs the whole request; images come back in order (seed, seed + 1, ...).
-    pub fn generate(&self, r: &Request, on_step: StepCallback) -> Result<Vec<GeneratedImage>> {
+    /// Runs the whole request, handing each image to `on_image` as soon as it is decoded, in
+    /// the order of `r.seeds`.
+    pub fn generate(
+        &self,
+        r: &Request,
+        on_step: StepCallback,
+        on_image: &mut dyn FnMut(GeneratedImage) -> Result<()>,
+    ) -> Result<()> {
         self.validate(r)?;
         let cfg = r.guidance > 1.0;
         let cond = self.encode_text(&r.prompt)?;
@@ -187,32 +199,41 @@ impl Pipeline {
         } else {
             None
         };
-        let mut out = Vec::with_capacity(r.num_images);
-        let mut first = 0;
+        let n_images = r.num_images();
         let total_steps = {
             let (_, s) =
                 schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
-            s.timesteps().len() * r.num_images.div_ceil(r.batch_size)
+            s.timesteps().len() * n_images.div_ceil(r.batch_size)
         };
         let mut done = 0;
-        while first < r.num_images {
-            let n = r.batch_size.min(r.num_images - first);
+        let mut first = 0;
+        while first < n_images {
+            let n = r.batch_size.min(n_images - first);
             let latents = self.denoise(r, first, n, &cond, uncond.as_ref(), &mut |_, _| {
                 done += 1;
                 on_step(done, total_steps);
             })?;
-            let images = self.vae.decode(&latents)?;
             for i in 0..n {
-                let img = images.get(i)?;
-                out.push(GeneratedImage {
-                    seed: r.seed.wrapping_add((first + i) as u64),
+                let image = self.vae.decode(&latents.narrow(0, i, 1)?)?;
+                on_image(GeneratedImage {
+                    seed: r.seeds[first + i],
                     width: r.width,
                     height: r.height,
-                    rgb: to_rgb8(&img)?,
-                });
+                    rgb: to_rgb8(&image.get(0)?)?,
+                })?;
             }
             first += n;
         }
+        Ok(())
+    }
+
+    /// [`Pipeline::generate`] collecting the images.
+    pub fn generate_all(&self, r: &Request) -> Result<Vec<GeneratedImage>> {
+        let mut out = Vec::new();
+        self.generate(r, &mut |_, _| {}, &mut |img| {
+            out.push(img);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -255,6 +276,7 @@ impl Pipeline {
                 generators: &mut generators,
             };
             latents = scheduler.step(&noise_pred, i, &latents, &mut noise)?;
+            crate::interrupt::check()?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)

@@ -41,16 +41,15 @@ fn check_model(model: &str, batch_size: usize) {
         let request = Request {
             prompt: meta["prompt"].as_str().unwrap().into(),
             negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
-            seed: seeds[0],
+            seeds: seeds.clone(),
             steps: meta["steps"].as_u64().unwrap() as usize,
             guidance: spec["guidance"].as_f64().unwrap(),
             scheduler: Some(scheduler.into()),
             width: size,
             height: size,
-            num_images: seeds.len(),
             batch_size,
         };
-        let images = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+        let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
             assert_eq!(img.seed, *seed);
             let want = image::open(reference(&format!("{model}/e2e/{run}-{seed}.png")))
