@@ -5,7 +5,7 @@ use crate::batch::{parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
-use crate::model_source::{self, offline_from_env, Precision};
+use crate::model_source::{self, offline_from_env, ModelRequest, Precision};
 use crate::output::{self, NameFields};
 use crate::pipeline::{GeneratedImage, Pipeline, Request};
 use crate::schedulers::{self, SCHEDULERS};
@@ -65,9 +65,17 @@ pub fn run(args: Args) -> Result<i32> {
         Precision::Half
     };
     let offline = args.offline || offline_from_env();
+    let model_request = ModelRequest {
+        model: &args.model,
+        revision: &args.revision,
+        checkpoint: args.checkpoint.as_deref(),
+        config_from: args.config_from.as_deref(),
+        precision,
+        offline,
+        progress: messages,
+    };
     if args.download_only {
-        let files =
-            model_source::resolve(&args.model, &args.revision, precision, offline, messages)?;
+        let files = model_source::resolve(&model_request)?;
         let root = files
             .model_index
             .parent()
@@ -243,7 +251,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
 
     // 3. the model, loaded once
-    let files = model_source::resolve(&args.model, &args.revision, precision, offline, messages)?;
+    let files = model_source::resolve(&model_request)?;
     let spinner = messages.then(|| {
         let s = ProgressBar::new_spinner();
         s.set_message(format!("loading {}", files.name));

@@ -1,6 +1,7 @@
 //! Command-line arguments.
 
 use clap::Parser;
+use std::path::PathBuf;
 
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
@@ -20,9 +21,19 @@ pub struct Args {
     #[arg(short = 'n', long, default_value = "")]
     pub negative_prompt: String,
 
-    /// Hub repo id or local diffusers folder.
+    /// Hub repo id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt).
     #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
     pub model: String,
+
+    /// A single-file checkpoint (.safetensors/.ckpt, original LDM naming) inside the --model
+    /// folder or Hub repo, e.g. v1-5-pruned-emaonly.safetensors.
+    #[arg(long, value_name = "NAME")]
+    pub checkpoint: Option<String>,
+
+    /// A diffusers folder whose configs, tokenizer and scheduler serve a single-file
+    /// checkpoint (default: built-in SD 1.5 / SD 2.1 configs, chosen from the checkpoint).
+    #[arg(long, value_name = "DIR")]
+    pub config_from: Option<PathBuf>,
 
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]

@@ -4,7 +4,7 @@
 //! what to do.
 
 use crate::config::ModelIndex;
-use crate::model_source::{from_cache, hub_cache_dir, needed_files, ModelFiles, Precision};
+use crate::model_source::{from_cache, hub_cache_dir, plan_files, ModelFiles, ModelRequest, Plan};
 use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
@@ -167,13 +167,10 @@ fn cached(repo_id: &str, commit: &str, file: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Downloads (or reuses) `repo_id`'s needed files into the shared cache.
-pub fn fetch(
-    repo_id: &str,
-    revision: &str,
-    precision: Precision,
-    progress: bool,
-) -> Result<ModelFiles> {
+/// Downloads (or reuses) the files a model needs into the shared cache: the diffusers
+/// components, or one single-file checkpoint.
+pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
+    let (repo_id, revision, progress) = (req.model, req.revision, req.progress);
     let api = api(progress)?;
     let repo = api.repo(Repo::with_revision(
         repo_id.to_string(),
@@ -186,7 +183,7 @@ pub fn fetch(
             // Offline when cached: an unreachable (or failing) Hub is not needed for a model
             // that is complete in the cache.
             if matches!(f, HubFailure::Unreachable(_) | HubFailure::Status(500..)) {
-                if let Ok(files) = from_cache(repo_id, revision, precision) {
+                if let Ok(files) = from_cache(req) {
                     if progress {
                         eprintln!(
                             "warning: {}; using the cached copy",
@@ -210,8 +207,12 @@ pub fn fetch(
         .map(|s| (s.rfilename.as_str(), s))
         .collect();
     let available: BTreeSet<String> = by_name.keys().map(|s| s.to_string()).collect();
-    let files = needed_files(&available, precision, repo_id)?;
-    let mut root = None;
+    let plan = plan_files(&available, req.precision, repo_id, req.checkpoint)?;
+    let files = match &plan {
+        Plan::Diffusers(files) => files.clone(),
+        Plan::SingleFile(f) => vec![f.clone()],
+    };
+    let mut paths = Vec::new();
     for f in &files {
         let path = match cached(repo_id, &info.sha, f) {
             Some(p) => p,
@@ -235,14 +236,26 @@ pub fn fetch(
         if f == "model_index.json" {
             // Refuse other pipelines before the big downloads.
             ModelIndex::load(&path)?;
-            root = path.parent().map(Path::to_path_buf);
         }
+        paths.push(path);
     }
-    let root = root.context("model_index.json was not downloaded")?;
-    Ok(ModelFiles::from_root(
-        repo_id.to_string(),
-        Some(info.sha),
-        &root,
-        &files,
-    ))
+    match plan {
+        Plan::Diffusers(files) => {
+            let root = paths[0]
+                .parent()
+                .context("model_index.json has no folder")?;
+            Ok(ModelFiles::from_root(
+                repo_id.to_string(),
+                Some(info.sha),
+                root,
+                &files,
+            ))
+        }
+        Plan::SingleFile(_) => ModelFiles::single_file(
+            repo_id.to_string(),
+            Some(info.sha),
+            &paths[0],
+            req.config_from,
+        ),
+    }
 }

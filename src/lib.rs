@@ -15,4 +15,5 @@ pub mod output;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;

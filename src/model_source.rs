@@ -1,5 +1,5 @@
-//! Where a model's files come from: a local diffusers folder, the Hugging Face cache (offline),
-//! or the Hub through hf-hub into that same cache.
+//! Where a model's files come from: a local diffusers folder or single-file checkpoint, the
+//! Hugging Face cache (offline), or the Hub through hf-hub into that same cache.
 
 use anyhow::{bail, Result};
 use std::collections::BTreeSet;
@@ -23,11 +23,74 @@ pub struct ModelFiles {
     pub scheduler_config: PathBuf,
     pub tokenizer_dir: PathBuf,
     pub text_encoder_config: PathBuf,
-    pub text_encoder_weights: PathBuf,
     pub unet_config: PathBuf,
-    pub unet_weights: PathBuf,
     pub vae_config: PathBuf,
-    pub vae_weights: PathBuf,
+    pub weights: Weights,
+}
+
+/// Where the weights are.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// One file per component, diffusers layout.
+    Diffusers {
+        text_encoder: PathBuf,
+        unet: PathBuf,
+        vae: PathBuf,
+    },
+    /// One checkpoint in the original LDM naming (see `single_file`).
+    SingleFile(PathBuf),
+}
+
+/// What `--model`, `--revision`, `--checkpoint` and `--config-from` ask for.
+#[derive(Debug, Clone)]
+pub struct ModelRequest<'a> {
+    pub model: &'a str,
+    pub revision: &'a str,
+    /// A single-file checkpoint inside the folder or repo.
+    pub checkpoint: Option<&'a str>,
+    /// A diffusers folder whose configs and tokenizer serve a single-file checkpoint.
+    pub config_from: Option<&'a Path>,
+    pub precision: Precision,
+    pub offline: bool,
+    pub progress: bool,
+}
+
+/// What to take from a folder, cache snapshot or repo, given the files it has.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    Diffusers(Vec<String>),
+    SingleFile(String),
+}
+
+/// Chooses between the diffusers layout and a single-file checkpoint (`--checkpoint`, or the
+/// only checkpoint at the root of a folder without model_index.json).
+pub fn plan_files(
+    available: &BTreeSet<String>,
+    precision: Precision,
+    source: &str,
+    checkpoint: Option<&str>,
+) -> Result<Plan> {
+    if let Some(c) = checkpoint {
+        if !available.contains(c) {
+            bail!("{source} has no checkpoint {c:?}");
+        }
+        return Ok(Plan::SingleFile(c.to_string()));
+    }
+    if available.contains("model_index.json") {
+        return needed_files(available, precision, source).map(Plan::Diffusers);
+    }
+    let candidates: Vec<&String> = available
+        .iter()
+        .filter(|f| !f.contains('/') && crate::single_file::is_checkpoint_file(f))
+        .collect();
+    match candidates.as_slice() {
+        [one] => Ok(Plan::SingleFile(one.to_string())),
+        [] => bail!("{source} has no model_index.json and no .safetensors/.ckpt checkpoint at its root: it is not a Stable Diffusion model sdgen can read"),
+        many => bail!(
+            "{source} holds several checkpoints; pick one with --checkpoint NAME: {}",
+            many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 /// The files fetched for the tokenizer; the last two are optional.
@@ -139,6 +202,16 @@ impl ModelFiles {
                     .expect("chosen by needed_files"),
             )
         };
+        let mut m = Self::configs_from(name, revision, root);
+        m.weights = Weights::Diffusers {
+            text_encoder: weights("text_encoder"),
+            unet: weights("unet"),
+            vae: weights("vae"),
+        };
+        m
+    }
+
+    fn configs_from(name: String, revision: Option<String>, root: &Path) -> Self {
         Self {
             name,
             revision,
@@ -146,31 +219,70 @@ impl ModelFiles {
             scheduler_config: root.join("scheduler/scheduler_config.json"),
             tokenizer_dir: root.join("tokenizer"),
             text_encoder_config: root.join("text_encoder/config.json"),
-            text_encoder_weights: weights("text_encoder"),
             unet_config: root.join("unet/config.json"),
-            unet_weights: weights("unet"),
             vae_config: root.join("vae/config.json"),
-            vae_weights: weights("vae"),
+            weights: Weights::SingleFile(PathBuf::new()),
         }
     }
 
-    /// A diffusers-layout folder on disk.
+    /// A single-file checkpoint with the configs of `config_from`, else the built-in ones of
+    /// its family (SD 1.5 or SD 2.1, told apart by its text encoder).
+    pub fn single_file(
+        name: String,
+        revision: Option<String>,
+        checkpoint: &Path,
+        config_from: Option<&Path>,
+    ) -> Result<Self> {
+        let root = match config_from {
+            Some(dir) => {
+                if !dir.join("unet/config.json").exists() {
+                    bail!(
+                        "--config-from {}: not a diffusers folder (no unet/config.json)",
+                        dir.display()
+                    );
+                }
+                dir.to_path_buf()
+            }
+            None => {
+                let family = crate::single_file::Checkpoint::open(checkpoint)?.family;
+                crate::single_file::builtin_config_dir(family)?
+            }
+        };
+        let mut m = Self::configs_from(name, revision, &root);
+        m.weights = Weights::SingleFile(checkpoint.to_path_buf());
+        Ok(m)
+    }
+
+    /// A folder: diffusers layout, or a checkpoint in it.
     pub fn from_folder(dir: &Path, precision: Precision) -> Result<Self> {
+        Self::from_folder_with(dir, precision, None, None)
+    }
+
+    fn from_folder_with(
+        dir: &Path,
+        precision: Precision,
+        checkpoint: Option<&str>,
+        config_from: Option<&Path>,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
         let available = list_dir(dir);
-        let files = needed_files(
-            &available,
-            precision,
-            &format!("model folder {}", dir.display()),
-        )?;
-        Ok(Self::from_root(
-            dir.display().to_string(),
-            None,
-            dir,
-            &files,
-        ))
+        let source = format!("model folder {}", dir.display());
+        match plan_files(&available, precision, &source, checkpoint)? {
+            Plan::Diffusers(files) => Ok(Self::from_root(
+                dir.display().to_string(),
+                None,
+                dir,
+                &files,
+            )),
+            Plan::SingleFile(f) => Self::single_file(
+                dir.join(&f).display().to_string(),
+                None,
+                &dir.join(&f),
+                config_from,
+            ),
+        }
     }
 }
 
@@ -207,8 +319,9 @@ fn repo_folder(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 
-/// Resolves `repo_id` at `revision` from the cache alone.
-pub fn from_cache(repo_id: &str, revision: &str, precision: Precision) -> Result<ModelFiles> {
+/// Resolves a repo from the cache alone.
+pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
+    let (repo_id, revision) = (req.model, req.revision);
     let cache = hub_cache_dir();
     let repo_dir = cache.join(repo_folder(repo_id));
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -231,48 +344,52 @@ pub fn from_cache(repo_id: &str, revision: &str, precision: Precision) -> Result
         );
     }
     let available = list_dir(&snapshot);
-    let files = needed_files(
+    let plan = plan_files(
         &available,
-        precision,
+        req.precision,
         &format!("the cached copy of {repo_id}"),
+        req.checkpoint,
     )
     .map_err(|e| anyhow::anyhow!("{e} (offline: run once without --offline to download it)"))?;
-    let missing: Vec<&String> = files
-        .iter()
-        .filter(|f| !snapshot.join(f).exists())
-        .collect();
-    if !missing.is_empty() {
-        bail!("offline and not in the cache: {:?}", missing);
+    match plan {
+        Plan::Diffusers(files) => Ok(ModelFiles::from_root(
+            repo_id.to_string(),
+            Some(commit),
+            &snapshot,
+            &files,
+        )),
+        Plan::SingleFile(f) => ModelFiles::single_file(
+            repo_id.to_string(),
+            Some(commit),
+            &snapshot.join(f),
+            req.config_from,
+        ),
     }
-    Ok(ModelFiles::from_root(
-        repo_id.to_string(),
-        Some(commit),
-        &snapshot,
-        &files,
-    ))
 }
 
-/// Resolves a `--model` value: an existing folder, else a Hub repo id (cache only when offline).
-pub fn resolve(
-    model: &str,
-    revision: &str,
-    precision: Precision,
-    offline: bool,
-    progress: bool,
-) -> Result<ModelFiles> {
-    let path = Path::new(model);
+/// Resolves a `--model` value: a checkpoint file, a folder, else a Hub repo id (cache only
+/// when offline).
+pub fn resolve(req: &ModelRequest) -> Result<ModelFiles> {
+    let path = Path::new(req.model);
+    if path.is_file() {
+        if !crate::single_file::is_checkpoint_file(req.model) {
+            bail!("{}: a model file must be a .safetensors or .ckpt checkpoint (or pass a diffusers folder)", req.model);
+        }
+        return ModelFiles::single_file(req.model.to_string(), None, path, req.config_from);
+    }
     if path.is_dir() {
-        return ModelFiles::from_folder(path, precision);
+        return ModelFiles::from_folder_with(path, req.precision, req.checkpoint, req.config_from);
     }
-    let looks_like_path = model.starts_with('.')
-        || model.starts_with('/')
-        || model.contains('\\')
-        || model.split('/').count() > 2;
-    if looks_like_path || path.exists() {
-        bail!("model folder {model} does not exist");
+    let looks_like_path = req.model.starts_with('.')
+        || req.model.starts_with('/')
+        || req.model.contains('\\')
+        || req.model.split('/').count() > 2
+        || crate::single_file::is_checkpoint_file(req.model);
+    if looks_like_path {
+        bail!("model {} does not exist", req.model);
     }
-    if offline {
-        return from_cache(model, revision, precision);
+    if req.offline {
+        return from_cache(req);
     }
-    crate::hub::fetch(model, revision, precision, progress)
+    crate::hub::fetch(req)
 }

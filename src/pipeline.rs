@@ -1,10 +1,11 @@
 //! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle.
 
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
-use crate::model_source::ModelFiles;
+use crate::model_source::{ModelFiles, Weights};
 use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, var_builder};
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, NoiseSource, SchedulerConfig};
+use crate::single_file::Checkpoint;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -73,19 +74,29 @@ impl Pipeline {
             );
         }
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
-        let text_encoder = ClipTextModel::new(
-            var_builder(&files.text_encoder_weights, dtype, &device)?,
-            &clip_config,
-        )
-        .context("loading the text encoder weights")?;
-        let unet = UNet2DConditionModel::new(
-            var_builder(&files.unet_weights, dtype, &device)?,
-            &unet_config,
-        )?;
-        let vae = Vae::new(
-            var_builder(&files.vae_weights, dtype, &device)?,
-            &vae_config,
-        )?;
+        let (text_vb, unet_vb, vae_vb) = match &files.weights {
+            Weights::Diffusers {
+                text_encoder,
+                unet,
+                vae,
+            } => (
+                var_builder(text_encoder, dtype, &device)?,
+                var_builder(unet, dtype, &device)?,
+                var_builder(vae, dtype, &device)?,
+            ),
+            Weights::SingleFile(path) => {
+                let ckpt = Checkpoint::open(path)?;
+                (
+                    ckpt.text_encoder(&clip_config, dtype, &device)?,
+                    ckpt.unet(&unet_config, dtype, &device)?,
+                    ckpt.vae(&vae_config, dtype, &device)?,
+                )
+            }
+        };
+        let text_encoder = ClipTextModel::new(text_vb, &clip_config)
+            .context("loading the text encoder weights")?;
+        let unet = UNet2DConditionModel::new(unet_vb, &unet_config)?;
+        let vae = Vae::new(vae_vb, &vae_config)?;
         let class = scheduler_config
             .class_name()
             .map(str::to_string)

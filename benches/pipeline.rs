@@ -1,0 +1,126 @@
+//! The CPU benchmark: text encoder, U-Net step (classifier-free guidance, batch 2) at 256x256
+//! and 512x512, VAE decode at 512x512, model load, and the peak RSS of a whole 512x512
+//! generation by the `sdgen` binary. Prints one JSON object; `scripts/bench.sh` runs it beside
+//! diffusers on the same weights and prints the ratios.
+//!
+//!     SDGEN_BENCH_MODEL=/path/to/sd15-random cargo bench --bench pipeline
+//!
+//! Timings are medians of a few runs after a warm-up; never asserted anywhere.
+
+use candle_core::{DType, Device, Tensor};
+use sdgen::model_source::{ModelFiles, Precision};
+use sdgen::pipeline::Pipeline;
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
+    f(); // warm-up
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Peak RSS (MB) and wall time of `sdgen` generating one 512x512 image with `steps` steps.
+fn whole_generation(model: &str, steps: usize, dtype: &str) -> (f64, f64) {
+    let exe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/sdgen");
+    let out = std::env::temp_dir().join(format!("sdgen-bench-{}.png", std::process::id()));
+    let t = Instant::now();
+    let status = std::process::Command::new(&exe)
+        .args([
+            "bench",
+            "-m",
+            model,
+            "-s",
+            "1",
+            "--steps",
+            &steps.to_string(),
+            "-W",
+            "512",
+            "-H",
+            "512",
+        ])
+        .args([
+            "--dtype",
+            dtype,
+            "-q",
+            "--overwrite",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .expect("run target/release/sdgen (cargo build --release first)");
+    let wall = t.elapsed().as_secs_f64();
+    assert!(status.success());
+    let _ = std::fs::remove_file(out);
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    (usage.ru_maxrss as f64 / 1024.0, wall)
+}
+
+fn main() {
+    let model = std::env::var("SDGEN_BENCH_MODEL").expect(
+        "set SDGEN_BENCH_MODEL to a full-size diffusers folder (scripts/bench.sh makes one)",
+    );
+    let dtype = match std::env::var("SDGEN_BENCH_DTYPE").as_deref() {
+        Ok("bf16") => DType::BF16,
+        Ok("f16") => DType::F16,
+        _ => DType::F32,
+    };
+    let dev = Device::Cpu;
+    let precision = if dtype == DType::F32 {
+        Precision::Full
+    } else {
+        Precision::Half
+    };
+    let t = Instant::now();
+    let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
+    let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
+    let load = t.elapsed().as_secs_f64();
+    let text = time(3, || p.encode_text("a photo of a cat on a beach").unwrap());
+    let ctx = Tensor::randn(0f32, 1.0, (2, 77, p.unet_config.cross_attention_dim), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let unet = |size: usize, runs: usize| {
+        let x = Tensor::randn(0f32, 1.0, (2, 4, size / 8, size / 8), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        time(runs, || p.unet_forward(&x, 500.0, &ctx).unwrap())
+    };
+    let unet256 = unet(256, 3);
+    let unet512 = unet(512, 2);
+    let lat = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let vae = time(1, || p.vae_decode_raw(&lat).unwrap());
+    drop(p);
+    let (rss_mb, gen_wall) = whole_generation(&model, 2, sdgen::device::dtype_name(dtype));
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "sdgen",
+            "dtype": sdgen::device::dtype_name(dtype),
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+            "load_s": load,
+            "text_encoder_s": text,
+            "unet_step_256_s": unet256,
+            "unet_step_512_s": unet512,
+            "vae_decode_512_s": vae,
+            "generation_512_2steps_s": gen_wall,
+            "peak_rss_mb": rss_mb,
+        })
+    );
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# CPU benchmark of sdgen against diffusers on the same full-size random-weight SD 1.5, same
+# thread count, in one run; prints both sets of figures and their ratios (sdgen / diffusers).
+#
+#   scripts/bench.sh [THREADS] [f32|bf16]
+#
+# Needs Python with scripts/requirements.txt (set PYTHON, default python3). The model is made
+# once with scripts/make_fixtures.py --full-size into $SDGEN_BENCH_DIR (default
+# ~/.cache/sdgen-bench/sd15-random, about 4 GB; never commit it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-$(nproc)}
+dtype=${2:-f32}
+py=${PYTHON:-python3}
+model=${SDGEN_BENCH_DIR:-$HOME/.cache/sdgen-bench/sd15-random}
+if [ ! -f "$model/model_index.json" ]; then
+  echo "making the full-size random model in $model" >&2
+  "$py" scripts/make_fixtures.py --full-size "$model"
+fi
+cargo build --release --quiet
+export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
+ours=$(SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DTYPE=$dtype cargo bench --quiet --bench pipeline 2>/dev/null | tail -1)
+theirs=$("$py" scripts/bench_diffusers.py "$model" --threads "$threads" --dtype "$dtype" 2>/dev/null | tail -1)
+"$py" - "$ours" "$theirs" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"{'':26} {'sdgen':>10} {'diffusers':>10} {'ratio':>7}")
+for k in ["load_s", "text_encoder_s", "unet_step_256_s", "unet_step_512_s", "vae_decode_512_s", "generation_512_2steps_s", "peak_rss_mb"]:
+    print(f"{k:26} {a[k]:10.2f} {b[k]:10.2f} {a[k] / b[k]:7.2f}")
+print(json.dumps({"sdgen": a, "diffusers": b}))
+PY

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""The diffusers side of scripts/bench.sh: the same measurements as benches/pipeline.rs.
+
+    python scripts/bench_diffusers.py MODEL_DIR [--threads N] [--dtype f32|bf16]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+
+def timed(runs, f):
+    f()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--generate-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    t = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, safety_checker=None)
+    pipe.unet.to(dtype)
+    load = time.perf_counter() - t
+    pipe.set_progress_bar_config(disable=True)
+    if args.generate_only:
+        pipe("bench", num_inference_steps=2, height=512, width=512, generator=torch.Generator().manual_seed(1))
+        return
+    with torch.inference_mode():
+        ids = pipe.tokenizer("a photo of a cat on a beach", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        text = timed(3, lambda: pipe.text_encoder(ids))
+        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, dtype=dtype)
+
+        def unet(size, runs):
+            x = torch.randn(2, 4, size // 8, size // 8, dtype=dtype)
+            return timed(runs, lambda: pipe.unet(x, torch.tensor(500), encoder_hidden_states=ctx))
+
+        u256 = unet(256, 3)
+        u512 = unet(512, 2)
+        lat = torch.randn(1, 4, 64, 64)
+        vae = timed(1, lambda: pipe.vae.decode(lat))
+    del pipe
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--generate-only"], check=True)
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    print(json.dumps({
+        "impl": "diffusers",
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "load_s": load,
+        "text_encoder_s": text,
+        "unet_step_256_s": u256,
+        "unet_step_512_s": u512,
+        "vae_decode_512_s": vae,
+        "generation_512_2steps_s": wall,
+        "peak_rss_mb": rss,
+    }))
+
+
+if __name__ == "__main__":
+    main()

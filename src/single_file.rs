@@ -1,0 +1,715 @@
+//! Single-file checkpoints in the original (CompVis/LDM) naming: `model.safetensors` or
+//! `model.ckpt` with `model.diffusion_model.*`, `first_stage_model.*` and
+//! `cond_stage_model.*` keys, read in place through a renaming weight backend (the way
+//! diffusers' `from_single_file` converts them), with configs from built-in copies of the
+//! base models or from `--config-from`.
+//!
+//! `.ckpt` files are pickles: they are read with candle's pickle reader, which only rebuilds
+//! tensors, and refused outright when the pickle calls anything but the tensor-rebuild
+//! functions.
+
+use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::pickle::{Object, PthTensors, Stack};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which Stable Diffusion generation a checkpoint is, from its tensor names and shapes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Family {
+    /// SD 1.x: CLIP ViT-L text encoder under `cond_stage_model.transformer`.
+    Sd1,
+    /// SD 2.x: OpenCLIP ViT-H text encoder under `cond_stage_model.model`.
+    Sd2,
+}
+
+impl Family {
+    pub fn builtin_name(&self) -> &'static str {
+        match self {
+            Family::Sd1 => "sd15",
+            Family::Sd2 => "sd21",
+        }
+    }
+}
+
+pub fn is_checkpoint_file(path: &str) -> bool {
+    path.ends_with(".safetensors") || path.ends_with(".ckpt")
+}
+
+/// The callables a `.ckpt` pickle may use: tensor and parameter rebuilding, ordered dicts, and
+/// the numpy scalar constructors training frameworks store step counters with.
+const ALLOWED_CALLABLES: &[(&str, &str)] = &[
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+];
+
+fn check_callables(obj: &Object, path: &Path) -> Result<()> {
+    match obj {
+        Object::Reduce { callable, args } | Object::Build { callable, args } => {
+            if let Object::Class {
+                module_name,
+                class_name,
+            } = callable.as_ref()
+            {
+                if !ALLOWED_CALLABLES.contains(&(module_name.as_str(), class_name.as_str())) {
+                    bail!(
+                        "refusing {}: its pickle calls {module_name}.{class_name}, which is not a tensor-rebuild function (a .ckpt can run code when loaded by Python; convert it to .safetensors with a tool you trust)",
+                        path.display()
+                    );
+                }
+            }
+            check_callables(callable, path)?;
+            check_callables(args, path)
+        }
+        Object::Tuple(v) | Object::List(v) => v.iter().try_for_each(|o| check_callables(o, path)),
+        Object::Dict(kv) => kv.iter().try_for_each(|(k, v)| {
+            check_callables(k, path)?;
+            check_callables(v, path)
+        }),
+        Object::PersistentLoad(o) => check_callables(o, path),
+        _ => Ok(()),
+    }
+}
+
+/// Parses every `data.pkl` of a torch zip checkpoint without executing anything and refuses
+/// it when a callable outside [`ALLOWED_CALLABLES`] appears. Returns whether the weights sit
+/// under a `state_dict` key.
+pub fn check_ckpt(path: &Path) -> Result<bool> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).with_context(|| {
+        format!(
+            "{} is not a PyTorch zip checkpoint (old tar/pickle .ckpt files are not supported)",
+            path.display()
+        )
+    })?;
+    let names: Vec<String> = zip
+        .file_names()
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut has_state_dict = false;
+    let mut found = false;
+    for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        found = true;
+        let reader = zip.by_name(name)?;
+        let mut reader = std::io::BufReader::new(reader);
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut reader).map_err(|e| {
+            anyhow::anyhow!(
+                "refusing {}: its pickle cannot be read safely ({e})",
+                path.display()
+            )
+        })?;
+        let obj = stack.finalize().map_err(|e| {
+            anyhow::anyhow!(
+                "refusing {}: its pickle cannot be read safely ({e})",
+                path.display()
+            )
+        })?;
+        check_callables(&obj, path)?;
+        if let Object::Dict(kv) = &obj {
+            has_state_dict |= kv
+                .iter()
+                .any(|(k, _)| *k == Object::Unicode("state_dict".into()));
+        }
+    }
+    if !found {
+        bail!(
+            "{} has no data.pkl: not a PyTorch checkpoint",
+            path.display()
+        );
+    }
+    Ok(has_state_dict)
+}
+
+/// The opened checkpoint: a weight backend with LDM names.
+pub struct Checkpoint {
+    inner: Arc<dyn SimpleBackend>,
+    keys: HashSet<String>,
+    pub family: Family,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let name = path.to_string_lossy();
+        let (inner, keys): (Arc<dyn SimpleBackend>, HashSet<String>) = if name.ends_with(".ckpt") {
+            let has_state_dict = check_ckpt(path)?;
+            let key = has_state_dict.then_some("state_dict");
+            let t = PthTensors::new(path, key)
+                .with_context(|| format!("cannot read the tensors of {}", path.display()))?;
+            let keys = t.tensor_infos().keys().cloned().collect();
+            (Arc::new(t), keys)
+        } else {
+            // SAFETY: read-only mapping of a file sdgen does not modify.
+            let t = unsafe { MmapedSafetensors::new(path) }.with_context(|| {
+                format!(
+                    "cannot read {} (corrupt or incomplete file?)",
+                    path.display()
+                )
+            })?;
+            let keys = t.tensors().into_iter().map(|(k, _)| k).collect();
+            (Arc::new(t), keys)
+        };
+        let family = detect_family(&keys).with_context(|| format!("{}", path.display()))?;
+        Ok(Self {
+            inner,
+            keys,
+            family,
+        })
+    }
+
+    fn renamed(&self, map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync>) -> Renamed {
+        Renamed {
+            inner: self.inner.clone(),
+            map,
+        }
+    }
+
+    /// The U-Net weights under diffusers names.
+    pub fn unet(&self, c: &UNetConfig, dtype: DType, dev: &Device) -> Result<VarBuilder<'static>> {
+        let layers = c.layers_per_block;
+        let attn: Vec<bool> = c
+            .blocks()?
+            .iter()
+            .rev()
+            .map(|b| b.cross_attention.is_some())
+            .collect();
+        let map = move |name: &str| {
+            unet_name(name, layers, &attn)
+                .map(|n| Source::whole(format!("model.diffusion_model.{n}")))
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(self.renamed(Box::new(map))),
+            dtype,
+            dev.clone(),
+        ))
+    }
+
+    /// The VAE weights under diffusers names.
+    pub fn vae(&self, c: &VaeConfig, dtype: DType, dev: &Device) -> Result<VarBuilder<'static>> {
+        let n = c.block_out_channels.len();
+        let map = move |name: &str| {
+            vae_name(name, n).map(|n| Source::whole(format!("first_stage_model.{n}")))
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(self.renamed(Box::new(map))),
+            dtype,
+            dev.clone(),
+        ))
+    }
+
+    /// The text encoder's weights under transformers' CLIPTextModel names.
+    pub fn text_encoder(
+        &self,
+        c: &ClipTextConfig,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync> = match self.family {
+            Family::Sd1 => {
+                // newer files nest CLIP under `text_model.`, older ones do not
+                let nested = self.keys.contains(
+                    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                );
+                Box::new(move |name: &str| {
+                    if nested {
+                        Some(Source::whole(format!(
+                            "cond_stage_model.transformer.{name}"
+                        )))
+                    } else {
+                        name.strip_prefix("text_model.")
+                            .map(|r| Source::whole(format!("cond_stage_model.transformer.{r}")))
+                    }
+                })
+            }
+            Family::Sd2 => {
+                let d = c.hidden_size;
+                Box::new(move |name: &str| open_clip_name(name, d))
+            }
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(self.renamed(map)),
+            dtype,
+            dev.clone(),
+        ))
+    }
+}
+
+fn detect_family(keys: &HashSet<String>) -> Result<Family> {
+    if !keys.contains("model.diffusion_model.input_blocks.0.0.weight") {
+        if keys.iter().any(|k| k.starts_with("conditioner.embedders")) {
+            bail!("this is an SDXL checkpoint; sdgen runs Stable Diffusion 1.x/2.x");
+        }
+        bail!("not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.input_blocks.0.0.weight)");
+    }
+    if keys.contains("cond_stage_model.model.token_embedding.weight") {
+        return Ok(Family::Sd2);
+    }
+    if keys
+        .iter()
+        .any(|k| k.starts_with("cond_stage_model.transformer."))
+    {
+        return Ok(Family::Sd1);
+    }
+    bail!("cannot tell the text encoder of this checkpoint (no cond_stage_model.transformer.* or cond_stage_model.model.* keys)")
+}
+
+/// Where a diffusers-named tensor lives in the checkpoint: a name, and optionally a slice of
+/// rows (OpenCLIP stores q, k and v stacked in one `in_proj`).
+struct Source {
+    name: String,
+    rows: Option<(usize, usize)>,
+}
+
+impl Source {
+    fn whole(name: String) -> Self {
+        Self { name, rows: None }
+    }
+}
+
+struct Renamed {
+    inner: Arc<dyn SimpleBackend>,
+    map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync>,
+}
+
+impl Renamed {
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let src = (self.map)(name).ok_or_else(|| candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        })?;
+        let t = self
+            .inner
+            .get_unchecked(&src.name, dtype, dev)
+            .map_err(|_| candle_core::Error::CannotFindTensor {
+                path: format!("{} (checkpoint key {})", name, src.name),
+            })?;
+        match src.rows {
+            Some((start, len)) => t.narrow(0, start, len)?.contiguous(),
+            None => Ok(t),
+        }
+    }
+}
+
+impl SimpleBackend for Renamed {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.load(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        (self.map)(name).is_some_and(|s| self.inner.contains_tensor(&s.name))
+    }
+}
+
+/// `ResnetBlock2D` parameter names of the LDM U-Net.
+fn unet_resnet(rest: &str) -> String {
+    for (d, l) in [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("conv_shortcut.", "skip_connection."),
+    ] {
+        if let Some(r) = rest.strip_prefix(d) {
+            return format!("{l}{r}");
+        }
+    }
+    rest.to_string()
+}
+
+fn split_index(s: &str) -> Option<(usize, &str)> {
+    let (i, rest) = s.split_once('.')?;
+    Some((i.parse().ok()?, rest))
+}
+
+/// diffusers U-Net name -> LDM name (without `model.diffusion_model.`), as diffusers'
+/// `convert_ldm_unet_checkpoint` lays them out. `up_has_attn[b]`: whether up block b has
+/// attentions (its upsampler then sits at index 2 instead of 1).
+fn unet_name(name: &str, layers: usize, up_has_attn: &[bool]) -> Option<String> {
+    let per = layers + 1;
+    if let Some(r) = name.strip_prefix("conv_in.") {
+        return Some(format!("input_blocks.0.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("time_embedding.linear_1.") {
+        return Some(format!("time_embed.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("time_embedding.linear_2.") {
+        return Some(format!("time_embed.2.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("conv_norm_out.") {
+        return Some(format!("out.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("conv_out.") {
+        return Some(format!("out.2.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("down_blocks.") {
+        let (b, r) = split_index(r)?;
+        if let Some(r) = r.strip_prefix("resnets.") {
+            let (l, r) = split_index(r)?;
+            return Some(format!(
+                "input_blocks.{}.0.{}",
+                1 + b * per + l,
+                unet_resnet(r)
+            ));
+        }
+        if let Some(r) = r.strip_prefix("attentions.") {
+            let (l, r) = split_index(r)?;
+            return Some(format!("input_blocks.{}.1.{r}", 1 + b * per + l));
+        }
+        if let Some(r) = r.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!("input_blocks.{}.0.op.{r}", 1 + b * per + layers));
+        }
+        return None;
+    }
+    if let Some(r) = name.strip_prefix("mid_block.") {
+        if let Some(r) = r.strip_prefix("resnets.0.") {
+            return Some(format!("middle_block.0.{}", unet_resnet(r)));
+        }
+        if let Some(r) = r.strip_prefix("attentions.0.") {
+            return Some(format!("middle_block.1.{r}"));
+        }
+        if let Some(r) = r.strip_prefix("resnets.1.") {
+            return Some(format!("middle_block.2.{}", unet_resnet(r)));
+        }
+        return None;
+    }
+    if let Some(r) = name.strip_prefix("up_blocks.") {
+        let (b, r) = split_index(r)?;
+        if let Some(r) = r.strip_prefix("resnets.") {
+            let (l, r) = split_index(r)?;
+            return Some(format!(
+                "output_blocks.{}.0.{}",
+                b * per + l,
+                unet_resnet(r)
+            ));
+        }
+        if let Some(r) = r.strip_prefix("attentions.") {
+            let (l, r) = split_index(r)?;
+            return Some(format!("output_blocks.{}.1.{r}", b * per + l));
+        }
+        if let Some(r) = r.strip_prefix("upsamplers.0.conv.") {
+            let slot = if *up_has_attn.get(b)? { 2 } else { 1 };
+            return Some(format!(
+                "output_blocks.{}.{slot}.conv.{r}",
+                b * per + layers
+            ));
+        }
+        return None;
+    }
+    None
+}
+
+/// diffusers VAE name -> LDM name (without `first_stage_model.`); `n` = number of blocks.
+fn vae_name(name: &str, n: usize) -> Option<String> {
+    let resnet = |r: &str| r.replace("conv_shortcut.", "nin_shortcut.");
+    let mid = |r: &str| -> Option<String> {
+        if let Some(x) = r.strip_prefix("resnets.0.") {
+            return Some(format!("mid.block_1.{}", resnet(x)));
+        }
+        if let Some(x) = r.strip_prefix("resnets.1.") {
+            return Some(format!("mid.block_2.{}", resnet(x)));
+        }
+        let x = r.strip_prefix("attentions.0.")?;
+        for (d, l) in [
+            ("group_norm.", "norm."),
+            ("to_q.", "q."),
+            ("to_k.", "k."),
+            ("to_v.", "v."),
+            ("to_out.0.", "proj_out."),
+        ] {
+            if let Some(t) = x.strip_prefix(d) {
+                return Some(format!("mid.attn_1.{l}{t}"));
+            }
+        }
+        None
+    };
+    for part in ["encoder", "decoder"] {
+        let Some(r) = name.strip_prefix(part).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
+        if let Some(x) = r.strip_prefix("mid_block.") {
+            return mid(x).map(|m| format!("{part}.{m}"));
+        }
+        if let Some(x) = r.strip_prefix("conv_norm_out.") {
+            return Some(format!("{part}.norm_out.{x}"));
+        }
+        if r.starts_with("conv_in.") || r.starts_with("conv_out.") {
+            return Some(format!("{part}.{r}"));
+        }
+        if let Some(x) = r.strip_prefix("down_blocks.") {
+            let (i, x) = split_index(x)?;
+            if let Some(y) = x.strip_prefix("resnets.") {
+                let (j, y) = split_index(y)?;
+                return Some(format!("encoder.down.{i}.block.{j}.{}", resnet(y)));
+            }
+            let y = x.strip_prefix("downsamplers.0.conv.")?;
+            return Some(format!("encoder.down.{i}.downsample.conv.{y}"));
+        }
+        if let Some(x) = r.strip_prefix("up_blocks.") {
+            let (i, x) = split_index(x)?;
+            let k = n.checked_sub(1 + i)?;
+            if let Some(y) = x.strip_prefix("resnets.") {
+                let (j, y) = split_index(y)?;
+                return Some(format!("decoder.up.{k}.block.{j}.{}", resnet(y)));
+            }
+            let y = x.strip_prefix("upsamplers.0.conv.")?;
+            return Some(format!("decoder.up.{k}.upsample.conv.{y}"));
+        }
+        return None;
+    }
+    if name.starts_with("quant_conv.") || name.starts_with("post_quant_conv.") {
+        return Some(name.to_string());
+    }
+    None
+}
+
+/// transformers CLIPTextModel name -> OpenCLIP name (SD 2.x `cond_stage_model.model.*`);
+/// `d` = hidden size (q, k, v are row slices of `in_proj`).
+fn open_clip_name(name: &str, d: usize) -> Option<Source> {
+    let p = "cond_stage_model.model.";
+    let r = name.strip_prefix("text_model.")?;
+    match r {
+        "embeddings.token_embedding.weight" => {
+            return Some(Source::whole(format!("{p}token_embedding.weight")))
+        }
+        "embeddings.position_embedding.weight" => {
+            return Some(Source::whole(format!("{p}positional_embedding")))
+        }
+        _ => {}
+    }
+    if let Some(x) = r.strip_prefix("final_layer_norm.") {
+        return Some(Source::whole(format!("{p}ln_final.{x}")));
+    }
+    let (i, x) = split_index(r.strip_prefix("encoder.layers.")?)?;
+    let block = format!("{p}transformer.resblocks.{i}.");
+    for (which, q) in [("q_proj.", 0usize), ("k_proj.", 1), ("v_proj.", 2)] {
+        if let Some(t) = x
+            .strip_prefix("self_attn.")
+            .and_then(|y| y.strip_prefix(which))
+        {
+            return Some(Source {
+                name: format!("{block}attn.in_proj_{t}"),
+                rows: Some((q * d, d)),
+            });
+        }
+    }
+    for (dn, on) in [
+        ("self_attn.out_proj.", "attn.out_proj."),
+        ("layer_norm1.", "ln_1."),
+        ("layer_norm2.", "ln_2."),
+        ("mlp.fc1.", "mlp.c_fc."),
+        ("mlp.fc2.", "mlp.c_proj."),
+    ] {
+        if let Some(t) = x.strip_prefix(dn) {
+            return Some(Source::whole(format!("{block}{on}{t}")));
+        }
+    }
+    None
+}
+
+/// The folder of built-in configs for `family`, written once under the temporary directory
+/// (the files are compiled into the binary).
+pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
+    macro_rules! files {
+        ($dir:literal) => {
+            [
+                (
+                    "model_index.json",
+                    include_str!(concat!("../assets/configs/", $dir, "/model_index.json")),
+                ),
+                (
+                    "scheduler/scheduler_config.json",
+                    include_str!(concat!(
+                        "../assets/configs/",
+                        $dir,
+                        "/scheduler/scheduler_config.json"
+                    )),
+                ),
+                (
+                    "text_encoder/config.json",
+                    include_str!(concat!(
+                        "../assets/configs/",
+                        $dir,
+                        "/text_encoder/config.json"
+                    )),
+                ),
+                (
+                    "unet/config.json",
+                    include_str!(concat!("../assets/configs/", $dir, "/unet/config.json")),
+                ),
+                (
+                    "vae/config.json",
+                    include_str!(concat!("../assets/configs/", $dir, "/vae/config.json")),
+                ),
+                (
+                    "tokenizer/special_tokens_map.json",
+                    include_str!(concat!(
+                        "../assets/configs/",
+                        $dir,
+                        "/tokenizer/special_tokens_map.json"
+                    )),
+                ),
+                (
+                    "tokenizer/vocab.json",
+                    include_str!("../assets/clip-tokenizer/vocab.json"),
+                ),
+                (
+                    "tokenizer/merges.txt",
+                    include_str!("../assets/clip-tokenizer/merges.txt"),
+                ),
+            ]
+        };
+    }
+    let files = match family {
+        Family::Sd1 => files!("sd15"),
+        Family::Sd2 => files!("sd21"),
+    };
+    let root = std::env::temp_dir()
+        .join(format!("sdgen-{}-configs", env!("CARGO_PKG_VERSION")))
+        .join(family.builtin_name());
+    for (rel, text) in files {
+        let p = root.join(rel);
+        if std::fs::read_to_string(&p).is_ok_and(|t| t == text) {
+            continue;
+        }
+        std::fs::create_dir_all(p.parent().expect("has parent"))?;
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unet_names_follow_the_ldm_layout() {
+        // SD 1.5: 4 blocks, 2 layers, up block 0 without attention
+        let attn = [false, true, true, true];
+        let m = |n: &str| unet_name(n, 2, &attn).unwrap();
+        assert_eq!(m("conv_in.weight"), "input_blocks.0.0.weight");
+        assert_eq!(
+            m("down_blocks.0.resnets.1.conv1.weight"),
+            "input_blocks.2.0.in_layers.2.weight"
+        );
+        assert_eq!(
+            m("down_blocks.1.attentions.0.proj_in.weight"),
+            "input_blocks.4.1.proj_in.weight"
+        );
+        assert_eq!(
+            m("down_blocks.2.downsamplers.0.conv.bias"),
+            "input_blocks.9.0.op.bias"
+        );
+        assert_eq!(
+            m("down_blocks.1.resnets.0.conv_shortcut.weight"),
+            "input_blocks.4.0.skip_connection.weight"
+        );
+        assert_eq!(
+            m("mid_block.attentions.0.norm.weight"),
+            "middle_block.1.norm.weight"
+        );
+        assert_eq!(
+            m("mid_block.resnets.1.time_emb_proj.weight"),
+            "middle_block.2.emb_layers.1.weight"
+        );
+        assert_eq!(
+            m("up_blocks.0.upsamplers.0.conv.weight"),
+            "output_blocks.2.1.conv.weight"
+        );
+        assert_eq!(
+            m("up_blocks.1.upsamplers.0.conv.weight"),
+            "output_blocks.5.2.conv.weight"
+        );
+        assert_eq!(
+            m("up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"),
+            "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"
+        );
+        assert_eq!(m("time_embedding.linear_2.bias"), "time_embed.2.bias");
+        assert_eq!(m("conv_norm_out.weight"), "out.0.weight");
+    }
+
+    #[test]
+    fn vae_and_open_clip_names() {
+        assert_eq!(
+            vae_name("decoder.up_blocks.0.resnets.2.conv1.weight", 4).unwrap(),
+            "decoder.up.3.block.2.conv1.weight"
+        );
+        assert_eq!(
+            vae_name("decoder.up_blocks.3.resnets.0.conv_shortcut.weight", 4).unwrap(),
+            "decoder.up.0.block.0.nin_shortcut.weight"
+        );
+        assert_eq!(
+            vae_name("encoder.down_blocks.1.downsamplers.0.conv.weight", 4).unwrap(),
+            "encoder.down.1.downsample.conv.weight"
+        );
+        assert_eq!(
+            vae_name("decoder.mid_block.attentions.0.to_out.0.bias", 4).unwrap(),
+            "decoder.mid.attn_1.proj_out.bias"
+        );
+        assert_eq!(
+            vae_name("decoder.conv_norm_out.weight", 4).unwrap(),
+            "decoder.norm_out.weight"
+        );
+        assert_eq!(
+            vae_name("post_quant_conv.weight", 4).unwrap(),
+            "post_quant_conv.weight"
+        );
+        let k =
+            open_clip_name("text_model.encoder.layers.3.self_attn.k_proj.weight", 1024).unwrap();
+        assert_eq!(
+            (k.name.as_str(), k.rows),
+            (
+                "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight",
+                Some((1024, 1024))
+            )
+        );
+        let f = open_clip_name("text_model.final_layer_norm.bias", 1024).unwrap();
+        assert_eq!(f.name, "cond_stage_model.model.ln_final.bias");
+    }
+
+    #[test]
+    fn builtin_configs_parse() {
+        for family in [Family::Sd1, Family::Sd2] {
+            let dir = builtin_config_dir(family).unwrap();
+            let unet = UNetConfig::load(&dir.join("unet/config.json")).unwrap();
+            let clip = ClipTextConfig::load(&dir.join("text_encoder/config.json")).unwrap();
+            assert_eq!(unet.cross_attention_dim, clip.hidden_size);
+            VaeConfig::load(&dir.join("vae/config.json")).unwrap();
+            crate::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+        }
+    }
+}
