@@ -6,6 +6,8 @@
 //!     SDGEN_BENCH_MODEL=/path/to/sd15-random cargo bench --bench pipeline
 //!
 //! Timings are medians of a few runs after a warm-up; never asserted anywhere.
+//! `SDGEN_BENCH_PARTS=unet512,vae` runs only some parts (load, text, unet256, unet512, vae,
+//! generate), to iterate on one of them.
 
 use candle_core::{DType, Device, Tensor};
 use sdgen::model_source::{ModelFiles, Precision};
@@ -87,7 +89,14 @@ fn main() {
     let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
     let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
     let load = t.elapsed().as_secs_f64();
-    let text = time(3, || p.encode_text("a photo of a cat on a beach").unwrap());
+    let parts = std::env::var("SDGEN_BENCH_PARTS").unwrap_or_default();
+    let want = |part: &str| parts.is_empty() || parts.split(',').any(|p| p == part);
+    let nan = f64::NAN;
+    let text = if want("text") {
+        time(3, || p.encode_text("a photo of a cat on a beach").unwrap())
+    } else {
+        nan
+    };
     let ctx = Tensor::randn(0f32, 1.0, (2, 77, p.unet_config.cross_attention_dim), &dev)
         .unwrap()
         .to_dtype(dtype)
@@ -99,15 +108,23 @@ fn main() {
             .unwrap();
         time(runs, || p.unet_forward(&x, 500.0, &ctx).unwrap())
     };
-    let unet256 = unet(256, 3);
-    let unet512 = unet(512, 2);
+    let unet256 = if want("unet256") { unet(256, 3) } else { nan };
+    let unet512 = if want("unet512") { unet(512, 2) } else { nan };
     let lat = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let vae = time(1, || p.vae_decode_raw(&lat).unwrap());
+    let vae = if want("vae") {
+        time(1, || p.vae_decode_raw(&lat).unwrap())
+    } else {
+        nan
+    };
     drop(p);
-    let (rss_mb, gen_wall) = whole_generation(&model, 2, sdgen::device::dtype_name(dtype));
+    let (rss_mb, gen_wall) = if want("generate") {
+        whole_generation(&model, 2, sdgen::device::dtype_name(dtype))
+    } else {
+        (nan, nan)
+    };
     println!(
         "{}",
         serde_json::json!({

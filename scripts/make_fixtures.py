@@ -9,6 +9,8 @@ Everything the Rust parity tests compare against comes from here:
   tests/fixtures/models/tiny2    SD 2.x-shaped: DDIM v-prediction ('leading', as diffusers writes it),
                                  gelu text encoder, pad token '!', linear projections,
                                  attention_head_dim list, 4-block VAE (factor 8), scaling 0.13025
+  tests/fixtures/single_file/    tiny/tiny2 in the original LDM single-file naming (.safetensors,
+                                 .ckpt), checked with diffusers' from_single_file; evil.ckpt
   tests/fixtures/reference/      torch randn draws, scheduler traces, token ids, text-encoder,
                                  U-Net and VAE outputs, and end-to-end images for every scheduler
 
@@ -484,6 +486,148 @@ def record_model(name, model_dir, ref_dir):
         json.dump(meta, f, indent=1)
 
 
+# ---- single-file checkpoints in the original LDM naming (what most fine-tunes ship) ----
+
+UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+               ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+
+
+def ldm_unet_key(k, layers, up_has_attn):
+    per = layers + 1
+    rr = lambda r: next((l + r[len(d):] for d, l in UNET_RESNET if r.startswith(d)), r)
+    fixed = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+             "time_embedding.linear_2.": "time_embed.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    for d, l in fixed.items():
+        if k.startswith(d):
+            return l + k[len(d):]
+    parts = k.split(".")
+    if parts[0] == "down_blocks":
+        b = int(parts[1])
+        if parts[2] == "resnets":
+            return f"input_blocks.{1 + b * per + int(parts[3])}.0." + rr(".".join(parts[4:]))
+        if parts[2] == "attentions":
+            return f"input_blocks.{1 + b * per + int(parts[3])}.1." + ".".join(parts[4:])
+        return f"input_blocks.{1 + b * per + layers}.0.op." + ".".join(parts[5:])
+    if parts[0] == "mid_block":
+        if parts[1] == "attentions":
+            return "middle_block.1." + ".".join(parts[3:])
+        return f"middle_block.{0 if parts[2] == '0' else 2}." + rr(".".join(parts[3:]))
+    if parts[0] == "up_blocks":
+        b = int(parts[1])
+        if parts[2] == "resnets":
+            return f"output_blocks.{b * per + int(parts[3])}.0." + rr(".".join(parts[4:]))
+        if parts[2] == "attentions":
+            return f"output_blocks.{b * per + int(parts[3])}.1." + ".".join(parts[4:])
+        slot = 2 if up_has_attn[b] else 1
+        return f"output_blocks.{b * per + layers}.{slot}.conv." + ".".join(parts[5:])
+    raise KeyError(k)
+
+
+def ldm_vae_key(k, n):
+    res = lambda r: r.replace("conv_shortcut.", "nin_shortcut.")
+    if k.startswith(("quant_conv.", "post_quant_conv.")):
+        return k
+    part, rest = k.split(".", 1)
+    if rest.startswith("mid_block."):
+        r = rest[len("mid_block."):]
+        if r.startswith("resnets.0."):
+            return f"{part}.mid.block_1." + res(r[len("resnets.0."):])
+        if r.startswith("resnets.1."):
+            return f"{part}.mid.block_2." + res(r[len("resnets.1."):])
+        r = r[len("attentions.0."):]
+        for d, l in [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]:
+            if r.startswith(d):
+                return f"{part}.mid.attn_1.{l}" + r[len(d):]
+    if rest.startswith("conv_norm_out."):
+        return f"{part}.norm_out." + rest[len("conv_norm_out."):]
+    if rest.startswith(("conv_in.", "conv_out.")):
+        return k
+    p = rest.split(".")
+    if p[0] == "down_blocks":
+        if p[2] == "resnets":
+            return f"encoder.down.{p[1]}.block.{p[3]}." + res(".".join(p[4:]))
+        return f"encoder.down.{p[1]}.downsample.conv." + ".".join(p[5:])
+    kk = n - 1 - int(p[1])
+    if p[2] == "resnets":
+        return f"decoder.up.{kk}.block.{p[3]}." + res(".".join(p[4:]))
+    return f"decoder.up.{kk}.upsample.conv." + ".".join(p[5:])
+
+
+def to_ldm_state_dict(pipe):
+    """The pipeline's weights under the original LDM key names (fp16 as stored)."""
+    sd = {}
+    unet = pipe.unet
+    layers = unet.config.layers_per_block
+    up_has_attn = [t == "CrossAttnUpBlock2D" for t in unet.config.up_block_types]
+    for k, v in unet.state_dict().items():
+        sd["model.diffusion_model." + ldm_unet_key(k, layers, up_has_attn)] = v
+    n = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        lk = ldm_vae_key(k, n)
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.dim() == 2:
+            v = v[:, :, None, None]  # LDM keeps these as 1x1 convolutions
+        sd["first_stage_model." + lk] = v
+    text = pipe.text_encoder.state_dict()
+    if pipe.text_encoder.config.hidden_act == "quick_gelu":
+        for k, v in text.items():
+            sd["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
+    else:  # SD 2.x: OpenCLIP layout
+        p = "cond_stage_model.model."
+        d = pipe.text_encoder.config.hidden_size
+        t = {k.removeprefix("text_model."): v for k, v in text.items()}
+        sd[p + "token_embedding.weight"] = t["embeddings.token_embedding.weight"]
+        sd[p + "positional_embedding"] = t["embeddings.position_embedding.weight"]
+        sd[p + "ln_final.weight"] = t["final_layer_norm.weight"]
+        sd[p + "ln_final.bias"] = t["final_layer_norm.bias"]
+        sd[p + "text_projection"] = torch.eye(d, dtype=t["final_layer_norm.weight"].dtype)
+        for i in range(pipe.text_encoder.config.num_hidden_layers):
+            b, l = f"{p}transformer.resblocks.{i}.", f"encoder.layers.{i}."
+            for w in ["weight", "bias"]:
+                sd[b + f"attn.in_proj_{w}"] = torch.cat([t[l + f"self_attn.{q}_proj.{w}"] for q in "qkv"])
+                sd[b + f"attn.out_proj.{w}"] = t[l + f"self_attn.out_proj.{w}"]
+                sd[b + f"ln_1.{w}"] = t[l + f"layer_norm1.{w}"]
+                sd[b + f"ln_2.{w}"] = t[l + f"layer_norm2.{w}"]
+                sd[b + f"mlp.c_fc.{w}"] = t[l + f"mlp.fc1.{w}"]
+                sd[b + f"mlp.c_proj.{w}"] = t[l + f"mlp.fc2.{w}"]
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+class _Evil:
+    """A pickle that asks for os.system when loaded by Python: sdgen must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo sdgen-fixture-should-never-run > /tmp/sdgen-pwned",))
+
+
+def record_single_files(out):
+    """tiny as .safetensors and .ckpt, tiny2 (OpenCLIP text encoder) as .safetensors, each
+    checked with diffusers' own from_single_file against the diffusers folder; and a .ckpt
+    whose pickle calls os.system."""
+    sf_dir = os.path.join(out, "single_file")
+    os.makedirs(sf_dir, exist_ok=True)
+    targets = [("tiny", ["safetensors", "ckpt"]), ("tiny2", ["safetensors"])]
+    for name, kinds in targets:
+        model_dir = os.path.join(out, "models", name)
+        half = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float16, safety_checker=None)
+        sd = to_ldm_state_dict(half)
+        for kind in kinds:
+            path = os.path.join(sf_dir, f"{name}.{kind}")
+            if kind == "safetensors":
+                save_file(sd, path)
+            else:
+                torch.save({"state_dict": sd, "global_step": 142, "epoch": 0}, path)
+            ref = load_pipe(model_dir)
+            single = StableDiffusionPipeline.from_single_file(path, config=model_dir, torch_dtype=torch.float32, safety_checker=None)
+            for comp in ["unet", "vae", "text_encoder"]:
+                a, b = getattr(ref, comp).state_dict(), getattr(single, comp).state_dict()
+                for k in a:
+                    if k.endswith("position_ids"):
+                        continue
+                    assert torch.equal(a[k], b[k].reshape(a[k].shape)), f"{name}.{kind}: {comp} {k} differs"
+            print(f"{path}: diffusers' from_single_file gives the folder's weights")
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, os.path.join(sf_dir, "evil.ckpt"))
+
+
 def full_size(out_dir):
     """A full-size SD 1.5 architecture with random weights, for benchmarks (never committed)."""
     torch.manual_seed(0)
@@ -554,6 +698,7 @@ def main():
     for name, spec in MODELS.items():
         model_dir = build_model(name, spec, out)
         record_model(name, model_dir, ref)
+    record_single_files(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

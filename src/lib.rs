@@ -9,6 +9,7 @@ pub mod config;
 pub mod device;
 pub mod hub;
 pub mod interrupt;
+pub mod kernels;
 pub mod model_source;
 pub mod models;
 pub mod output;

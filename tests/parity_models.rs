@@ -92,19 +92,22 @@ fn vae_four_blocks() {
 }
 
 #[test]
-fn chunked_attention_matches_plain_attention() {
-    // Long enough (2 x 2 x 4096 x 4096 scores) to take the chunked path.
+fn fused_attention_matches_plain_attention() {
     let dev = Device::Cpu;
-    let q = Tensor::randn(0f32, 1.0, (2, 2, 4096, 8), &dev).unwrap();
-    let k = Tensor::randn(0f32, 1.0, (2, 2, 4096, 8), &dev).unwrap();
-    let v = Tensor::randn(0f32, 1.0, (2, 2, 4096, 8), &dev).unwrap();
-    let got = sdgen::models::attention::scaled_dot_product_attention(&q, &k, &v).unwrap();
-    let scores = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / 8f64.sqrt())).unwrap();
-    let want = candle_nn::ops::softmax_last_dim(&scores)
-        .unwrap()
-        .matmul(&v)
-        .unwrap();
-    assert_close("chunked attention", &got, &want, 1e-6);
+    // self-attention at 64x64 latents, an odd token count, and cross-attention over 77 tokens
+    for (bh, tq, tk, d) in [(2, 4096, 4096, 40), (3, 81, 81, 8), (4, 256, 77, 16)] {
+        let q = Tensor::randn(0f32, 1.0, (1, bh, tq, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev).unwrap();
+        let got = sdgen::kernels::fused_attention(&q, &k, &v).unwrap();
+        let want = sdgen::models::attention::plain_attention(&q, &k, &v).unwrap();
+        assert_close(
+            &format!("fused attention {bh}x{tq}x{tk}x{d}"),
+            &got,
+            &want,
+            1e-5,
+        );
+    }
 }
 
 #[test]

@@ -5,13 +5,8 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, VarBuilder};
-
-/// Query/key length product above which attention is computed in chunks of queries, so that
-/// the full score matrix (8 heads x 4096 x 4096 floats per image at 512x512) is never
-/// materialised at once. Chunking does not change the arithmetic of any single row.
-const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// `Attention` with `AttnProcessor2_0` semantics: softmax(q k^T / sqrt(d)) v.
 pub struct Attention {
@@ -64,30 +59,28 @@ impl Attention {
     }
 }
 
-/// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors, in query chunks when the
-/// score matrix would be large.
+/// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors: the fused CPU kernel for
+/// f32 (see `kernels`), else the plain composition of candle ops.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (_, _, tq, d) = q.dims4()?;
-    let tk = k.dim(2)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let kt = k.t()?.contiguous()?;
-    let attend = |q: &Tensor| -> Result<Tensor> {
-        let scores = (q.matmul(&kt)? * scale)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
-    };
-    let (b, h) = (q.dim(0)?, q.dim(1)?);
-    if b * h * tq * tk <= ATTENTION_CHUNK_ELEMENTS {
-        return attend(q);
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        return crate::kernels::fused_attention(q, k, v);
     }
-    let rows = (ATTENTION_CHUNK_ELEMENTS / (b * h * tk)).max(1);
-    let mut outs = Vec::with_capacity(tq.div_ceil(rows));
-    let mut start = 0;
-    while start < tq {
-        let len = rows.min(tq - start);
-        outs.push(attend(&q.narrow(2, start, len)?.contiguous()?)?);
-        start += len;
-    }
-    Tensor::cat(&outs, 2)
+    plain_attention(q, k, v)
+}
+
+/// The reference composition: matmul, scale, softmax, matmul (scores in f32).
+pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let in_dtype = q.dtype();
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
+    let d = q.dim(3)?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .matmul(&v)?
+        .to_dtype(in_dtype)
 }
 
 /// `FeedForward` with `activation_fn="geglu"`: net.0 = GEGLU(dim, 4 dim), net.2 = Linear.
