@@ -9,6 +9,7 @@ use crate::single_file::Checkpoint;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use std::path::Path;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -93,10 +94,24 @@ impl Pipeline {
                 )
             }
         };
-        let text_encoder = ClipTextModel::new(text_vb, &clip_config)
-            .context("loading the text encoder weights")?;
-        let unet = UNet2DConditionModel::new(unet_vb, &unet_config)?;
-        let vae = Vae::new(vae_vb, &vae_config)?;
+        let build = || -> Result<(ClipTextModel, UNet2DConditionModel, Vae)> {
+            Ok((
+                ClipTextModel::new(text_vb, &clip_config)
+                    .context("loading the text encoder weights")?,
+                UNet2DConditionModel::new(unet_vb, &unet_config)?,
+                Vae::new(vae_vb, &vae_config)?,
+            ))
+        };
+        let (text_encoder, unet, vae) = match (build(), &files.weights) {
+            (Err(e), Weights::SingleFile(_)) => {
+                let configs = files.model_index.parent().unwrap_or(Path::new("."));
+                return Err(e.context(format!(
+                    "the checkpoint does not fit the configs in {} (pass --config-from with the model's diffusers configs)",
+                    configs.display()
+                )));
+            }
+            (r, _) => r?,
+        };
         let class = scheduler_config
             .class_name()
             .map(str::to_string)

@@ -317,8 +317,7 @@ impl SimpleBackend for Renamed {
                 msg: format!("shape mismatch for {name}"),
                 expected: s,
                 got: t.shape().clone(),
-            }
-            .bt());
+            });
         }
         Ok(t)
     }
