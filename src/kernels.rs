@@ -30,22 +30,46 @@ fn exp_approx(x: f32) -> f32 {
     y = y * x + 1.666_666_5e-1;
     y = y * x + 5.000_000_1e-1;
     y = y * z + x + 1.0;
-    let pow2n = f32::from_bits(((fx as i32 + 127) as u32) << 23);
+    // fx is integral and within [-126, 128] after the clamp: the bit trick builds 2^fx
+    // SAFETY: fx is integral and within [-126, 128] after the clamp.
+    let bits = ((unsafe { fx.to_int_unchecked::<i32>() } + 127) as u32) << 23;
+    let pow2n = f32::from_bits(bits);
     y * pow2n
 }
 
-/// In place: row <- exp((row - max) * scale); returns the row's sum.
+/// In place: row <- exp((row - max) * scale); returns the row's sum. The reductions use 16
+/// independent lanes so that they vectorise (a single running sum would serialise them).
 #[inline(always)]
 fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let shift = max * scale;
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        let e = exp_approx(*v * scale - shift);
-        *v = e;
-        sum += e;
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    let chunks = row.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
     }
-    sum
+    let mut max = m
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    for &v in tail {
+        max = if v > max { v } else { max };
+    }
+    let shift = max * scale;
+    for v in row.iter_mut() {
+        *v = exp_approx(*v * scale - shift);
+    }
+    let mut acc = [0f32; L];
+    let chunks = row.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -205,4 +229,278 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst:e}");
         assert_eq!(exp_approx(-1000.0) < 1e-37, true);
     }
+}
+
+/// A raw output pointer shared by workers that write disjoint regions.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every worker writes a region no other worker touches.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Convolution geometry (groups = 1, dilation = 1).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeometry {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+struct Conv2d {
+    g: ConvGeometry,
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "sdgen-conv2d"
+    }
+
+    /// x (b, cin, h, w), weight (cout, cin, kh, kw), bias (cout): blocks of output pixels are
+    /// unfolded into a cache-sized patch matrix and multiplied by the weights with `gemm`,
+    /// straight into the NCHW output (candle unfolds the whole image first, multiplies, then
+    /// transposes the result into place).
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (xs, ws, bs) else {
+            candle_core::bail!("conv2d kernel: f32 only");
+        };
+        let (b, cin, h, wd) = xl.shape().dims4()?;
+        let (cout, _, kh, kw) = wl.shape().dims4()?;
+        let (x, w, bias) = match (
+            xl.contiguous_offsets(),
+            wl.contiguous_offsets(),
+            bl.contiguous_offsets(),
+        ) {
+            (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) => {
+                (&x[a0..a1], &w[b0..b1], &bias[c0..c1])
+            }
+            _ => candle_core::bail!("conv2d kernel: inputs must be contiguous"),
+        };
+        let ConvGeometry { stride, padding } = self.g;
+        let ho = (h + 2 * padding - kh) / stride + 1;
+        let wo = (wd + 2 * padding - kw) / stride + 1;
+        let p = ho * wo;
+        let k = cin * kh * kw;
+        // about 1 MiB of patches per block, at least 32 pixels
+        let pb = ((1usize << 20) / k).clamp(64, 2048).min(p);
+        let blocks = p.div_ceil(pb);
+        let mut out = vec![0f32; b * cout * p];
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..b * blocks).into_par_iter().for_each_init(
+            || vec![0f32; pb * k],
+            |patches, task| {
+                let dst = dst;
+                let (bi, blk) = (task / blocks, task % blocks);
+                let p0 = blk * pb;
+                let n = pb.min(p - p0);
+                let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
+                // patches: k rows (cin, ky, kx) x n columns (pixels p0..p0+n); each row is
+                // filled one output-row segment at a time, a shifted copy of an input row
+                for (kk, row) in patches[..k * n].chunks_mut(n).enumerate() {
+                    let (c, ky, kx) = (kk / (kh * kw), (kk / kw) % kh, kk % kw);
+                    let plane = &xb[c * h * wd..(c + 1) * h * wd];
+                    let mut idx = 0;
+                    while idx < n {
+                        let (oy, ox0) = ((p0 + idx) / wo, (p0 + idx) % wo);
+                        let seg = (wo - ox0).min(n - idx);
+                        let out_seg = &mut row[idx..idx + seg];
+                        let iy = (oy * stride + ky) as isize - padding as isize;
+                        if iy < 0 || iy as usize >= h {
+                            out_seg.fill(0.0);
+                        } else {
+                            let in_row = &plane[iy as usize * wd..(iy as usize + 1) * wd];
+                            for (j, o) in out_seg.iter_mut().enumerate() {
+                                let ix = ((ox0 + j) * stride + kx) as isize - padding as isize;
+                                *o = if ix >= 0 && (ix as usize) < wd {
+                                    in_row[ix as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                        idx += seg;
+                    }
+                }
+                // SAFETY: this task owns out[bi, :, p0..p0+n]; all strides match the shapes.
+                unsafe {
+                    let base = dst.0.add(bi * cout * p + p0);
+                    for co in 0..cout {
+                        let o = std::slice::from_raw_parts_mut(base.add(co * p), n);
+                        o.fill(bias[co]);
+                    }
+                    // out (cout x n, row stride p) += w (cout x k) @ patches (k x n)
+                    gemm::gemm(
+                        cout,
+                        n,
+                        k,
+                        base,
+                        1,
+                        p as isize,
+                        true,
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        patches.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
+    }
+}
+
+/// 2-D convolution (groups 1, dilation 1) of f32 CPU tensors with the blocked kernel.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2d { g })
+}
+
+/// Sum and sum of squares of a slice with independent lanes (vectorisable), in f64 at the end.
+#[inline(always)]
+fn sum_and_squares(x: &[f32]) -> (f64, f64) {
+    const L: usize = 16;
+    let mut s = [0f32; L];
+    let mut q = [0f32; L];
+    let chunks = x.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            s[i] += c[i];
+            q[i] += c[i] * c[i];
+        }
+    }
+    let mut sum: f64 = s.iter().map(|&v| v as f64).sum();
+    let mut sq: f64 = q.iter().map(|&v| v as f64).sum();
+    for &v in tail {
+        sum += v as f64;
+        sq += (v as f64) * (v as f64);
+    }
+    (sum, sq)
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_approx(-x))
+}
+
+/// GroupNorm over (b, c, h, w) f32, optionally followed by SiLU, one pass for the statistics
+/// and one for the output (candle composes it from a dozen broadcast ops).
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+#[inline(always)]
+fn normalize_body(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
+    if act {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = silu(v * a + b);
+        }
+    } else {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = v * a + b;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn normalize_avx2(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
+    normalize_body(src, dst, a, b, act)
+}
+
+fn normalize(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        return unsafe { normalize_avx2(src, dst, a, b, act) };
+    }
+    normalize_body(src, dst, a, b, act)
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "sdgen-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (xs, ws, bs) else {
+            candle_core::bail!("group norm kernel: f32 only");
+        };
+        let dims = xl.shape().dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let (x, w, bias) = match (
+            xl.contiguous_offsets(),
+            wl.contiguous_offsets(),
+            bl.contiguous_offsets(),
+        ) {
+            (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) => {
+                (&x[a0..a1], &w[b0..b1], &bias[c0..c1])
+            }
+            _ => candle_core::bail!("group norm kernel: inputs must be contiguous"),
+        };
+        let g = self.groups;
+        let cpg = c / g;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cpg * hw).enumerate().for_each(|(i, o)| {
+            let gi = i % g;
+            let src = &x[i * cpg * hw..(i + 1) * cpg * hw];
+            let (sum, sq) = sum_and_squares(src);
+            let n = src.len() as f64;
+            let mean = sum / n;
+            let var = (sq / n - mean * mean).max(0.0);
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            for ch in 0..cpg {
+                let cc = gi * cpg + ch;
+                let a = (w[cc] as f64 * rstd) as f32;
+                let bb = (bias[cc] as f64 - mean * rstd * w[cc] as f64) as f32;
+                normalize(
+                    &src[ch * hw..(ch + 1) * hw],
+                    &mut o[ch * hw..(ch + 1) * hw],
+                    a,
+                    bb,
+                    self.silu,
+                );
+            }
+        });
+        let _ = b;
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// GroupNorm (+ SiLU when `silu`) of an f32 CPU tensor (b, c, ...).
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op3_no_bwd(weight, bias, &GroupNormOp { groups, eps, silu })
 }

@@ -5,8 +5,9 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
+use super::layers::{Conv2d, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, VarBuilder};
+use candle_nn::{layer_norm, linear, linear_no_bias, VarBuilder};
 
 /// `Attention` with `AttnProcessor2_0` semantics: softmax(q k^T / sqrt(d)) v.
 pub struct Attention {
@@ -146,13 +147,13 @@ impl BasicTransformerBlock {
 }
 
 enum Projection {
-    Conv(candle_nn::Conv2d),
+    Conv(Conv2d),
     Linear(candle_nn::Linear),
 }
 
 /// `Transformer2DModel` for continuous (latent image) input.
 pub struct Transformer2DModel {
-    norm: candle_nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
@@ -171,12 +172,12 @@ pub struct Transformer2DConfig {
 impl Transformer2DModel {
     pub fn new(vb: VarBuilder, c: &Transformer2DConfig) -> Result<Self> {
         let inner = c.heads * c.dim_head;
-        let norm = group_norm(c.norm_num_groups, c.in_channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(vb.pp("norm"), c.norm_num_groups, c.in_channels, 1e-6)?;
         let projection = |from: usize, to: usize, name: &str| -> Result<Projection> {
             Ok(if c.use_linear_projection {
                 Projection::Linear(linear(from, to, vb.pp(name))?)
             } else {
-                Projection::Conv(conv2d(from, to, 1, Conv2dConfig::default(), vb.pp(name))?)
+                Projection::Conv(Conv2d::new(vb.pp(name), from, to, 1, 1, 0)?)
             })
         };
         let transformer_blocks = (0..c.num_layers)

@@ -6,19 +6,14 @@
 //! few known checkpoints, and its attention blocks use an approximate GELU (see attention.rs).
 
 use super::attention::{Transformer2DConfig, Transformer2DModel};
+use super::layers::{Conv2d, GroupNorm, ResnetBlock2D};
 use crate::config::{UNetBlock, UNetConfig};
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2dConfig, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_nn::{linear, VarBuilder};
 
-fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<candle_nn::Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, 3, cfg, vb)
+fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<Conv2d> {
+    Conv2d::new(vb, cin, cout, 3, stride, 1)
 }
 
 /// `get_timestep_embedding` followed by `TimestepEmbedding` (linear_1, SiLU, linear_2).
@@ -67,7 +62,7 @@ struct CrossAttnBlock {
     resnets: Vec<ResnetBlock2D>,
     /// Empty for a DownBlock2D / UpBlock2D.
     attentions: Vec<Transformer2DModel>,
-    sampler: Option<candle_nn::Conv2d>,
+    sampler: Option<Conv2d>,
 }
 
 /// `ResnetBlock2D` settings shared by every U-Net block.
@@ -79,16 +74,15 @@ fn resnet(
     temb: usize,
     scale: f64,
 ) -> Result<ResnetBlock2D> {
-    let cfg = ResnetBlock2DConfig {
-        out_channels: Some(cout),
-        temb_channels: Some(temb),
-        groups: c.norm_num_groups,
-        groups_out: None,
-        eps: c.norm_eps,
-        use_in_shortcut: None,
-        output_scale_factor: scale,
-    };
-    ResnetBlock2D::new(vb, cin, cfg)
+    ResnetBlock2D::new(
+        vb,
+        cin,
+        cout,
+        Some(temb),
+        c.norm_num_groups,
+        c.norm_eps,
+        scale,
+    )
 }
 
 fn transformer(
@@ -113,14 +107,14 @@ fn transformer(
 }
 
 pub struct UNet2DConditionModel {
-    conv_in: candle_nn::Conv2d,
+    conv_in: Conv2d,
     time_embedding: TimeEmbedding,
     down_blocks: Vec<CrossAttnBlock>,
     mid_resnets: Vec<ResnetBlock2D>,
     mid_attentions: Vec<Transformer2DModel>,
     up_blocks: Vec<CrossAttnBlock>,
-    conv_norm_out: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     center_input_sample: bool,
     pub in_channels: usize,
 }
@@ -177,17 +171,13 @@ impl UNet2DConditionModel {
                 }
             }
             let sampler = if i + 1 < n {
-                let cfg = Conv2dConfig {
-                    padding: c.downsample_padding,
-                    stride: 2,
-                    ..Default::default()
-                };
-                Some(conv2d(
+                Some(Conv2d::new(
+                    vb.pp("downsamplers.0.conv"),
                     output_channel,
                     output_channel,
                     3,
-                    cfg,
-                    vb.pp("downsamplers.0.conv"),
+                    2,
+                    c.downsample_padding,
                 )?)
             } else {
                 None
@@ -280,7 +270,12 @@ impl UNet2DConditionModel {
             mid_resnets,
             mid_attentions,
             up_blocks,
-            conv_norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(
+                vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                ch0,
+                c.norm_eps,
+            )?,
             conv_out: conv3x3(vb.pp("conv_out"), ch0, c.out_channels, 1)?,
             center_input_sample: c.center_input_sample,
             in_channels: c.in_channels,
@@ -346,7 +341,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, true)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -1,0 +1,150 @@
+//! The building blocks of the U-Net and the VAE decoder with diffusers' parameter names:
+//! convolution and GroupNorm that use sdgen's CPU kernels for f32 on the CPU (see `kernels`)
+//! and candle's ops elsewhere, and `ResnetBlock2D`.
+
+use crate::kernels::{self, ConvGeometry};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `nn.Conv2d` (groups 1, dilation 1, with bias).
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    geometry: ConvGeometry,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((cout, cin, kernel, kernel), "weight")?,
+            bias: vb.get(cout, "bias")?,
+            geometry: ConvGeometry { stride, padding },
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_path(x) {
+            return kernels::conv2d(x, &self.weight, &self.bias, self.geometry);
+        }
+        let g = self.geometry;
+        let y = x.conv2d(&self.weight, g.padding, g.stride, 1, 1)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// `nn.GroupNorm` with affine parameters, optionally fused with the SiLU that follows it.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if fast_path(x) {
+            return kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu);
+        }
+        let c = x.dim(1)?;
+        let gn = candle_nn::GroupNorm::new(
+            self.weight.clone(),
+            self.bias.clone(),
+            c,
+            self.groups,
+            self.eps,
+        )?;
+        let y = gn.forward(x)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (time-embedding shift, "default" scale-shift, SiLU).
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<candle_nn::Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
+            conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: temb_channels
+                .map(|t| candle_nn::linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, eps)?,
+            conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: (cin != cout)
+                .then(|| Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0))
+                .transpose()?,
+            output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward_act(x, true)?)?;
+        let h = match (temb, &self.time_emb_proj) {
+            (Some(t), Some(p)) => {
+                let t = p.forward(&candle_nn::ops::silu(t)?)?;
+                h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, true)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
