@@ -88,6 +88,7 @@ fn main() {
     let t = Instant::now();
     let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
     let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
+    p.preload().unwrap();
     let load = t.elapsed().as_secs_f64();
     let parts = std::env::var("SDGEN_BENCH_PARTS").unwrap_or_default();
     let want = |part: &str| parts.is_empty() || parts.split(',').any(|p| p == part);

@@ -7,7 +7,7 @@ use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
 use crate::model_source::{self, offline_from_env, ModelRequest, Precision};
 use crate::output::{self, NameFields};
-use crate::pipeline::{GeneratedImage, Pipeline, Request};
+use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -259,6 +259,12 @@ pub fn run(args: Args) -> Result<i32> {
         s
     });
     let mut pipeline = Pipeline::load(files, device, dtype)?;
+    if batch_mode {
+        // many prompts: load once, keep everything, find bad weights before any work
+        pipeline.preload()?;
+    } else {
+        pipeline.residency = Residency::Sequential;
+    }
     if let Some(s) = spinner {
         s.finish_and_clear();
     }

@@ -9,7 +9,10 @@ use crate::single_file::Checkpoint;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::cell::RefCell;
 use std::path::Path;
+use std::rc::Rc;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -45,14 +48,27 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
 }
 
+/// When the model's components are loaded and dropped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Residency {
+    /// Each component stays loaded once used: batches load the model once for many images.
+    KeepAll,
+    /// Load each component when first needed and drop it when the run is done with it (the
+    /// text encoder after encoding, the U-Net before the last VAE decode): the lowest peak
+    /// memory for a single run.
+    Sequential,
+}
+
 pub struct Pipeline {
     pub files: ModelFiles,
     pub device: Device,
     pub dtype: DType,
+    pub residency: Residency,
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
-    vae: Vae,
+    clip_config: ClipTextConfig,
+    text_encoder: RefCell<Option<Rc<ClipTextModel>>>,
+    unet: RefCell<Option<Rc<UNet2DConditionModel>>>,
+    vae: RefCell<Option<Rc<Vae>>>,
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
@@ -75,43 +91,6 @@ impl Pipeline {
             );
         }
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
-        let (text_vb, unet_vb, vae_vb) = match &files.weights {
-            Weights::Diffusers {
-                text_encoder,
-                unet,
-                vae,
-            } => (
-                var_builder(text_encoder, dtype, &device)?,
-                var_builder(unet, dtype, &device)?,
-                var_builder(vae, dtype, &device)?,
-            ),
-            Weights::SingleFile(path) => {
-                let ckpt = Checkpoint::open(path)?;
-                (
-                    ckpt.text_encoder(&clip_config, dtype, &device)?,
-                    ckpt.unet(&unet_config, dtype, &device)?,
-                    ckpt.vae(&vae_config, dtype, &device)?,
-                )
-            }
-        };
-        let build = || -> Result<(ClipTextModel, UNet2DConditionModel, Vae)> {
-            Ok((
-                ClipTextModel::new(text_vb, &clip_config)
-                    .context("loading the text encoder weights")?,
-                UNet2DConditionModel::new(unet_vb, &unet_config)?,
-                Vae::new(vae_vb, &vae_config)?,
-            ))
-        };
-        let (text_encoder, unet, vae) = match (build(), &files.weights) {
-            (Err(e), Weights::SingleFile(_)) => {
-                let configs = files.model_index.parent().unwrap_or(Path::new("."));
-                return Err(e.context(format!(
-                    "the checkpoint does not fit the configs in {} (pass --config-from with the model's diffusers configs)",
-                    configs.display()
-                )));
-            }
-            (r, _) => r?,
-        };
         let class = scheduler_config
             .class_name()
             .map(str::to_string)
@@ -121,15 +100,101 @@ impl Pipeline {
             files,
             device,
             dtype,
+            residency: Residency::KeepAll,
             tokenizer,
-            text_encoder,
-            unet,
-            vae,
+            clip_config,
+            text_encoder: RefCell::new(None),
+            unet: RefCell::new(None),
+            vae: RefCell::new(None),
             unet_config,
             vae_config,
             scheduler_config,
             default_scheduler,
         })
+    }
+
+    /// Loads every component now (to find bad weights before any work).
+    pub fn preload(&self) -> Result<()> {
+        self.text_encoder()?;
+        self.unet()?;
+        self.vae()?;
+        Ok(())
+    }
+
+    fn var_builder_for(&self, component: &str) -> Result<VarBuilder<'static>> {
+        let (dtype, device) = (self.dtype, &self.device);
+        match &self.files.weights {
+            Weights::Diffusers {
+                text_encoder,
+                unet,
+                vae,
+            } => {
+                let path = match component {
+                    "text_encoder" => text_encoder,
+                    "unet" => unet,
+                    _ => vae,
+                };
+                var_builder(path, dtype, device)
+            }
+            Weights::SingleFile(path) => {
+                let ckpt = Checkpoint::open(path)?;
+                match component {
+                    "text_encoder" => ckpt.text_encoder(&self.clip_config, dtype, device),
+                    "unet" => ckpt.unet(&self.unet_config, dtype, device),
+                    _ => ckpt.vae(&self.vae_config, dtype, device),
+                }
+            }
+        }
+    }
+
+    /// Builds a component, explaining a single-file checkpoint that does not fit its configs.
+    fn build<T>(
+        &self,
+        component: &str,
+        f: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+    ) -> Result<Rc<T>> {
+        let r = self.var_builder_for(component).and_then(f);
+        match (r, &self.files.weights) {
+            (Err(e), Weights::SingleFile(_)) => {
+                let configs = self.files.model_index.parent().unwrap_or(Path::new("."));
+                Err(e.context(format!(
+                    "the checkpoint does not fit the configs in {} (pass --config-from with the model's diffusers configs)",
+                    configs.display()
+                )))
+            }
+            (r, _) => r.map(Rc::new),
+        }
+    }
+
+    fn text_encoder(&self) -> Result<Rc<ClipTextModel>> {
+        if let Some(m) = self.text_encoder.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let m = self.build("text_encoder", |vb| {
+            ClipTextModel::new(vb, &self.clip_config).context("loading the text encoder weights")
+        })?;
+        *self.text_encoder.borrow_mut() = Some(m.clone());
+        Ok(m)
+    }
+
+    fn unet(&self) -> Result<Rc<UNet2DConditionModel>> {
+        if let Some(m) = self.unet.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let m = self.build("unet", |vb| {
+            UNet2DConditionModel::new(vb, &self.unet_config)
+        })?;
+        *self.unet.borrow_mut() = Some(m.clone());
+        Ok(m)
+    }
+
+    fn vae(&self) -> Result<Rc<Vae>> {
+        if let Some(m) = self.vae.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let m = self.build("vae", |vb| Vae::new(vb, &self.vae_config))?;
+        *self.vae.borrow_mut() = Some(m.clone());
+        Ok(m)
     }
 
     pub fn vae_scale_factor(&self) -> usize {
@@ -175,15 +240,15 @@ impl Pipeline {
     pub fn encode_text(&self, prompt: &str) -> Result<Tensor> {
         let (ids, _) = self.tokenize(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        Ok(self.text_encoder()?.forward(&ids)?)
     }
 
     pub fn unet_forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        Ok(self.unet.forward(sample, timestep, context)?)
+        Ok(self.unet()?.forward(sample, timestep, context)?)
     }
 
     pub fn vae_decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode_raw(latents)
+        self.vae()?.decode_raw(latents)
     }
 
     /// The initial latents of images `first..first+n` (one generator each), drawn on the host.
@@ -225,6 +290,9 @@ impl Pipeline {
         } else {
             None
         };
+        if self.residency == Residency::Sequential {
+            *self.text_encoder.borrow_mut() = None;
+        }
         let n_images = r.num_images();
         let total_steps = {
             let (_, s) =
@@ -239,8 +307,12 @@ impl Pipeline {
                 done += 1;
                 on_step(done, total_steps);
             })?;
+            if self.residency == Residency::Sequential && first + n >= n_images {
+                *self.unet.borrow_mut() = None;
+            }
+            let vae = self.vae()?;
             for i in 0..n {
-                let image = self.vae.decode(&latents.narrow(0, i, 1)?)?;
+                let image = vae.decode(&latents.narrow(0, i, 1)?)?;
                 on_image(GeneratedImage {
                     seed: r.seeds[first + i],
                     width: r.width,
@@ -283,6 +355,7 @@ impl Pipeline {
             None => cond,
         };
         let timesteps = scheduler.timesteps().to_vec();
+        let unet = self.unet()?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if uncond.is_some() {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -290,7 +363,7 @@ impl Pipeline {
                 latents.clone()
             };
             let model_input = scheduler.scale_model_input(&model_input, i)?;
-            let noise_pred = self.unet.forward(&model_input, t, &context)?;
+            let noise_pred = unet.forward(&model_input, t, &context)?;
             let noise_pred = if uncond.is_some() {
                 let u = noise_pred.narrow(0, 0, n)?;
                 let c = noise_pred.narrow(0, n, n)?;

@@ -11,7 +11,6 @@
 use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::pickle::{Object, PthTensors, Stack};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -152,14 +151,13 @@ impl Checkpoint {
             let keys = t.tensor_infos().keys().cloned().collect();
             (Arc::new(t), keys)
         } else {
-            // SAFETY: read-only mapping of a file sdgen does not modify.
-            let t = unsafe { MmapedSafetensors::new(path) }.with_context(|| {
+            let t = crate::models::SafetensorsReader::open(path).with_context(|| {
                 format!(
                     "cannot read {} (corrupt or incomplete file?)",
                     path.display()
                 )
             })?;
-            let keys = t.tensors().into_iter().map(|(k, _)| k).collect();
+            let keys = t.names().cloned().collect();
             (Arc::new(t), keys)
         };
         let family = detect_family(&keys).with_context(|| format!("{}", path.display()))?;

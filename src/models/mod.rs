@@ -6,21 +6,149 @@ pub mod layers;
 pub mod unet;
 pub mod vae;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// A `VarBuilder` over one weight file: safetensors (memory-mapped) or a PyTorch `.bin`, which
-/// candle reads with a pickle reader that only rebuilds tensors and never runs code.
+/// A safetensors file read tensor by tensor with positioned reads.
+///
+/// candle's memory-mapped reader keeps the whole file mapped while it copies each tensor out,
+/// so loading the 3.4 GB SD 1.5 U-Net briefly needs twice that in resident memory; reading
+/// each tensor into its own buffer needs the weights once.
+pub struct SafetensorsReader {
+    file: std::fs::File,
+    data_start: u64,
+    tensors: HashMap<String, (DType, Vec<usize>, u64, u64)>,
+}
+
+impl SafetensorsReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)
+            .context("not a safetensors file (too short)")?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > 100_000_000 || 8 + header_len > len {
+            bail!("not a safetensors file (bad header length)");
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).context("not a safetensors file (bad header)")?;
+        let data_start = 8 + header_len;
+        let mut tensors = HashMap::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = match info["dtype"].as_str().unwrap_or("") {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                "F64" => DType::F64,
+                "I64" => DType::I64,
+                "U32" => DType::U32,
+                "U8" => DType::U8,
+                // tensors of other types (e.g. int32 buffers) are never requested
+                _ => continue,
+            };
+            let shape: Vec<usize> = info["shape"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_u64())
+                        .map(|d| d as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let offsets = info["data_offsets"]
+                .as_array()
+                .context("bad tensor entry")?;
+            let (start, end) = (
+                offsets[0].as_u64().unwrap_or(0),
+                offsets[1].as_u64().unwrap_or(0),
+            );
+            let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
+            if end < start || (end - start) as usize != want {
+                bail!("tensor {name}: its byte range does not match its shape");
+            }
+            if data_start + end > len {
+                bail!(
+                    "the file is truncated ({len} bytes, tensor {name} ends at {})",
+                    data_start + end
+                );
+            }
+            tensors.insert(name, (dtype, shape, start, end));
+        }
+        Ok(Self {
+            file,
+            data_start,
+            tensors,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    fn read(&self, name: &str) -> candle_core::Result<Tensor> {
+        let (dtype, shape, start, end) =
+            self.tensors
+                .get(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.file.read_exact_at(&mut buf, self.data_start + start)?;
+        Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)
+    }
+}
+
+impl SimpleBackend for SafetensorsReader {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// A `VarBuilder` over one weight file: safetensors (read tensor by tensor) or a PyTorch
+/// `.bin`, which candle reads with a pickle reader that only rebuilds tensors and never runs
+/// code.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
     let vb = if is_safetensors {
-        // SAFETY: the file is mapped read-only; sdgen never writes model files while they are
-        // mapped, and a file truncated under us is a fault candle cannot guard against either.
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        SafetensorsReader::open(path)
+            .map(|r| VarBuilder::from_backend(Box::new(r), dtype, device.clone()))
     } else {
-        VarBuilder::from_pth(path, dtype, device)
+        VarBuilder::from_pth(path, dtype, device).map_err(anyhow::Error::from)
     };
     vb.with_context(|| {
         format!(
