@@ -104,9 +104,48 @@ impl SafetensorsReader {
                 .ok_or_else(|| candle_core::Error::CannotFindTensor {
                     path: name.to_string(),
                 })?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut buf, self.data_start + start)?;
-        Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)
+        let n: usize = shape.iter().product();
+        let offset = self.data_start + start;
+        debug_assert_eq!((end - start) as usize, n * dtype.size_in_bytes());
+        match dtype {
+            DType::F32 => Tensor::from_vec(
+                self.read_vec::<f32>(n, offset)?,
+                shape.as_slice(),
+                &Device::Cpu,
+            ),
+            DType::F16 => Tensor::from_vec(
+                self.read_vec::<half::f16>(n, offset)?,
+                shape.as_slice(),
+                &Device::Cpu,
+            ),
+            DType::BF16 => Tensor::from_vec(
+                self.read_vec::<half::bf16>(n, offset)?,
+                shape.as_slice(),
+                &Device::Cpu,
+            ),
+            _ => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                self.file.read_exact_at(&mut buf, offset)?;
+                Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)
+            }
+        }
+    }
+
+    /// Reads `n` little-endian values straight into their final buffer (one copy, no zeroing).
+    fn read_vec<T: Copy>(&self, n: usize, offset: u64) -> std::io::Result<Vec<T>> {
+        let mut v: Vec<T> = Vec::with_capacity(n);
+        // SAFETY: the byte view covers exactly the capacity; read_exact_at fills all of it or
+        // fails (then the vector is dropped with length 0); T is a plain little-endian number
+        // type, as safetensors stores them, on a little-endian target.
+        unsafe {
+            let bytes = std::slice::from_raw_parts_mut(
+                v.as_mut_ptr() as *mut u8,
+                n * std::mem::size_of::<T>(),
+            );
+            self.file.read_exact_at(bytes, offset)?;
+            v.set_len(n);
+        }
+        Ok(v)
     }
 }
 
@@ -119,15 +158,7 @@ impl SimpleBackend for SafetensorsReader {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        crate::models::expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -137,6 +168,18 @@ impl SimpleBackend for SafetensorsReader {
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
+}
+
+/// `t` if it has shape `s`, else the error candle's own backends give.
+pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != &s {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: s,
+            got: t.shape().clone(),
+        });
+    }
+    Ok(t)
 }
 
 /// A `VarBuilder` over one weight file: safetensors (read tensor by tensor) or a PyTorch

@@ -59,10 +59,15 @@ impl NoiseSource<'_> {
 pub trait Scheduler {
     /// The timesteps at which the U-Net is called, in order (PNDM, Heun and DPM2 repeat some).
     fn timesteps(&self) -> &[f64];
-    /// `init_noise_sigma`: the factor applied to the initial Gaussian latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// `scale_model_input` for the call at index `step`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    /// `init_noise_sigma`: the factor applied to the initial Gaussian latents (1 for the
+    /// schedulers that work on unscaled samples).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// `scale_model_input` for the call at index `step` (the identity unless overridden).
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// `step` for the call at index `step`: returns `prev_sample`.
     fn step(
         &mut self,
