@@ -87,6 +87,17 @@ fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     softmax_row_body(row, scale)
 }
 
+/// The f32 data of a contiguous CPU tensor.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
 /// softmax(q k^T * scale) v for (batch, tq, d) x (batch, tk, d) x (batch, tk, dv), f32,
 /// contiguous.
 struct FusedAttention {
@@ -107,22 +118,12 @@ impl CustomOp3 for FusedAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
-            candle_core::bail!("fused attention: f32 only");
-        };
         let (b, tq, d) = ql.shape().dims3()?;
         let (_, tk, _) = kl.shape().dims3()?;
         let (_, _, dv) = vl.shape().dims3()?;
-        let (q, k, v) = match (
-            ql.contiguous_offsets(),
-            kl.contiguous_offsets(),
-            vl.contiguous_offsets(),
-        ) {
-            (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) => {
-                (&q[a0..a1], &k[b0..b1], &v[c0..c1])
-            }
-            _ => candle_core::bail!("fused attention: inputs must be contiguous"),
-        };
+        let q = contiguous_f32(qs, ql, "fused attention")?;
+        let k = contiguous_f32(ks, kl, "fused attention")?;
+        let v = contiguous_f32(vs, vl, "fused attention")?;
         let mut out = vec![0f32; b * tq * dv];
         out.par_chunks_mut(tq * dv).enumerate().for_each_init(
             || vec![0f32; ROWS * tk],
@@ -267,21 +268,11 @@ impl CustomOp3 for Conv2d {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (xs, ws, bs) else {
-            candle_core::bail!("conv2d kernel: f32 only");
-        };
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, _, kh, kw) = wl.shape().dims4()?;
-        let (x, w, bias) = match (
-            xl.contiguous_offsets(),
-            wl.contiguous_offsets(),
-            bl.contiguous_offsets(),
-        ) {
-            (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) => {
-                (&x[a0..a1], &w[b0..b1], &bias[c0..c1])
-            }
-            _ => candle_core::bail!("conv2d kernel: inputs must be contiguous"),
-        };
+        let x = contiguous_f32(xs, xl, "conv2d kernel")?;
+        let w = contiguous_f32(ws, wl, "conv2d kernel")?;
+        let bias = contiguous_f32(bs, bl, "conv2d kernel")?;
         let ConvGeometry { stride, padding } = self.g;
         let ho = (h + 2 * padding - kh) / stride + 1;
         let wo = (wd + 2 * padding - kw) / stride + 1;
@@ -447,22 +438,12 @@ impl CustomOp3 for GroupNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (xs, ws, bs) else {
-            candle_core::bail!("group norm kernel: f32 only");
-        };
         let dims = xl.shape().dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
+        let c = dims[1];
         let hw: usize = dims[2..].iter().product();
-        let (x, w, bias) = match (
-            xl.contiguous_offsets(),
-            wl.contiguous_offsets(),
-            bl.contiguous_offsets(),
-        ) {
-            (Some((a0, a1)), Some((b0, b1)), Some((c0, c1))) => {
-                (&x[a0..a1], &w[b0..b1], &bias[c0..c1])
-            }
-            _ => candle_core::bail!("group norm kernel: inputs must be contiguous"),
-        };
+        let x = contiguous_f32(xs, xl, "group norm kernel")?;
+        let w = contiguous_f32(ws, wl, "group norm kernel")?;
+        let bias = contiguous_f32(bs, bl, "group norm kernel")?;
         let g = self.groups;
         let cpg = c / g;
         let mut out = vec![0f32; x.len()];
@@ -487,7 +468,6 @@ impl CustomOp3 for GroupNormOp {
                 );
             }
         });
-        let _ = b;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
