@@ -628,6 +628,28 @@ def record_single_files(out):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, os.path.join(sf_dir, "evil.ckpt"))
 
 
+def record_bin(out):
+    """tiny's U-Net as a PyTorch .bin (what repos such as lambdalabs/sd-pokemon-diffusers ship),
+    checked by loading it with diffusers in place of the safetensors file."""
+    bin_dir = os.path.join(out, "bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    model_dir = os.path.join(out, "models", "tiny")
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"), torch_dtype=torch.float16)
+    path = os.path.join(bin_dir, "tiny-unet.bin")
+    torch.save(unet.state_dict(), path)
+    tmp = os.path.join(out, "_bin_check")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shutil.copy(os.path.join(model_dir, "unet", "config.json"), tmp)
+    shutil.copy(path, os.path.join(tmp, "diffusion_pytorch_model.bin"))
+    again = UNet2DConditionModel.from_pretrained(tmp, use_safetensors=False, torch_dtype=torch.float32)
+    ref = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet"), torch_dtype=torch.float32)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    shutil.rmtree(tmp)
+    print(f"{path}: diffusers loads it as the same U-Net")
+
+
 def full_size(out_dir):
     """A full-size SD 1.5 architecture with random weights, for benchmarks (never committed)."""
     torch.manual_seed(0)
@@ -699,6 +721,7 @@ def main():
         model_dir = build_model(name, spec, out)
         record_model(name, model_dir, ref)
     record_single_files(out)
+    record_bin(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -124,3 +124,39 @@ fn vae_batch_decodes_each_image_like_a_single_one() {
         );
     }
 }
+
+#[test]
+fn pytorch_bin_weights_load_like_safetensors() {
+    // a copy of tiny whose U-Net is only a PyTorch .bin (read without running pickle code)
+    let dir = tempfile::tempdir().unwrap();
+    let src = model_dir("tiny");
+    for rel in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
+        let to = dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(src.join(rel), to).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("bin/tiny-unet.bin"),
+        dir.path().join("unet/diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
+    let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let refs = load_tensors("tiny/tensors.safetensors");
+    let got = p
+        .unet_forward(&refs["unet_sample"], 500.0, &refs["unet_context"])
+        .unwrap();
+    assert_close("tiny unet from .bin", &got, &refs["unet_out_t500"], TOL);
+}
