@@ -230,6 +230,49 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst:e}");
         assert_eq!(exp_approx(-1000.0) < 1e-37, true);
     }
+
+    #[test]
+    fn geglu_matches_exact_gelu() {
+        let dev = candle_core::Device::Cpu;
+        let h = Tensor::randn(0f32, 3.0, (2, 37, 2 * 40), &dev).unwrap();
+        let got = geglu(&h).unwrap();
+        let hidden = h.narrow(2, 0, 40).unwrap();
+        let gate = h.narrow(2, 40, 40).unwrap();
+        let want = (hidden * gate.gelu_erf().unwrap()).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 5e-6, "max abs diff {diff}");
+        let mut worst = 0f32;
+        for i in -4000..4000 {
+            let x = i as f32 / 1000.0;
+            worst = worst.max((erf_approx(x) - libm_erf(x)).abs());
+        }
+        assert!(worst < 1e-6, "erf error {worst}");
+    }
+
+    /// erf by its Taylor/continued series in f64, as a reference.
+    fn libm_erf(x: f32) -> f32 {
+        let x = x as f64;
+        // erf(x) = 2/sqrt(pi) * sum_n (-1)^n x^(2n+1) / (n! (2n+1)), converges for |x| <= 4
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 || n < 10.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        (sum * 2.0 / std::f64::consts::PI.sqrt()) as f32
+    }
 }
 
 /// A raw output pointer shared by workers that write disjoint regions.
@@ -483,4 +526,72 @@ pub fn group_norm(
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op3_no_bwd(weight, bias, &GroupNormOp { groups, eps, silu })
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in f32), branch-free so that
+/// loops over slices vectorise.
+#[inline(always)]
+fn erf_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_approx(-a * a);
+    y.copysign(x)
+}
+
+#[inline(always)]
+fn geglu_body(h: &[f32], out: &mut [f32], inner: usize) {
+    for (row_in, row_out) in h.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
+        let (hidden, gate) = row_in.split_at(inner);
+        for ((o, &x), &g) in row_out.iter_mut().zip(hidden).zip(gate) {
+            *o = x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2)));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn geglu_avx2(h: &[f32], out: &mut [f32], inner: usize) {
+    geglu_body(h, out, inner)
+}
+
+/// diffusers' GEGLU after its projection: hidden * gelu(gate) (exact-erf GELU), where the last
+/// dimension of the input is [hidden | gate].
+struct Geglu;
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "sdgen-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = contiguous_f32(s, l, "geglu kernel")?;
+        let dims = l.shape().dims();
+        let inner = dims[dims.len() - 1] / 2;
+        let rows = h.len() / (2 * inner);
+        let mut out = vec![0f32; rows * inner];
+        let per_task = (1 << 14) / inner.max(1) + 1;
+        out.par_chunks_mut(per_task * inner)
+            .zip(h.par_chunks(per_task * 2 * inner))
+            .for_each(|(o, src)| {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { geglu_avx2(src, o, inner) };
+                }
+                geglu_body(src, o, inner)
+            });
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("at least one dim") = inner;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// hidden * gelu_erf(gate) for an f32 CPU tensor whose last dimension is [hidden | gate].
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    h.contiguous()?.apply_op1_no_bwd(&Geglu)
 }

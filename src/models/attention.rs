@@ -101,6 +101,9 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
+        if h.device().is_cpu() && h.dtype() == DType::F32 {
+            return self.out.forward(&crate::kernels::geglu(&h)?);
+        }
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;
