@@ -15,6 +15,27 @@ use rayon::prelude::*;
 /// Work is split across threads by head (batch x heads items).
 const ROWS: usize = 64;
 
+/// Defines `$name`, which runs `$body` (an `#[inline(always)]` function whose loops are
+/// written to vectorise) compiled for AVX2 + FMA when the CPU has them, else as built.
+macro_rules! avx2_dispatch {
+    ($name:ident => $body:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn with_avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { with_avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 /// exp(x) for f32 in the style of Cephes `expf` (the polynomial of `exp256_ps`), branch-free
 /// so that loops over slices vectorise; relative error about 2e-7 over the softmax range.
 #[inline(always)]
@@ -72,20 +93,7 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) -> f32 {
-    softmax_row_body(row, scale)
-}
-
-fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { softmax_row_avx2(row, scale) };
-    }
-    softmax_row_body(row, scale)
-}
+avx2_dispatch!(softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
 
 /// The f32 data of a contiguous CPU tensor.
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -452,20 +460,7 @@ fn normalize_body(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn normalize_avx2(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
-    normalize_body(src, dst, a, b, act)
-}
-
-fn normalize(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { normalize_avx2(src, dst, a, b, act) };
-    }
-    normalize_body(src, dst, a, b, act)
-}
+avx2_dispatch!(normalize => normalize_body(src: &[f32], dst: &mut [f32], a: f32, b: f32, act: bool) -> ());
 
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
@@ -551,11 +546,7 @@ fn geglu_body(h: &[f32], out: &mut [f32], inner: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn geglu_avx2(h: &[f32], out: &mut [f32], inner: usize) {
-    geglu_body(h, out, inner)
-}
+avx2_dispatch!(geglu_rows => geglu_body(h: &[f32], out: &mut [f32], inner: usize) -> ());
 
 /// diffusers' GEGLU after its projection: hidden * gelu(gate) (exact-erf GELU), where the last
 /// dimension of the input is [hidden | gate].
@@ -575,16 +566,7 @@ impl candle_core::CustomOp1 for Geglu {
         let per_task = (1 << 14) / inner.max(1) + 1;
         out.par_chunks_mut(per_task * inner)
             .zip(h.par_chunks(per_task * 2 * inner))
-            .for_each(|(o, src)| {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { geglu_avx2(src, o, inner) };
-                }
-                geglu_body(src, o, inner)
-            });
+            .for_each(|(o, src)| geglu_rows(src, o, inner));
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("at least one dim") = inner;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
