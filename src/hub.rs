@@ -4,7 +4,9 @@
 //! what to do.
 
 use crate::config::ModelIndex;
-use crate::model_source::{from_cache, hub_cache_dir, plan_files, ModelFiles, ModelRequest, Plan};
+use crate::model_source::{
+    from_cache, hub_cache_dir, plan_files, repo_folder, ModelFiles, ModelRequest, Plan,
+};
 use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
@@ -160,7 +162,7 @@ fn verify(path: &Path, sibling: &Sibling) -> Result<()> {
 /// The cached copy of `file` at `commit`, when it is complete.
 fn cached(repo_id: &str, commit: &str, file: &str) -> Option<PathBuf> {
     let p = hub_cache_dir()
-        .join(format!("models--{}", repo_id.replace('/', "--")))
+        .join(repo_folder(repo_id))
         .join("snapshots")
         .join(commit)
         .join(file);

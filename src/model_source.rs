@@ -315,7 +315,8 @@ pub fn offline_from_env() -> bool {
     )
 }
 
-fn repo_folder(repo_id: &str) -> String {
+/// The cache folder of a model repo: `models--ORG--NAME`.
+pub(crate) fn repo_folder(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 

@@ -65,16 +65,7 @@ pub fn dpm_schedule(
                 .map(|i| (i * ratio) as f64 + offset as f64)
                 .collect()
         }
-        Spacing::Trailing => {
-            let ratio = train as f64 / steps as f64;
-            let mut v = Vec::new();
-            let mut x = last as f64;
-            while x > 0.0 {
-                v.push(round_half_even(x) - 1.0);
-                x -= ratio;
-            }
-            v
-        }
+        Spacing::Trailing => super::trailing_timesteps(train, steps),
     };
     let base64: Vec<f64> = base.iter().map(|&s| s as f64).collect();
     let mut sigmas: Vec<f64> = if config.bool_or("use_karras_sigmas", false) {

@@ -388,18 +388,25 @@ pub fn discrete_timesteps(
                 .map(|i| round_half_even(i as f64 * step) as i64)
                 .collect()
         }
-        Spacing::Trailing => {
-            let ratio = train as f64 / steps as f64;
-            let mut v = Vec::new();
-            let mut x = train as f64;
-            while x > 0.0 {
-                v.push(round_half_even(x) as i64 - 1);
-                x -= ratio;
-            }
-            v
-        }
+        Spacing::Trailing => trailing_timesteps(train, steps)
+            .into_iter()
+            .map(|t| t as i64)
+            .collect(),
     };
     Ok(ts)
+}
+
+/// `np.round(np.arange(train, 0, -train / steps)) - 1`: the `trailing` spacing every
+/// scheduler family shares, descending.
+pub fn trailing_timesteps(train: usize, steps: usize) -> Vec<f64> {
+    let ratio = train as f64 / steps as f64;
+    let mut v = Vec::new();
+    let mut x = train as f64;
+    while x > 0.0 {
+        v.push(round_half_even(x) - 1.0);
+        x -= ratio;
+    }
+    v
 }
 
 /// numpy's round: half to even.

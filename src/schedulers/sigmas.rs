@@ -107,16 +107,7 @@ pub fn spaced_timesteps(spacing: Spacing, train: usize, steps: usize, offset: f6
                 .map(|i| (i * ratio) as f64 + offset)
                 .collect()
         }
-        Spacing::Trailing => {
-            let ratio = train as f64 / steps as f64;
-            let mut v = Vec::new();
-            let mut x = train as f64;
-            while x > 0.0 {
-                v.push(super::round_half_even(x) - 1.0);
-                x -= ratio;
-            }
-            v
-        }
+        Spacing::Trailing => super::trailing_timesteps(train, steps),
     }
 }
 
