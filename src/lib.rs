@@ -2,6 +2,7 @@
 //!
 //! The binary is a thin shell over [`app::run`]; tests use the same library.
 
+pub mod allocator;
 pub mod app;
 pub mod batch;
 pub mod cli;

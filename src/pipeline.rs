@@ -78,6 +78,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
+        crate::allocator::keep_freed_blocks();
         let index = ModelIndex::load(&files.model_index)?;
         let unet_config = UNetConfig::load(&files.unet_config)?;
         let vae_config = VaeConfig::load(&files.vae_config)?;
@@ -292,7 +293,7 @@ impl Pipeline {
         };
         if self.residency == Residency::Sequential {
             *self.text_encoder.borrow_mut() = None;
-            release_free_memory();
+            crate::allocator::release_free_memory();
         }
         let n_images = r.num_images();
         let total_steps = {
@@ -310,7 +311,7 @@ impl Pipeline {
             })?;
             if self.residency == Residency::Sequential && first + n >= n_images {
                 *self.unet.borrow_mut() = None;
-                release_free_memory();
+                crate::allocator::release_free_memory();
             }
             let vae = self.vae()?;
             for i in 0..n {
@@ -400,14 +401,4 @@ pub fn to_rgb8(img: &Tensor) -> Result<Vec<u8>> {
         .iter()
         .map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
         .collect())
-}
-
-/// Hands memory freed by a dropped component back to the system, so that the next component
-/// does not stack on top of it in the peak RSS (glibc keeps freed heap memory otherwise).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
