@@ -145,16 +145,20 @@ impl CustomOp3 for FusedAttention {
         let q = contiguous_f32(qs, ql, "fused attention")?;
         let k = contiguous_f32(ks, kl, "fused attention")?;
         let v = contiguous_f32(vs, vl, "fused attention")?;
-        let mut out = vec![0f32; b * tq * dv];
-        out.par_chunks_mut(tq * dv).enumerate().for_each_init(
+        // every value is written by the second gemm below (read_dst false): no zero fill
+        let mut out: Vec<f32> = Vec::with_capacity(b * tq * dv);
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..b).into_par_iter().for_each_init(
             || vec![0f32; ROWS * tk],
-            |scores, (h, out_h)| {
+            |scores, h| {
+                let dst = dst;
                 let k_h = &k[h * tk * d..(h + 1) * tk * d];
                 let v_h = &v[h * tk * dv..(h + 1) * tk * dv];
                 for row0 in (0..tq).step_by(ROWS) {
                     let rows = ROWS.min(tq - row0);
                     let q_blk = &q[(h * tq + row0) * d..(h * tq + row0 + rows) * d];
-                    let out_blk = &mut out_h[row0 * dv..(row0 + rows) * dv];
+                    // SAFETY: head h owns out[h * tq * dv..(h + 1) * tq * dv].
+                    let out_blk = unsafe { dst.0.add((h * tq + row0) * dv) };
                     let s = &mut scores[..rows * tk];
                     // SAFETY: every pointer covers rows/cols x strides of its slice.
                     unsafe {
@@ -191,7 +195,7 @@ impl CustomOp3 for FusedAttention {
                             rows,
                             dv,
                             tk,
-                            out_blk.as_mut_ptr(),
+                            out_blk,
                             1,
                             dv as isize,
                             false,
@@ -209,6 +213,8 @@ impl CustomOp3 for FusedAttention {
                             gemm::Parallelism::None,
                         );
                     }
+                    // SAFETY: the gemm above wrote these rows x dv values.
+                    let out_blk = unsafe { std::slice::from_raw_parts_mut(out_blk, rows * dv) };
                     for (r, o) in out_blk.chunks_mut(dv).enumerate() {
                         for x in o.iter_mut() {
                             *x *= inv[r];
@@ -217,6 +223,8 @@ impl CustomOp3 for FusedAttention {
                 }
             },
         );
+        // SAFETY: the heads wrote all b x tq x dv values.
+        unsafe { out.set_len(b * tq * dv) };
         Ok((CpuStorage::F32(out), Shape::from((b, tq, dv))))
     }
 }
@@ -238,6 +246,34 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linear_matches_candle() -> Result<()> {
+        use candle_core::Module;
+        let dev = candle_core::Device::Cpu;
+        for (shape, n) in [
+            (vec![2, 7, 33], 45),
+            (vec![5, 16], 8),
+            (vec![1, 300, 64], 96),
+        ] {
+            let k = *shape.last().unwrap();
+            let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            for bias in [Some(&b), None] {
+                let got = linear(&x, &w, bias)?;
+                let want = candle_nn::Linear::new(w.clone(), bias.cloned()).forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4,
+                    "{shape:?} x {n}, bias {}: {diff}",
+                    bias.is_some()
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn conv2d_matches_candle_for_each_geometry() -> Result<()> {
@@ -376,7 +412,8 @@ impl CustomOp3 for Conv2d {
         // about 1 MiB of patches per block, at least 32 pixels
         let pb = ((1usize << 20) / k).clamp(256, 2048).min(p);
         let blocks = p.div_ceil(pb);
-        let mut out = vec![0f32; b * cout * p];
+        // every value is written below (bias, then gemm adds into it): no zero fill
+        let mut out: Vec<f32> = Vec::with_capacity(b * cout * p);
         let dst = SharedOut(out.as_mut_ptr());
         (0..b * blocks).into_par_iter().for_each_init(
             || vec![0f32; pb * k],
@@ -439,8 +476,11 @@ impl CustomOp3 for Conv2d {
                 unsafe {
                     let base = dst.0.add(bi * cout * p + p0);
                     for co in 0..cout {
-                        let o = std::slice::from_raw_parts_mut(base.add(co * p), n);
-                        o.fill(bias[co]);
+                        let o = std::slice::from_raw_parts_mut(
+                            base.add(co * p).cast::<std::mem::MaybeUninit<f32>>(),
+                            n,
+                        );
+                        o.fill(std::mem::MaybeUninit::new(bias[co]));
                     }
                     // out (cout x n, row stride p) += w (cout x k) @ patches (k x n)
                     gemm::gemm(
@@ -467,6 +507,8 @@ impl CustomOp3 for Conv2d {
                 }
             },
         );
+        // SAFETY: the tasks wrote all b x cout x p values.
+        unsafe { out.set_len(b * cout * p) };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
 }
@@ -642,4 +684,93 @@ impl candle_core::CustomOp1 for Geglu {
 /// hidden * gelu_erf(gate) for an f32 CPU tensor whose last dimension is [hidden | gate].
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     h.contiguous()?.apply_op1_no_bwd(&Geglu)
+}
+
+/// x W^T + b over the last dimension (`nn.Linear`), f32, x and W contiguous.
+///
+/// Why not candle's `Linear`: its matmul zero-fills the output first and the bias is added in a
+/// second pass into a second tensor; here the output rows start as the bias and `gemm`
+/// accumulates into them (for the 320 -> 2560 projection over 8192 tokens that is 84 MB
+/// written once instead of written, read, and written again).
+struct LinearOp {
+    has_bias: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sdgen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(xs, xl, "linear kernel")?;
+        let w = contiguous_f32(ws, wl, "linear kernel")?;
+        let bias = contiguous_f32(bs, bl, "linear kernel")?;
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("linear kernel: input {:?} does not end with {k}", dims);
+        }
+        let m = x.len() / k.max(1);
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        if self.has_bias {
+            for _ in 0..m {
+                out.extend_from_slice(bias);
+            }
+        }
+        let threads = rayon::current_num_threads();
+        // SAFETY: out has room for m x n values (row stride n), written in full by gemm when
+        // there is no bias (read_dst false) and read then written when it holds the bias rows;
+        // x is m x k and w is n x k, both contiguous.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                self.has_bias,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+            out.set_len(m * n);
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("at least one dim") = n;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// `nn.Linear` of f32 CPU tensors: x (..., in), weight (out, in), bias (out).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    // an empty bias stands for none (apply_op3 needs a tensor)
+    let none = Tensor::zeros(0, candle_core::DType::F32, x.device())?;
+    let op = LinearOp {
+        has_bias: bias.is_some(),
+    };
+    x.apply_op3_no_bwd(&weight, bias.unwrap_or(&none), &op)
 }

@@ -5,16 +5,16 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
-use super::layers::{Conv2d, GroupNorm};
+use super::layers::{linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, VarBuilder};
+use candle_nn::{layer_norm, VarBuilder};
 
 /// `Attention` with `AttnProcessor2_0` semantics: softmax(q k^T / sqrt(d)) v.
 pub struct Attention {
-    to_q: candle_nn::Linear,
-    to_k: candle_nn::Linear,
-    to_v: candle_nn::Linear,
-    to_out: candle_nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     dim_head: usize,
 }
@@ -86,8 +86,8 @@ pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// `FeedForward` with `activation_fn="geglu"`: net.0 = GEGLU(dim, 4 dim), net.2 = Linear.
 struct FeedForward {
-    proj: candle_nn::Linear,
-    out: candle_nn::Linear,
+    proj: Linear,
+    out: Linear,
 }
 
 impl FeedForward {
@@ -151,7 +151,7 @@ impl BasicTransformerBlock {
 
 enum Projection {
     Conv(Conv2d),
-    Linear(candle_nn::Linear),
+    Linear(Linear),
 }
 
 /// `Transformer2DModel` for continuous (latent image) input.

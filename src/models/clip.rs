@@ -5,9 +5,10 @@
 //! layer-norm eps is fixed, and its `gelu` is the tanh approximation where transformers' "gelu"
 //! (SD 2.x) is the exact erf form. This module reads every size from the config instead.
 
+use super::layers::{linear, Linear};
 use crate::config::ClipTextConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {

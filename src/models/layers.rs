@@ -1,5 +1,5 @@
 //! The building blocks of the U-Net and the VAE decoder with diffusers' parameter names:
-//! convolution and GroupNorm that use sdgen's CPU kernels for f32 on the CPU (see `kernels`)
+//! linear layer, convolution and GroupNorm that use sdgen's CPU kernels for f32 on the CPU (see `kernels`)
 //! and candle's ops elsewhere, and `ResnetBlock2D`.
 
 use crate::kernels::{self, ConvGeometry};
@@ -8,6 +8,41 @@ use candle_nn::VarBuilder;
 
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `nn.Linear`: sdgen's kernel for f32 on the CPU (see `kernels::linear`), candle's elsewhere.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// weight (out, in), bias (out).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_path(x) {
+            return kernels::linear(x, &self.weight, self.bias.as_ref());
+        }
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+    }
+}
+
+/// `candle_nn::linear` for [`Linear`].
+pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((cout, cin), "weight")?,
+        Some(vb.get(cout, "bias")?),
+    ))
+}
+
+/// `candle_nn::linear_no_bias` for [`Linear`].
+pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(vb.get((cout, cin), "weight")?, None))
 }
 
 /// `nn.Conv2d` (groups 1, dilation 1, with bias).
@@ -94,7 +129,7 @@ impl Module for GroupNorm {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Option<candle_nn::Linear>,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -115,7 +150,7 @@ impl ResnetBlock2D {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj: temb_channels
-                .map(|t| candle_nn::linear(t, cout, vb.pp("time_emb_proj")))
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
                 .transpose()?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,

@@ -6,11 +6,11 @@
 //! few known checkpoints, and its attention blocks use an approximate GELU (see attention.rs).
 
 use super::attention::{Transformer2DConfig, Transformer2DModel};
-use super::layers::{Conv2d, GroupNorm, ResnetBlock2D};
+use super::layers::{linear, Conv2d, GroupNorm, Linear, ResnetBlock2D};
 use crate::config::{UNetBlock, UNetConfig};
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<Conv2d> {
     Conv2d::new(vb, cin, cout, 3, stride, 1)
@@ -21,8 +21,8 @@ struct TimeEmbedding {
     num_channels: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
-    linear_1: candle_nn::Linear,
-    linear_2: candle_nn::Linear,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 impl TimeEmbedding {

@@ -7,7 +7,7 @@
 //! which made the 512x512 decode 4.5x slower than diffusers on CPU.
 
 use super::attention::scaled_dot_product_attention;
-use super::layers::{Conv2d, GroupNorm, ResnetBlock2D};
+use super::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D};
 use crate::config::VaeConfig;
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor};
@@ -15,22 +15,22 @@ use candle_nn::VarBuilder;
 
 /// A Linear of the VAE attention: `to_q` etc., or the old `query`/... names, stored either
 /// as (c, c) or as a 1x1 convolution (c, c, 1, 1).
-fn attn_linear(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<candle_nn::Linear> {
+fn attn_linear(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<Linear> {
     let vb = vb.pp(name);
     let weight = match vb.get((c, c), "weight") {
         Ok(w) => w,
         Err(_) => vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
     };
-    Ok(candle_nn::Linear::new(weight, Some(vb.get(c, "bias")?)))
+    Ok(Linear::new(weight, Some(vb.get(c, "bias")?)))
 }
 
 /// The single-head self-attention of the VAE mid block.
 struct VaeAttention {
     group_norm: GroupNorm,
-    to_q: candle_nn::Linear,
-    to_k: candle_nn::Linear,
-    to_v: candle_nn::Linear,
-    to_out: candle_nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
 }
 
 impl VaeAttention {
