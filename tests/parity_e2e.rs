@@ -78,3 +78,48 @@ fn sd2_tiny_every_scheduler_matches_diffusers_one_image_per_batch() {
     // batch size 1: each image alone reproduces diffusers' batch of two
     check_model("tiny2", 1);
 }
+
+/// `--dtype bf16` / `f16` on the CPU: each layer computes in f32 from narrow weights and
+/// activations (see `models::layers::widened`). The images must stay near the f32 ones.
+#[test]
+fn bf16_and_f16_images_stay_near_f32() {
+    for model in ["tiny", "tiny2"] {
+        let generate = |dtype: DType| {
+            let precision = if dtype == DType::F32 {
+                Precision::Full
+            } else {
+                Precision::Half
+            };
+            let files = ModelFiles::from_folder(&model_dir(model), precision).unwrap();
+            let pipeline = Pipeline::load(files, Device::Cpu, dtype).unwrap();
+            let size = pipeline.default_size();
+            let request = Request {
+                prompt: "a red fox in the snow".into(),
+                negative_prompt: String::new(),
+                seeds: vec![11, 12],
+                steps: 6,
+                guidance: 7.5,
+                scheduler: Some("euler".into()),
+                width: size,
+                height: size,
+                batch_size: 2,
+            };
+            pipeline.generate_all(&request).unwrap()
+        };
+        let reference = generate(DType::F32);
+        for (dtype, max_tol, mean_tol) in [(DType::BF16, 24, 2.5), (DType::F16, 4, 0.3)] {
+            for (img, want) in generate(dtype).iter().zip(&reference) {
+                let (max, mean) = pixel_diff(&img.rgb, &want.rgb);
+                eprintln!(
+                    "{model} {dtype:?} seed {}: max {max}/255, mean {mean:.4}/255",
+                    img.seed
+                );
+                assert!(
+                    max <= max_tol && mean <= mean_tol,
+                    "{model} {dtype:?} seed {}: max {max}/255, mean {mean:.4}/255",
+                    img.seed
+                );
+            }
+        }
+    }
+}

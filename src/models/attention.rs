@@ -5,7 +5,7 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
-use super::layers::{linear, linear_no_bias, Conv2d, GroupNorm, Linear};
+use super::layers::{in_f32, linear, linear_no_bias, widened, Conv2d, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, VarBuilder};
 
@@ -66,6 +66,11 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Resul
     if q.device().is_cpu() && q.dtype() == DType::F32 {
         return crate::kernels::fused_attention(q, k, v);
     }
+    if widened(q) {
+        return in_f32(&[q, k, v], |t| {
+            crate::kernels::fused_attention(&t[0], &t[1], &t[2])
+        });
+    }
     plain_attention(q, k, v)
 }
 
@@ -103,6 +108,11 @@ impl FeedForward {
         let h = self.proj.forward(xs)?;
         if h.device().is_cpu() && h.dtype() == DType::F32 {
             return self.out.forward(&crate::kernels::geglu(&h)?);
+        }
+        if widened(&h) {
+            return self
+                .out
+                .forward(&in_f32(&[&h], |t| crate::kernels::geglu(&t[0]))?);
         }
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;

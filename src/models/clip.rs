@@ -58,9 +58,22 @@ impl ClipAttention {
         let q = shape((self.q_proj.forward(xs)? * scale)?)?;
         let k = shape(self.k_proj.forward(xs)?)?;
         let v = shape(self.v_proj.forward(xs)?)?;
-        let attn = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        // scores and softmax in f32 whatever the model's type (no CPU bf16 matmul in candle)
+        let dtype = q.dtype();
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
+        let attn = q
+            .matmul(&k.t()?)?
+            .broadcast_add(&causal_mask.to_dtype(DType::F32)?)?;
         let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let out = attn
+            .matmul(&v)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)?
+            .reshape((b, t, c))?;
         self.out_proj.forward(&out)
     }
 }

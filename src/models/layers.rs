@@ -10,6 +10,28 @@ fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// Whether a layer widens to f32 to run: bf16 and f16 on the CPU. candle has no CPU matmul
+/// for bf16 (`--dtype bf16` stopped with "unsupported dtype BF16 for op matmul") and its f16
+/// one is far slower than the f32 kernels; torch's CPU bf16 kernels accumulate in f32 too.
+/// Weights stay in the narrow type (half the memory) and are widened while their layer runs;
+/// activations are rounded back to the narrow type between layers, as in torch.
+pub(crate) fn widened(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() != DType::F32
+}
+
+/// Runs `f` on f32 copies of `xs` and rounds its result back to the type of `xs[0]`.
+pub(crate) fn in_f32(
+    xs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = xs[0].dtype();
+    let wide = xs
+        .iter()
+        .map(|t| t.to_dtype(DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    f(&wide)?.to_dtype(dtype)
+}
+
 /// `nn.Linear`: sdgen's kernel for f32 on the CPU (see `kernels::linear`), candle's elsewhere.
 pub struct Linear {
     weight: Tensor,
@@ -27,6 +49,14 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fast_path(x) {
             return kernels::linear(x, &self.weight, self.bias.as_ref());
+        }
+        if widened(x) {
+            return match &self.bias {
+                Some(b) => in_f32(&[x, &self.weight, b], |t| {
+                    kernels::linear(&t[0], &t[1], Some(&t[2]))
+                }),
+                None => in_f32(&[x, &self.weight], |t| kernels::linear(&t[0], &t[1], None)),
+            };
         }
         candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
     }
@@ -74,6 +104,11 @@ impl Module for Conv2d {
         if fast_path(x) {
             return kernels::conv2d(x, &self.weight, &self.bias, self.geometry);
         }
+        if widened(x) {
+            return in_f32(&[x, &self.weight, &self.bias], |t| {
+                kernels::conv2d(&t[0], &t[1], &t[2], self.geometry)
+            });
+        }
         let g = self.geometry;
         let y = x.conv2d(&self.weight, g.padding, g.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
@@ -101,6 +136,11 @@ impl GroupNorm {
     pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if fast_path(x) {
             return kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu);
+        }
+        if widened(x) {
+            return in_f32(&[x, &self.weight, &self.bias], |t| {
+                kernels::group_norm(&t[0], self.groups, &t[1], &t[2], self.eps, silu)
+            });
         }
         let c = x.dim(1)?;
         let gn = candle_nn::GroupNorm::new(
