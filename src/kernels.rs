@@ -119,6 +119,14 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
     }
 }
 
+/// Per-thread buffers of the fused attention.
+struct Scratch {
+    scores: Vec<f32>,
+    kt: Vec<f32>,
+    vp: Vec<f32>,
+    o: Vec<f32>,
+}
+
 /// softmax(q k^T * scale) v for (batch, tq, d) x (batch, tk, d) x (batch, tk, dv), f32,
 /// contiguous.
 struct FusedAttention {
@@ -145,24 +153,40 @@ impl CustomOp3 for FusedAttention {
         let q = contiguous_f32(qs, ql, "fused attention")?;
         let k = contiguous_f32(ks, kl, "fused attention")?;
         let v = contiguous_f32(vs, vl, "fused attention")?;
-        // every value is written by the second gemm below (read_dst false): no zero fill
+        // every value is written below: no zero fill
         let mut out: Vec<f32> = Vec::with_capacity(b * tq * dv);
         let dst = SharedOut(out.as_mut_ptr());
+        // V's rows padded to a multiple of 16 values: with 40 (SD 1.5 at 64x64) `gemm` would
+        // repack V for every block of rows
+        let dvp = dv.next_multiple_of(16);
         (0..b).into_par_iter().for_each_init(
-            || vec![0f32; ROWS * tk],
-            |scores, h| {
+            || Scratch {
+                scores: vec![0f32; ROWS * tk],
+                kt: vec![0f32; d * tk],
+                vp: vec![0f32; tk * dvp],
+                o: vec![0f32; ROWS * dvp],
+            },
+            |sc, h| {
                 let dst = dst;
                 let k_h = &k[h * tk * d..(h + 1) * tk * d];
                 let v_h = &v[h * tk * dv..(h + 1) * tk * dv];
+                // K^T (d x tk) once per head: `gemm` then reads it in place instead of
+                // repacking K for every block of rows
+                for (key, row) in k_h.chunks_exact(d).enumerate() {
+                    for (j, &x) in row.iter().enumerate() {
+                        sc.kt[j * tk + key] = x;
+                    }
+                }
+                for (src, dstrow) in v_h.chunks_exact(dv).zip(sc.vp.chunks_exact_mut(dvp)) {
+                    dstrow[..dv].copy_from_slice(src);
+                }
                 for row0 in (0..tq).step_by(ROWS) {
                     let rows = ROWS.min(tq - row0);
                     let q_blk = &q[(h * tq + row0) * d..(h * tq + row0 + rows) * d];
-                    // SAFETY: head h owns out[h * tq * dv..(h + 1) * tq * dv].
-                    let out_blk = unsafe { dst.0.add((h * tq + row0) * dv) };
-                    let s = &mut scores[..rows * tk];
+                    let s = &mut sc.scores[..rows * tk];
                     // SAFETY: every pointer covers rows/cols x strides of its slice.
                     unsafe {
-                        // s = q_blk (rows x d) @ k_h^T (d x tk)
+                        // s = q_blk (rows x d) @ kt (d x tk)
                         gemm::gemm(
                             rows,
                             tk,
@@ -174,9 +198,9 @@ impl CustomOp3 for FusedAttention {
                             q_blk.as_ptr(),
                             1,
                             d as isize,
-                            k_h.as_ptr(),
-                            d as isize,
+                            sc.kt.as_ptr(),
                             1,
+                            tk as isize,
                             0.0,
                             1.0,
                             false,
@@ -190,21 +214,21 @@ impl CustomOp3 for FusedAttention {
                         inv[r] = 1.0 / softmax_row(row, self.scale);
                     }
                     unsafe {
-                        // out_blk = s (rows x tk) @ v_h (tk x dv)
+                        // o = s (rows x tk) @ vp (tk x dvp)
                         gemm::gemm(
                             rows,
-                            dv,
+                            dvp,
                             tk,
-                            out_blk,
+                            sc.o.as_mut_ptr(),
                             1,
-                            dv as isize,
+                            dvp as isize,
                             false,
                             s.as_ptr(),
                             1,
                             tk as isize,
-                            v_h.as_ptr(),
+                            sc.vp.as_ptr(),
                             1,
-                            dv as isize,
+                            dvp as isize,
                             0.0,
                             1.0,
                             false,
@@ -213,11 +237,19 @@ impl CustomOp3 for FusedAttention {
                             gemm::Parallelism::None,
                         );
                     }
-                    // SAFETY: the gemm above wrote these rows x dv values.
-                    let out_blk = unsafe { std::slice::from_raw_parts_mut(out_blk, rows * dv) };
-                    for (r, o) in out_blk.chunks_mut(dv).enumerate() {
-                        for x in o.iter_mut() {
-                            *x *= inv[r];
+                    for (r, o) in sc.o.chunks_exact(dvp).take(rows).enumerate() {
+                        // SAFETY: head h owns out[h * tq * dv..(h + 1) * tq * dv]; this writes
+                        // row row0 + r of it.
+                        let out_row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.0
+                                    .add((h * tq + row0 + r) * dv)
+                                    .cast::<std::mem::MaybeUninit<f32>>(),
+                                dv,
+                            )
+                        };
+                        for (y, &x) in out_row.iter_mut().zip(&o[..dv]) {
+                            y.write(x * inv[r]);
                         }
                     }
                 }
