@@ -19,3 +19,4 @@ pub mod rng;
 pub mod schedulers;
 pub mod single_file;
 pub mod tokenizer;
+pub mod winograd;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod hub_server;
+pub mod models;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

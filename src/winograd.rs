@@ -1,0 +1,349 @@
+//! 3x3 convolution (stride 1, padding 1) by Winograd's F(2x2, 3x3) transform, f32 on the CPU.
+//!
+//! Why: the 3x3 convolutions are most of the U-Net's and almost all of the VAE decoder's work.
+//! Direct (im2col + gemm) costs 36 multiply-adds per output pixel and input channel; F(2x2, 3x3)
+//! computes each 2x2 block of outputs from a 4x4 input tile with 16, i.e. 2.25x fewer, as 16
+//! independent matrix products (one per tile position) between transformed weights
+//! (cout x cin) and transformed input tiles (cin x tiles). The transforms only add and
+//! subtract (and halve, for the weights), so the rounding stays within a few ulps of the
+//! direct sum; the parity suite checks the results against diffusers.
+//!
+//! Notation of Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015):
+//! Y = A^T [ (G g G^T) . (B^T d B) ] A.
+
+use rayon::prelude::*;
+
+/// Tile positions: 4 x 4.
+const P: usize = 16;
+
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+/// U = G g G^T for every (cout, cin) filter, stored as 16 matrices of cout x cin.
+fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0f32; P * cout * cin];
+    let dst = SharedPtr(u.as_mut_ptr());
+    (0..cout).into_par_iter().for_each(|co| {
+        let dst = dst;
+        for ci in 0..cin {
+            let g = &w[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
+            // t = G g (4 x 3), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+            let mut t = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+                t[0][j] = g0;
+                t[1][j] = 0.5 * (g0 + g1 + g2);
+                t[2][j] = 0.5 * (g0 - g1 + g2);
+                t[3][j] = g2;
+            }
+            // u = t G^T (4 x 4)
+            for (i, row) in t.iter().enumerate() {
+                let vals = [
+                    row[0],
+                    0.5 * (row[0] + row[1] + row[2]),
+                    0.5 * (row[0] - row[1] + row[2]),
+                    row[2],
+                ];
+                for (j, v) in vals.into_iter().enumerate() {
+                    // SAFETY: filter co owns u[p][co][..] for every p.
+                    unsafe { *dst.0.add(((i * 4 + j) * cout + co) * cin + ci) = v };
+                }
+            }
+        }
+    });
+    u
+}
+
+/// Per-thread buffers.
+struct Scratch {
+    /// transformed input tiles of a chunk: 16 matrices of cin x tiles
+    v: Vec<f32>,
+    /// products: 16 matrices of cout x tiles
+    m: Vec<f32>,
+    /// one input row split into odd and even columns
+    xe: Vec<f32>,
+    xo: Vec<f32>,
+    /// column-transformed input rows r = 0..4 of a tile row: cols[r][c][tx]
+    cols: Vec<f32>,
+    /// row-transformed products of a tile row: s[i][j][tx]
+    s: Vec<f32>,
+}
+
+/// V = B^T d B for the tiles of tile rows `ty0..ty1` of one image: 16 matrices of
+/// cin x tiles (tiles = (ty1 - ty0) x tw). B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+fn transform_input(
+    x: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    ty0: usize,
+    ty1: usize,
+    sc: &mut Scratch,
+) {
+    let tw = w.div_ceil(2);
+    let tiles = (ty1 - ty0) * tw;
+    let Scratch {
+        v, xe, xo, cols, ..
+    } = sc;
+    for ci in 0..cin {
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for ty in ty0..ty1 {
+            for r in 0..4 {
+                let iy = (2 * ty + r) as isize - 1;
+                let out = &mut cols[r * 4 * tw..(r + 1) * 4 * tw];
+                if iy < 0 || iy as usize >= h {
+                    out.fill(0.0);
+                    continue;
+                }
+                let row = &plane[iy as usize * w..(iy as usize + 1) * w];
+                // xe[k] = x[2k - 1], xo[k] = x[2k] (zero outside the row)
+                for k in 0..=tw {
+                    xe[k] = if k >= 1 && 2 * k - 1 < w {
+                        row[2 * k - 1]
+                    } else {
+                        0.0
+                    };
+                    xo[k] = if 2 * k < w { row[2 * k] } else { 0.0 };
+                }
+                let (c0, rest) = out.split_at_mut(tw);
+                let (c1, rest) = rest.split_at_mut(tw);
+                let (c2, c3) = rest.split_at_mut(tw);
+                for t in 0..tw {
+                    // d = [xe[t], xo[t], xe[t + 1], xo[t + 1]]
+                    c0[t] = xe[t] - xe[t + 1];
+                    c1[t] = xo[t] + xe[t + 1];
+                    c2[t] = xe[t + 1] - xo[t];
+                    c3[t] = xo[t] - xo[t + 1];
+                }
+            }
+            let base = (ty - ty0) * tw;
+            for c in 0..4 {
+                let row = |r: usize| &cols[(r * 4 + c) * tw..(r * 4 + c + 1) * tw];
+                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                let at = |i: usize| ((i * 4 + c) * cin + ci) * tiles + base;
+                for t in 0..tw {
+                    v[at(0) + t] = r0[t] - r2[t];
+                    v[at(1) + t] = r1[t] + r2[t];
+                    v[at(2) + t] = r2[t] - r1[t];
+                    v[at(3) + t] = r1[t] - r3[t];
+                }
+            }
+        }
+    }
+}
+
+/// Y = A^T m A + bias for tile rows `ty0..ty1` into `out`, one image's output (cout, h, w)
+/// starting at its first value. A^T = [1 1 1 0; 0 1 -1 -1].
+///
+/// # Safety
+/// `out` must be valid for writes of cout x h x w values; only output rows 2 ty0..2 ty1 are
+/// written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_output(
+    cout: usize,
+    h: usize,
+    w: usize,
+    ty0: usize,
+    ty1: usize,
+    bias: &[f32],
+    out: *mut f32,
+    sc: &mut Scratch,
+) {
+    let tw = w.div_ceil(2);
+    let tiles = (ty1 - ty0) * tw;
+    let Scratch { m, s, .. } = sc;
+    for co in 0..cout {
+        for ty in ty0..ty1 {
+            let base = (ty - ty0) * tw;
+            let mat = |i: usize, j: usize| {
+                let at = ((i * 4 + j) * cout + co) * tiles + base;
+                &m[at..at + tw]
+            };
+            // s = A^T m: rows 0 and 1, for each column j
+            for j in 0..4 {
+                let (m0, m1, m2, m3) = (mat(0, j), mat(1, j), mat(2, j), mat(3, j));
+                let (s0, s1) = s.split_at_mut(4 * tw);
+                let (s0, s1) = (&mut s0[j * tw..(j + 1) * tw], &mut s1[j * tw..(j + 1) * tw]);
+                for t in 0..tw {
+                    s0[t] = m0[t] + m1[t] + m2[t];
+                    s1[t] = m1[t] - m2[t] - m3[t];
+                }
+            }
+            // y = s A: output rows 2 ty + i, columns 2 tx and 2 tx + 1
+            for i in 0..2 {
+                let oy = 2 * ty + i;
+                if oy >= h {
+                    break;
+                }
+                let si = |j: usize| &s[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
+                let (a, b, c, d) = (si(0), si(1), si(2), si(3));
+                // SAFETY: row oy of channel co is inside out (caller's contract).
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
+                for (t, pair) in row.chunks_mut(2).enumerate() {
+                    pair[0] = a[t] + b[t] + c[t] + bias[co];
+                    if pair.len() > 1 {
+                        pair[1] = b[t] - c[t] - d[t] + bias[co];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// out (b, cout, h, w) = conv3x3(x (b, cin, h, w), weight (cout, cin, 3, 3), padding 1) + bias,
+/// all contiguous f32. Work is split into chunks of tile rows, each done start to end (input
+/// transform, 16 products, output transform) by one thread, so that a chunk's buffers stay
+/// near that core.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3(
+    x: &[f32],
+    b: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    weight: &[f32],
+    bias: &[f32],
+    cout: usize,
+) -> Vec<f32> {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let u = transform_weights(weight, cout, cin);
+    // about 512 tiles per chunk: fewer and `gemm` repacks U too often for the work it does,
+    // more and a chunk's buffers leave the cache (measured 256..1024 and whole images)
+    let rows = 512usize.div_ceil(tw).clamp(1, th);
+    let chunks = th.div_ceil(rows);
+    let mut out = vec![0f32; b * cout * h * w];
+    let dst = SharedPtr(out.as_mut_ptr());
+    (0..b * chunks).into_par_iter().for_each_init(
+        || Scratch {
+            v: vec![0f32; P * cin * rows * tw],
+            m: vec![0f32; P * cout * rows * tw],
+            xe: vec![0f32; tw + 1],
+            xo: vec![0f32; tw + 1],
+            cols: vec![0f32; 16 * tw],
+            s: vec![0f32; 8 * tw],
+        },
+        |sc, task| {
+            let dst = dst;
+            let (bi, chunk) = (task / chunks, task % chunks);
+            let (ty0, ty1) = (chunk * rows, ((chunk + 1) * rows).min(th));
+            let tiles = (ty1 - ty0) * tw;
+            transform_input(
+                &x[bi * cin * h * w..(bi + 1) * cin * h * w],
+                cin,
+                h,
+                w,
+                ty0,
+                ty1,
+                sc,
+            );
+            // the 16 products M[p] (cout x tiles) = U[p] (cout x cin) V[p] (cin x tiles)
+            for p in 0..P {
+                // SAFETY: all pointers cover the shapes and strides given.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        tiles,
+                        cin,
+                        sc.m.as_mut_ptr().add(p * cout * tiles),
+                        1,
+                        tiles as isize,
+                        false,
+                        u.as_ptr().add(p * cout * cin),
+                        1,
+                        cin as isize,
+                        sc.v.as_ptr().add(p * cin * tiles),
+                        1,
+                        tiles as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            // SAFETY: this task writes output rows 2 ty0..2 ty1 of image bi only.
+            unsafe {
+                transform_output(cout, h, w, ty0, ty1, bias, dst.0.add(bi * cout * h * w), sc)
+            };
+        },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn direct(
+        x: &[f32],
+        cin: usize,
+        h: usize,
+        w: usize,
+        wt: &[f32],
+        bias: &[f32],
+        cout: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; cout * h * w];
+        for co in 0..cout {
+            for oy in 0..h {
+                for ox in 0..w {
+                    let mut s = bias[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = (oy as isize + ky - 1, ox as isize + kx - 1);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    s += x[(ci * h + iy as usize) * w + ix as usize] as f64
+                                        * wt[((co * cin + ci) * 3 + ky as usize) * 3 + kx as usize]
+                                            as f64;
+                                }
+                            }
+                        }
+                    }
+                    out[(co * h + oy) * w + ox] = s as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_direct_convolution_on_even_and_odd_sizes() {
+        for (cin, cout, h, w) in [
+            (3, 4, 8, 8),
+            (5, 2, 7, 9),
+            (2, 3, 1, 1),
+            (4, 4, 2, 5),
+            (8, 6, 11, 6),
+        ] {
+            let x = values(2 * cin * h * w, 1);
+            let wt = values(cout * cin * 9, 2);
+            let bias = values(cout, 3);
+            let got = conv3x3(&x, 2, cin, h, w, &wt, &bias, cout);
+            for bi in 0..2 {
+                let want = direct(&x[bi * cin * h * w..], cin, h, w, &wt, &bias, cout);
+                let g = &got[bi * cout * h * w..(bi + 1) * cout * h * w];
+                for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{cin}->{cout} {h}x{w} image {bi} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
