@@ -111,6 +111,25 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
 
 simd_dispatch!(softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer of `len` values, kept between calls (grown, never
+/// shrunk). Its contents are whatever the last user left: callers write before they read.
+/// Must not be re-entered from `f` on the same thread (a nested call gets a fresh buffer).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
 /// The f32 data of a contiguous CPU tensor.
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -123,11 +142,11 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
 }
 
 /// Per-thread buffers of the fused attention.
-struct Scratch {
-    scores: Vec<f32>,
-    kt: Vec<f32>,
-    vp: Vec<f32>,
-    o: Vec<f32>,
+struct Scratch<'a> {
+    scores: &'a mut [f32],
+    kt: &'a mut [f32],
+    vp: &'a mut [f32],
+    o: &'a mut [f32],
 }
 
 /// softmax(q k^T * scale) v for (batch, tq, d) x (batch, tk, d) x (batch, tk, dv), f32,
@@ -162,15 +181,14 @@ impl CustomOp3 for FusedAttention {
         // V's rows padded to a multiple of 16 values: with 40 (SD 1.5 at 64x64) `gemm` would
         // repack V for every block of rows
         let dvp = dv.next_multiple_of(16);
-        (0..b).into_par_iter().for_each_init(
-            || Scratch {
-                scores: vec![0f32; ROWS * tk],
-                kt: vec![0f32; d * tk],
-                vp: vec![0f32; tk * dvp],
-                o: vec![0f32; ROWS * dvp],
-            },
-            |sc, h| {
-                let dst = dst;
+        let len = ROWS * tk + d * tk + tk * dvp + ROWS * dvp;
+        (0..b).into_par_iter().for_each(|h| {
+            let dst = dst;
+            with_scratch(len, |buf| {
+                let (scores, rest) = buf.split_at_mut(ROWS * tk);
+                let (kt, rest) = rest.split_at_mut(d * tk);
+                let (vp, o) = rest.split_at_mut(tk * dvp);
+                let sc = Scratch { scores, kt, vp, o };
                 let k_h = &k[h * tk * d..(h + 1) * tk * d];
                 let v_h = &v[h * tk * dv..(h + 1) * tk * dv];
                 // K^T (d x tk) once per head: `gemm` then reads it in place instead of
@@ -182,6 +200,7 @@ impl CustomOp3 for FusedAttention {
                 }
                 for (src, dstrow) in v_h.chunks_exact(dv).zip(sc.vp.chunks_exact_mut(dvp)) {
                     dstrow[..dv].copy_from_slice(src);
+                    dstrow[dv..].fill(0.0);
                 }
                 for row0 in (0..tq).step_by(ROWS) {
                     let rows = ROWS.min(tq - row0);
@@ -256,8 +275,8 @@ impl CustomOp3 for FusedAttention {
                         }
                     }
                 }
-            },
-        );
+            });
+        });
         // SAFETY: the heads wrote all b x tq x dv values.
         unsafe { out.set_len(b * tq * dv) };
         Ok((CpuStorage::F32(out), Shape::from((b, tq, dv))))
@@ -470,10 +489,9 @@ impl CustomOp3 for Conv2d {
         // every value is written below (bias, then gemm adds into it): no zero fill
         let mut out: Vec<f32> = Vec::with_capacity(b * cout * p);
         let dst = SharedOut(out.as_mut_ptr());
-        (0..b * blocks).into_par_iter().for_each_init(
-            || vec![0f32; pb * k],
-            |patches, task| {
-                let dst = dst;
+        (0..b * blocks).into_par_iter().for_each(|task| {
+            let dst = dst;
+            with_scratch(pb * k, |patches| {
                 let (bi, blk) = (task / blocks, task % blocks);
                 let p0 = blk * pb;
                 let n = pb.min(p - p0);
@@ -560,8 +578,8 @@ impl CustomOp3 for Conv2d {
                         gemm::Parallelism::None,
                     );
                 }
-            },
-        );
+            });
+        });
         // SAFETY: the tasks wrote all b x cout x p values.
         unsafe { out.set_len(b * cout * p) };
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))

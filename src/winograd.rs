@@ -56,19 +56,43 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     u
 }
 
-/// Per-thread buffers.
-struct Scratch {
+/// Per-thread buffers, carved from one allocation that the thread keeps between calls (a
+/// fresh zeroed buffer per call cost a memset of tens of MB per convolution).
+struct Scratch<'a> {
     /// transformed input tiles of a chunk: 16 matrices of cin x tiles
-    v: Vec<f32>,
+    v: &'a mut [f32],
     /// products: 16 matrices of cout x tiles
-    m: Vec<f32>,
+    m: &'a mut [f32],
     /// one input row split into odd and even columns
-    xe: Vec<f32>,
-    xo: Vec<f32>,
+    xe: &'a mut [f32],
+    xo: &'a mut [f32],
     /// column-transformed input rows r = 0..4 of a tile row: cols[r][c][tx]
-    cols: Vec<f32>,
+    cols: &'a mut [f32],
     /// row-transformed products of a tile row: s[i][j][tx]
-    s: Vec<f32>,
+    s: &'a mut [f32],
+}
+
+impl<'a> Scratch<'a> {
+    fn len(cin: usize, cout: usize, tiles: usize, tw: usize) -> usize {
+        P * (cin + cout) * tiles + 2 * (tw + 1) + 24 * tw
+    }
+
+    fn carve(buf: &'a mut [f32], cin: usize, cout: usize, tiles: usize, tw: usize) -> Self {
+        let (v, rest) = buf.split_at_mut(P * cin * tiles);
+        let (m, rest) = rest.split_at_mut(P * cout * tiles);
+        let (xe, rest) = rest.split_at_mut(tw + 1);
+        let (xo, rest) = rest.split_at_mut(tw + 1);
+        let (cols, rest) = rest.split_at_mut(16 * tw);
+        let s = &mut rest[..8 * tw];
+        Scratch {
+            v,
+            m,
+            xe,
+            xo,
+            cols,
+            s,
+        }
+    }
 }
 
 /// V = B^T d B for the tiles of tile rows `ty0..ty1` of one image: 16 matrices of
@@ -80,7 +104,7 @@ fn transform_input(
     w: usize,
     ty0: usize,
     ty1: usize,
-    sc: &mut Scratch,
+    sc: &mut Scratch<'_>,
 ) {
     let tw = w.div_ceil(2);
     let tiles = (ty1 - ty0) * tw;
@@ -149,7 +173,7 @@ unsafe fn transform_output(
     ty1: usize,
     bias: &[f32],
     out: *mut f32,
-    sc: &mut Scratch,
+    sc: &mut Scratch<'_>,
 ) {
     let tw = w.div_ceil(2);
     let tiles = (ty1 - ty0) * tw;
@@ -213,64 +237,61 @@ pub fn conv3x3(
     // more and a chunk's buffers leave the cache (measured 256..1024 and whole images)
     let rows = 512usize.div_ceil(tw).clamp(1, th);
     let chunks = th.div_ceil(rows);
-    let mut out = vec![0f32; b * cout * h * w];
+    // every value is written by the output transforms: no zero fill
+    let mut out: Vec<f32> = Vec::with_capacity(b * cout * h * w);
     let dst = SharedPtr(out.as_mut_ptr());
-    (0..b * chunks).into_par_iter().for_each_init(
-        || Scratch {
-            v: vec![0f32; P * cin * rows * tw],
-            m: vec![0f32; P * cout * rows * tw],
-            xe: vec![0f32; tw + 1],
-            xo: vec![0f32; tw + 1],
-            cols: vec![0f32; 16 * tw],
-            s: vec![0f32; 8 * tw],
-        },
-        |sc, task| {
-            let dst = dst;
-            let (bi, chunk) = (task / chunks, task % chunks);
-            let (ty0, ty1) = (chunk * rows, ((chunk + 1) * rows).min(th));
-            let tiles = (ty1 - ty0) * tw;
-            transform_input(
-                &x[bi * cin * h * w..(bi + 1) * cin * h * w],
-                cin,
-                h,
-                w,
-                ty0,
-                ty1,
-                sc,
-            );
-            // the 16 products M[p] (cout x tiles) = U[p] (cout x cin) V[p] (cin x tiles)
-            for p in 0..P {
-                // SAFETY: all pointers cover the shapes and strides given.
-                unsafe {
-                    gemm::gemm(
-                        cout,
-                        tiles,
-                        cin,
-                        sc.m.as_mut_ptr().add(p * cout * tiles),
-                        1,
-                        tiles as isize,
-                        false,
-                        u.as_ptr().add(p * cout * cin),
-                        1,
-                        cin as isize,
-                        sc.v.as_ptr().add(p * cin * tiles),
-                        1,
-                        tiles as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+    // one worker per thread, each taking every `workers`-th chunk (equal sizes) with its own
+    // scratch
+    let tasks = b * chunks;
+    let workers = rayon::current_num_threads().clamp(1, tasks);
+    let len = Scratch::len(cin, cout, rows * tw, tw);
+    (0..workers).into_par_iter().for_each(|worker| {
+        let dst = dst;
+        crate::kernels::with_scratch(len, |buf| {
+            for task in (worker..tasks).step_by(workers) {
+                let (bi, chunk) = (task / chunks, task % chunks);
+                let (ty0, ty1) = (chunk * rows, ((chunk + 1) * rows).min(th));
+                let tiles = (ty1 - ty0) * tw;
+                let mut sc = Scratch::carve(buf, cin, cout, tiles, tw);
+                let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
+                transform_input(xb, cin, h, w, ty0, ty1, &mut sc);
+                // the 16 products M[p] (cout x tiles) = U[p] (cout x cin) V[p] (cin x tiles)
+                for p in 0..P {
+                    // SAFETY: all pointers cover the shapes and strides given.
+                    unsafe {
+                        gemm::gemm(
+                            cout,
+                            tiles,
+                            cin,
+                            sc.m.as_mut_ptr().add(p * cout * tiles),
+                            1,
+                            tiles as isize,
+                            false,
+                            u.as_ptr().add(p * cout * cin),
+                            1,
+                            cin as isize,
+                            sc.v.as_ptr().add(p * cin * tiles),
+                            1,
+                            tiles as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 }
+                // SAFETY: this task writes output rows 2 ty0..2 ty1 of image bi only.
+                unsafe {
+                    let out_b = dst.0.add(bi * cout * h * w);
+                    transform_output(cout, h, w, ty0, ty1, bias, out_b, &mut sc)
+                };
             }
-            // SAFETY: this task writes output rows 2 ty0..2 ty1 of image bi only.
-            unsafe {
-                transform_output(cout, h, w, ty0, ty1, bias, dst.0.add(bi * cout * h * w), sc)
-            };
-        },
-    );
+        });
+    });
+    // SAFETY: the chunks cover every tile row of every image, so all values were written.
+    unsafe { out.set_len(b * cout * h * w) };
     out
 }
 
