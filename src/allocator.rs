@@ -18,6 +18,8 @@ pub fn keep_freed_blocks() {
         ONCE.call_once(|| unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            // one arena: worker threads' 64 MB arenas would each keep their freed blocks too
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         });
     }
 }
