@@ -85,14 +85,22 @@ fn main() {
     } else {
         Precision::Half
     };
+    let parts = std::env::var("SDGEN_BENCH_PARTS").unwrap_or_default();
+    let want = |part: &str| parts.is_empty() || parts.split(',').any(|p| p == part);
+    let nan = f64::NAN;
+    // first, while this process is small: Linux carries the parent's RSS at the fork into the
+    // child's peak (ru_maxrss), which made the figure the bench's own size with the model
+    // loaded rather than the generation's
+    let (rss_mb, gen_wall) = if want("generate") {
+        whole_generation(&model, 2, sdgen::device::dtype_name(dtype))
+    } else {
+        (nan, nan)
+    };
     let t = Instant::now();
     let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
     let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
     p.preload().unwrap();
     let load = t.elapsed().as_secs_f64();
-    let parts = std::env::var("SDGEN_BENCH_PARTS").unwrap_or_default();
-    let want = |part: &str| parts.is_empty() || parts.split(',').any(|p| p == part);
-    let nan = f64::NAN;
     let text = if want("text") {
         time(3, || p.encode_text("a photo of a cat on a beach").unwrap())
     } else {
@@ -121,11 +129,6 @@ fn main() {
         nan
     };
     drop(p);
-    let (rss_mb, gen_wall) = if want("generate") {
-        whole_generation(&model, 2, sdgen::device::dtype_name(dtype))
-    } else {
-        (nan, nan)
-    };
     println!(
         "{}",
         serde_json::json!({

@@ -26,6 +26,14 @@ def timed(runs, f):
     return statistics.median(out)
 
 
+def generate(args, dtype):
+    # the whole pipeline in the one type, as `sdgen --dtype` runs it (a bf16 U-Net fed by an
+    # f32 text encoder stops with a dtype mismatch)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("bench", num_inference_steps=2, height=512, width=512, generator=torch.Generator().manual_seed(1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -35,14 +43,20 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.generate_only:
+        generate(args, dtype)
+        return
+    # the whole generation first, while this process is small: Linux carries the parent's RSS
+    # at the fork into the child's peak (ru_maxrss)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--generate-only"], check=True)
+    wall = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     t = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, safety_checker=None)
     pipe.unet.to(dtype)
     load = time.perf_counter() - t
     pipe.set_progress_bar_config(disable=True)
-    if args.generate_only:
-        pipe("bench", num_inference_steps=2, height=512, width=512, generator=torch.Generator().manual_seed(1))
-        return
     with torch.inference_mode():
         ids = pipe.tokenizer("a photo of a cat on a beach", padding="max_length", max_length=77, return_tensors="pt").input_ids
         text = timed(3, lambda: pipe.text_encoder(ids))
@@ -56,11 +70,6 @@ def main():
         u512 = unet(512, 2)
         lat = torch.randn(1, 4, 64, 64)
         vae = timed(1, lambda: pipe.vae.decode(lat))
-    del pipe
-    t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--generate-only"], check=True)
-    wall = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     print(json.dumps({
         "impl": "diffusers",
         "dtype": args.dtype,
