@@ -111,6 +111,53 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
 
 simd_dispatch!(softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
 
+/// C (m x n, row stride `ldc`) = A (m x k, row stride `lda`) x B, plus C's values when
+/// `accumulate`; B (k x n) is given by its row and column strides. The `gemm` crate's call with
+/// the arguments every kernel here shares.
+///
+/// # Safety
+/// The pointers must cover those shapes and strides; C must not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: isize,
+    accumulate: bool,
+    a: *const f32,
+    lda: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc,
+            accumulate,
+            a,
+            1,
+            lda,
+            b,
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -209,25 +256,18 @@ impl CustomOp3 for FusedAttention {
                     // SAFETY: every pointer covers rows/cols x strides of its slice.
                     unsafe {
                         // s = q_blk (rows x d) @ kt (d x tk)
-                        gemm::gemm(
+                        matmul(
                             rows,
                             tk,
                             d,
                             s.as_mut_ptr(),
-                            1,
                             tk as isize,
                             false,
                             q_blk.as_ptr(),
-                            1,
                             d as isize,
                             sc.kt.as_ptr(),
-                            1,
                             tk as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
+                            1,
                             gemm::Parallelism::None,
                         );
                     }
@@ -237,25 +277,18 @@ impl CustomOp3 for FusedAttention {
                     }
                     unsafe {
                         // o = s (rows x tk) @ vp (tk x dvp)
-                        gemm::gemm(
+                        matmul(
                             rows,
                             dvp,
                             tk,
                             sc.o.as_mut_ptr(),
-                            1,
                             dvp as isize,
                             false,
                             s.as_ptr(),
-                            1,
                             tk as isize,
                             sc.vp.as_ptr(),
-                            1,
                             dvp as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
+                            1,
                             gemm::Parallelism::None,
                         );
                     }
@@ -556,25 +589,18 @@ impl CustomOp3 for Conv2d {
                         o.fill(std::mem::MaybeUninit::new(bias[co]));
                     }
                     // out (cout x n, row stride p) += w (cout x k) @ patches (k x n)
-                    gemm::gemm(
+                    matmul(
                         cout,
                         n,
                         k,
                         base,
-                        1,
                         p as isize,
                         true,
                         w.as_ptr(),
-                        1,
                         k as isize,
                         patches.as_ptr(),
-                        1,
                         n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        1,
                         gemm::Parallelism::None,
                     );
                 }
@@ -803,25 +829,18 @@ impl CustomOp3 for LinearOp {
         // there is no bias (read_dst false) and read then written when it holds the bias rows;
         // x is m x k and w is n x k, both contiguous.
         unsafe {
-            gemm::gemm(
+            matmul(
                 m,
                 n,
                 k,
                 out.as_mut_ptr(),
-                1,
                 n as isize,
                 self.has_bias,
                 x.as_ptr(),
-                1,
                 k as isize,
                 w.as_ptr(),
-                k as isize,
                 1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                k as isize,
                 if threads > 1 {
                     gemm::Parallelism::Rayon(threads)
                 } else {

@@ -259,25 +259,18 @@ pub fn conv3x3(
                 for p in 0..P {
                     // SAFETY: all pointers cover the shapes and strides given.
                     unsafe {
-                        gemm::gemm(
+                        crate::kernels::matmul(
                             cout,
                             tiles,
                             cin,
                             sc.m.as_mut_ptr().add(p * cout * tiles),
-                            1,
                             tiles as isize,
                             false,
                             u.as_ptr().add(p * cout * cin),
-                            1,
                             cin as isize,
                             sc.v.as_ptr().add(p * cin * tiles),
-                            1,
                             tiles as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
+                            1,
                             gemm::Parallelism::None,
                         );
                     }
