@@ -5,7 +5,7 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
-use super::layers::{in_f32, linear, linear_no_bias, widened, Conv2d, GroupNorm, Linear};
+use super::layers::{in_f32, linear, linear_no_bias, on_cpu, Conv2d, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, VarBuilder};
 
@@ -60,13 +60,10 @@ impl Attention {
     }
 }
 
-/// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors: the fused CPU kernel for
-/// f32 (see `kernels`), else the plain composition of candle ops.
+/// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors: the fused CPU kernel on
+/// the CPU (see `kernels`; f32, other types widened), else the plain composition of candle ops.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
-        return crate::kernels::fused_attention(q, k, v);
-    }
-    if widened(q) {
+    if on_cpu(q) {
         return in_f32(&[q, k, v], |t| {
             crate::kernels::fused_attention(&t[0], &t[1], &t[2])
         });
@@ -124,10 +121,7 @@ impl FeedForward {
 
     fn forward_all(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        if h.device().is_cpu() && h.dtype() == DType::F32 {
-            return self.out.forward(&crate::kernels::geglu(&h)?);
-        }
-        if widened(&h) {
+        if on_cpu(&h) {
             return self
                 .out
                 .forward(&in_f32(&[&h], |t| crate::kernels::geglu(&t[0]))?);

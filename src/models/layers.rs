@@ -1,25 +1,23 @@
 //! The building blocks of the U-Net and the VAE decoder with diffusers' parameter names:
-//! linear layer, convolution and GroupNorm that use sdgen's CPU kernels for f32 on the CPU (see `kernels`)
-//! and candle's ops elsewhere, and `ResnetBlock2D`.
+//! linear layer, convolution and GroupNorm that use sdgen's CPU kernels on the CPU (see
+//! `kernels`; f32, other types widened) and candle's ops elsewhere, and `ResnetBlock2D`.
 
 use crate::kernels::{self, ConvGeometry};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-fn fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+/// Whether a layer runs on sdgen's CPU kernels: every float type on the CPU. The kernels are
+/// f32; bf16 and f16 widen to f32 while their layer runs ([`in_f32`]). candle has no CPU
+/// matmul for bf16 (`--dtype bf16` stopped with "unsupported dtype BF16 for op matmul") and
+/// its f16 one is far slower than the f32 kernels; torch's CPU bf16 kernels accumulate in f32
+/// too. Weights stay in the narrow type (half the memory); activations are rounded back to
+/// it between layers, as in torch.
+pub(crate) fn on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu()
 }
 
-/// Whether a layer widens to f32 to run: bf16 and f16 on the CPU. candle has no CPU matmul
-/// for bf16 (`--dtype bf16` stopped with "unsupported dtype BF16 for op matmul") and its f16
-/// one is far slower than the f32 kernels; torch's CPU bf16 kernels accumulate in f32 too.
-/// Weights stay in the narrow type (half the memory) and are widened while their layer runs;
-/// activations are rounded back to the narrow type between layers, as in torch.
-pub(crate) fn widened(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() != DType::F32
-}
-
-/// Runs `f` on f32 copies of `xs` and rounds its result back to the type of `xs[0]`.
+/// Runs `f` on f32 versions of `xs` (the tensors themselves when they are f32 already) and
+/// gives its result in the type of `xs[0]`.
 pub(crate) fn in_f32(
     xs: &[&Tensor],
     f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
@@ -47,10 +45,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fast_path(x) {
-            return kernels::linear(x, &self.weight, self.bias.as_ref());
-        }
-        if widened(x) {
+        if on_cpu(x) {
             return match &self.bias {
                 Some(b) => in_f32(&[x, &self.weight, b], |t| {
                     kernels::linear(&t[0], &t[1], Some(&t[2]))
@@ -101,10 +96,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fast_path(x) {
-            return kernels::conv2d(x, &self.weight, &self.bias, self.geometry);
-        }
-        if widened(x) {
+        if on_cpu(x) {
             return in_f32(&[x, &self.weight, &self.bias], |t| {
                 kernels::conv2d(&t[0], &t[1], &t[2], self.geometry)
             });
@@ -134,10 +126,7 @@ impl GroupNorm {
     }
 
     pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if fast_path(x) {
-            return kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu);
-        }
-        if widened(x) {
+        if on_cpu(x) {
             return in_f32(&[x, &self.weight, &self.bias], |t| {
                 kernels::group_norm(&t[0], self.groups, &t[1], &t[2], self.eps, silu)
             });
