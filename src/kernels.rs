@@ -516,7 +516,7 @@ impl CustomOp3 for Conv2d {
         let wo = (wd + 2 * padding - kw) / stride + 1;
         let p = ho * wo;
         let k = cin * kh * kw;
-        // about 1 MiB of patches per block, at least 32 pixels
+        // about 1 MiB of patches per block, at least 256 pixels (each block repacks the weights)
         let pb = ((1usize << 20) / k).clamp(256, 2048).min(p);
         let blocks = p.div_ceil(pb);
         // every value is written below (bias, then gemm adds into it): no zero fill
