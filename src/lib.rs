@@ -3,8 +3,11 @@
 //! The binary is a thin shell over [`app::run`]; tests use the same library.
 
 pub mod allocator;
+pub mod amx;
+pub mod amx_ops;
 pub mod app;
 pub mod batch;
+pub mod bf16_ops;
 pub mod cli;
 pub mod config;
 pub mod device;

@@ -6,6 +6,7 @@
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
 use super::layers::{in_f32, linear, linear_no_bias, on_cpu, Conv2d, GroupNorm, Linear};
+use crate::bf16_ops::add;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, VarBuilder};
 
@@ -162,12 +163,14 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = add(&self.attn1.forward(&self.norm1.forward(xs)?, None)?, xs)?;
+        let xs = add(
+            &self
+                .attn2
+                .forward(&self.norm2.forward(&xs)?, Some(context))?,
+            &xs,
+        )?;
+        add(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }
 
@@ -247,7 +250,7 @@ impl Transformer2DModel {
             Projection::Conv(conv) => conv.forward(&to_image(xs)?)?,
             Projection::Linear(lin) => to_image(lin.forward(&xs)?)?,
         };
-        xs + residual
+        add(&xs, residual)
     }
 }
 

@@ -2,6 +2,8 @@
 //! linear layer, convolution and GroupNorm that use sdgen's CPU kernels on the CPU (see
 //! `kernels`; f32, other types widened) and candle's ops elsewhere, and `ResnetBlock2D`.
 
+use crate::amx_ops;
+use crate::bf16_ops::add;
 use crate::kernels::{self, ConvGeometry};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -45,6 +47,9 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if amx_ops::handles(&[x, &self.weight]) && amx_ops::linear_fits(&self.weight) {
+            return amx_ops::linear(x, &self.weight, self.bias.as_ref());
+        }
         if on_cpu(x) {
             return match &self.bias {
                 Some(b) => in_f32(&[x, &self.weight, b], |t| {
@@ -96,6 +101,9 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if amx_ops::handles(&[x, &self.weight, &self.bias]) {
+            return amx_ops::conv2d(x, &self.weight, &self.bias, self.geometry);
+        }
         if on_cpu(x) {
             return in_f32(&[x, &self.weight, &self.bias], |t| {
                 kernels::conv2d(&t[0], &t[1], &t[2], self.geometry)
@@ -195,7 +203,7 @@ impl ResnetBlock2D {
         let h = match (temb, &self.time_emb_proj) {
             (Some(t), Some(p)) => {
                 let t = p.forward(&candle_nn::ops::silu(t)?)?;
-                h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+                add(&h, &t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
             }
             _ => h,
         };
@@ -204,7 +212,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -65,7 +65,7 @@ impl VaeAttention {
         let a = scaled_dot_product_attention(&q, &k, &v)?.squeeze(1)?;
         let a = self.to_out.forward(&a)?;
         let a = a.transpose(1, 2)?.reshape((b, c, h, w))?;
-        a + x
+        crate::bf16_ops::add(&a, x)
     }
 }
 

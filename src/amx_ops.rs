@@ -1,0 +1,455 @@
+//! The linear layer and the convolution for bf16 CPU tensors on AMX tiles (see `amx`): bf16
+//! inputs and weights, f32 accumulation, bias added in f32, result rounded to bf16 once, as
+//! torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep the
+//! f32 kernels (inputs widened) otherwise.
+
+use crate::amx::{self, TileGuard, BLOCK, KSTEP, PANEL};
+use crate::kernels::{patch_row, ConvGeometry};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Whether the AMX kernels take these CPU tensors (all bf16, AMX enabled).
+pub fn handles(xs: &[&Tensor]) -> bool {
+    xs.iter()
+        .all(|t| t.dtype() == DType::BF16 && t.device().is_cpu())
+        && amx::enabled()
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's bf16 scratch buffer of `len` values (contents undefined: the
+/// callers write before they read). Not re-entrant on one thread.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// The bf16 data, as bits, of a contiguous CPU tensor.
+fn contiguous_bf16<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u16]> {
+    let CpuStorage::BF16(v) = s else {
+        candle_core::bail!("{op}: bf16 only");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: inputs must be contiguous");
+    };
+    // SAFETY: bf16 is a transparent u16.
+    Ok(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr().cast::<u16>(), b - a) })
+}
+
+/// A raw output pointer shared by workers that write disjoint regions.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut u16);
+// SAFETY: every worker writes a region no other worker touches.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Where the bias of a block comes from: one value per output row (convolution: channels are
+/// rows) or per column (linear: features are columns); the slices start at the block.
+#[derive(Clone, Copy)]
+enum Bias<'a> {
+    None,
+    Rows(&'a [u16]),
+    Cols(&'a [u16]),
+}
+
+/// Writes the first `rows` x `cols` values of a 32 x 32 block plus the bias, rounded to bf16,
+/// to `dst` (row stride `ld`).
+///
+/// # Safety
+/// `dst` has `rows` writable rows of `cols` values at stride `ld`, owned by the caller.
+#[inline]
+unsafe fn store(c: &[f32; 1024], dst: *mut u16, ld: usize, rows: usize, cols: usize, bias: Bias) {
+    for i in 0..rows {
+        let d = std::slice::from_raw_parts_mut(dst.add(i * ld), cols);
+        let src = &c[i * BLOCK..i * BLOCK + cols];
+        match bias {
+            Bias::None => {
+                for (o, &v) in d.iter_mut().zip(src) {
+                    *o = bf16::from_f32(v).to_bits();
+                }
+            }
+            Bias::Rows(b) => {
+                let b = bf16::from_bits(b[i]).to_f32();
+                for (o, &v) in d.iter_mut().zip(src) {
+                    *o = bf16::from_f32(v + b).to_bits();
+                }
+            }
+            Bias::Cols(b) => {
+                for ((o, &v), &b) in d.iter_mut().zip(src).zip(b) {
+                    *o = bf16::from_f32(v + bf16::from_bits(b).to_f32()).to_bits();
+                }
+            }
+        }
+    }
+}
+
+fn into_tensor_storage(out: Vec<u16>) -> CpuStorage {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: bf16 is a transparent u16: same size, alignment and allocation.
+    let v =
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<bf16>(), out.len(), out.capacity()) };
+    CpuStorage::BF16(v)
+}
+
+struct LinearOp {
+    has_bias: bool,
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sdgen-linear-amx"
+    }
+
+    /// x (m x k rows, k a multiple of 32) times weight^T (weight n x k): the weights are
+    /// packed into VNNI panels for this call (n x k values; the product costs m times that),
+    /// then each worker takes a range of rows and goes through the panels in cache-sized
+    /// chunks, 32 x 32 outputs at a time.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !amx::supported() {
+            candle_core::bail!("amx linear: this CPU or OS has no AMX-BF16");
+        }
+        let x = contiguous_bf16(xs, xl, "amx linear")?;
+        let w = contiguous_bf16(ws, wl, "amx linear")?;
+        let bias = contiguous_bf16(bs, bl, "amx linear")?;
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) || k % KSTEP != 0 {
+            candle_core::bail!("amx linear: input {dims:?}, weight ({n}, {k})");
+        }
+        let m = x.len() / k;
+        let np = n.next_multiple_of(BLOCK);
+        let mut wp = vec![0u16; k * np];
+        wp.par_chunks_mut(k * BLOCK)
+            .enumerate()
+            .for_each(|(i, panels)| {
+                amx::pack_b(
+                    &w[i * BLOCK * k..],
+                    k,
+                    BLOCK.min(n - i * BLOCK),
+                    1,
+                    k,
+                    panels,
+                );
+            });
+        let mut out: Vec<u16> = Vec::with_capacity(m * n);
+        let dst = SharedOut(out.as_mut_ptr());
+        let row_blocks = m.div_ceil(BLOCK);
+        let threads = rayon::current_num_threads();
+        let task_rows = row_blocks.div_ceil(4 * threads).max(1) * BLOCK;
+        // columns per chunk: about 512 KiB of packed weights, reused by all the task's rows
+        let chunk = ((256 << 10) / k).max(BLOCK) / BLOCK * BLOCK;
+        let wp = &wp;
+        (0..m.div_ceil(task_rows))
+            .into_par_iter()
+            .for_each_init(TileGuard::new, |_, t| {
+                let dst = dst;
+                let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(m));
+                let mut c = [0f32; 1024];
+                with_scratch(BLOCK * k, |pad| {
+                    for c0 in (0..np).step_by(chunk) {
+                        for m0 in (r0..r1).step_by(BLOCK) {
+                            let rows = BLOCK.min(r1 - m0);
+                            let a = if rows == BLOCK {
+                                &x[m0 * k..]
+                            } else {
+                                pad.fill(0);
+                                pad[..rows * k].copy_from_slice(&x[m0 * k..(m0 + rows) * k]);
+                                &pad[..]
+                            };
+                            for n0 in (c0..(c0 + chunk).min(np)).step_by(BLOCK) {
+                                let cols = BLOCK.min(n - n0.min(n));
+                                if cols == 0 {
+                                    break;
+                                }
+                                let b = if self.has_bias {
+                                    Bias::Cols(&bias[n0..])
+                                } else {
+                                    Bias::None
+                                };
+                                // SAFETY: a has 32 rows of k values (row stride k), wp two panels
+                                // at n0 * k; the task owns output rows r0..r1.
+                                unsafe {
+                                    amx::block(k, a.as_ptr(), k, wp[n0 * k..].as_ptr(), &mut c);
+                                    store(&c, dst.0.add(m0 * n + n0), n, rows, cols, b);
+                                }
+                            }
+                        }
+                    }
+                });
+            });
+        // SAFETY: the tasks wrote all m x n values.
+        unsafe { out.set_len(m * n) };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("at least one dim") = n;
+        Ok((into_tensor_storage(out), Shape::from(out_dims)))
+    }
+}
+
+/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
+/// a multiple of 32 (see [`linear_fits`]).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let none = Tensor::zeros(0, DType::BF16, x.device())?;
+    let op = LinearOp {
+        has_bias: bias.is_some(),
+    };
+    x.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.unwrap_or(&none).contiguous()?,
+        &op,
+    )
+}
+
+/// Whether [`linear`] takes a weight of this shape (input features a multiple of 32).
+pub fn linear_fits(weight: &Tensor) -> bool {
+    weight.dim(1).is_ok_and(|k| k % KSTEP == 0)
+}
+
+struct Conv2dOp {
+    g: ConvGeometry,
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "sdgen-conv2d-amx"
+    }
+
+    /// x (b, cin, h, w), weight (cout, cin, kh, kw), bias (cout): the weights are the A
+    /// matrix as they are (cout x cin*kh*kw, padded with zeros to multiples of 32 only when
+    /// they are not); each task unfolds a block of output pixels straight into VNNI panels
+    /// and writes the NCHW output 32 channels x 32 pixels at a time.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, cin, h, wd) = xl.shape().dims4()?;
+        let (cout, _, kh, kw) = wl.shape().dims4()?;
+        if !amx::supported() {
+            candle_core::bail!("amx conv2d: this CPU or OS has no AMX-BF16");
+        }
+        let x = contiguous_bf16(xs, xl, "amx conv2d")?;
+        let w = contiguous_bf16(ws, wl, "amx conv2d")?;
+        let bias = contiguous_bf16(bs, bl, "amx conv2d")?;
+        let ConvGeometry { stride, padding } = self.g;
+        let ho = (h + 2 * padding - kh) / stride + 1;
+        let wo = (wd + 2 * padding - kw) / stride + 1;
+        let p = ho * wo;
+        let k = cin * kh * kw;
+        let (kp, mp) = (k.next_multiple_of(KSTEP), cout.next_multiple_of(BLOCK));
+        let a: Cow<[u16]> = if (kp, mp) == (k, cout) {
+            Cow::Borrowed(w)
+        } else {
+            let mut a = vec![0u16; mp * kp];
+            for (dst, src) in a.chunks_mut(kp).zip(w.chunks(k)) {
+                dst[..k].copy_from_slice(src);
+            }
+            Cow::Owned(a)
+        };
+        // pixels per task: about 512 KiB of panels
+        let pb = ((256 << 10) / kp).clamp(BLOCK, 1024) / BLOCK * BLOCK;
+        let pb = pb.min(p.next_multiple_of(BLOCK));
+        let blocks = p.div_ceil(pb);
+        let mut out: Vec<u16> = Vec::with_capacity(b * cout * p);
+        let dst = SharedOut(out.as_mut_ptr());
+        let a = &a[..];
+        (0..b * blocks)
+            .into_par_iter()
+            .for_each_init(TileGuard::new, |_, task| {
+                let dst = dst;
+                let (bi, p0) = (task / blocks, (task % blocks) * pb);
+                let n = pb.min(p - p0);
+                let np = n.next_multiple_of(BLOCK);
+                let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
+                with_scratch(kp * np + 2 * np, |buf| {
+                    let (panels, rows) = buf.split_at_mut(kp * np);
+                    let (r0, r1) = rows.split_at_mut(np);
+                    // row pair (2 r2, 2 r2 + 1) of the patch matrix, interleaved into the panels
+                    for r2 in 0..kp / 2 {
+                        for (e, row) in [&mut *r0, &mut *r1].into_iter().enumerate() {
+                            let kk = 2 * r2 + e;
+                            row[n..].fill(0);
+                            if kk < k {
+                                let (c, ky, kx) = (kk / (kh * kw), (kk / kw) % kh, kk % kw);
+                                let plane = &xb[c * h * wd..(c + 1) * h * wd];
+                                patch_row(plane, h, wd, wo, ky, kx, self.g, p0, &mut row[..n], 0);
+                            } else {
+                                row[..n].fill(0);
+                            }
+                        }
+                        for q in 0..np / PANEL {
+                            let d = &mut panels[q * kp * PANEL + r2 * 2 * PANEL..][..2 * PANEL];
+                            let (s0, s1) = (&r0[q * PANEL..][..PANEL], &r1[q * PANEL..][..PANEL]);
+                            for j in 0..PANEL {
+                                d[2 * j] = s0[j];
+                                d[2 * j + 1] = s1[j];
+                            }
+                        }
+                    }
+                    let mut c = [0f32; 1024];
+                    for m0 in (0..cout).step_by(BLOCK) {
+                        for n0 in (0..n).step_by(BLOCK) {
+                            // SAFETY: a has mp >= m0 + 32 rows of kp values, panels two panels at
+                            // n0 * kp; this task owns out[bi, :, p0..p0+n].
+                            unsafe {
+                                amx::block(
+                                    kp,
+                                    a[m0 * kp..].as_ptr(),
+                                    kp,
+                                    panels[n0 * kp..].as_ptr(),
+                                    &mut c,
+                                );
+                                store(
+                                    &c,
+                                    dst.0.add(bi * cout * p + m0 * p + p0 + n0),
+                                    p,
+                                    BLOCK.min(cout - m0),
+                                    BLOCK.min(n - n0),
+                                    Bias::Rows(&bias[m0..]),
+                                );
+                            }
+                        }
+                    }
+                });
+            });
+        // SAFETY: the tasks wrote all b x cout x p values.
+        unsafe { out.set_len(b * cout * p) };
+        Ok((into_tensor_storage(out), Shape::from((b, cout, ho, wo))))
+    }
+}
+
+/// 2-D convolution (groups 1, dilation 1) of bf16 CPU tensors on AMX.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { g })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+                ((h >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    /// Largest difference between a bf16 result and the f32 reference computed from the same
+    /// bf16 inputs, in units of the reference's largest magnitude.
+    fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+        let got = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        got.iter()
+            .zip(&want)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
+            / scale
+    }
+
+    fn f32(t: &Tensor) -> Tensor {
+        t.to_dtype(DType::F32).unwrap()
+    }
+
+    #[test]
+    fn linear_matches_f32_on_the_same_bf16_inputs() {
+        if !amx::supported() {
+            // no AMX here: the layers must keep the f32 path
+            assert!(!handles(&[&rand(&[1], 0)]));
+            return;
+        }
+        // rows not a multiple of 32, outputs not a multiple of 32, with and without bias
+        for &(m, k, n, bias) in &[
+            (77usize, 64usize, 40usize, true),
+            (200, 96, 70, false),
+            (64, 32, 32, true),
+        ] {
+            let x = rand(&[2, m, k], 1);
+            let w = rand(&[n, k], 2);
+            let b = rand(&[n], 3);
+            let got = linear(&x, &w, bias.then_some(&b)).unwrap();
+            let want = candle_nn::Linear::new(f32(&w), bias.then(|| f32(&b)))
+                .forward(&f32(&x))
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = rel_diff(&got, &want);
+            // one bf16 rounding of the result: 2^-8 relative
+            assert!(d < 1.0 / 256.0, "({m}, {k}, {n}): {d}");
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_f32_on_the_same_bf16_inputs() {
+        if !amx::supported() {
+            assert!(!handles(&[&rand(&[1], 0)]));
+            return;
+        }
+        // (b, cin, h, w, cout, kernel, stride, padding): padded k (4*9) and cout (3), strided,
+        // 1x1, pixel counts not a multiple of 32
+        for &(b, cin, h, wd, cout, kk, s, pad) in &[
+            (
+                2usize, 4usize, 9usize, 7usize, 32usize, 3usize, 1usize, 1usize,
+            ),
+            (1, 32, 10, 10, 3, 3, 1, 1),
+            (2, 32, 9, 9, 64, 3, 2, 1),
+            (1, 64, 6, 5, 32, 1, 1, 0),
+        ] {
+            let x = rand(&[b, cin, h, wd], 4);
+            let w = rand(&[cout, cin, kk, kk], 5);
+            let bias = rand(&[cout], 6);
+            let g = ConvGeometry {
+                stride: s,
+                padding: pad,
+            };
+            let got = conv2d(&x, &w, &bias, g).unwrap();
+            let want = f32(&x)
+                .conv2d(&f32(&w), pad, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = rel_diff(&got, &want);
+            assert!(
+                d < 1.0 / 256.0,
+                "({b}, {cin}, {h}, {wd}, {cout}, {kk}): {d}"
+            );
+        }
+    }
+}
