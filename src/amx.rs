@@ -75,36 +75,55 @@ impl Drop for TileGuard {
     }
 }
 
-/// C (32 x 32 f32, row-major into `c`) = A (32 rows, `k` columns, row stride `lda`) x B (two
-/// consecutive VNNI panels starting at `b`, each `k * PANEL` elements). `k` is a multiple of
-/// [`KSTEP`].
+/// C (32 x 32 f32 at `c`, row stride `ldc`) = A (32 rows, `k` columns, row stride `lda`) x B
+/// (two consecutive VNNI panels starting at `b`, each `k * PANEL` elements). `k` is a
+/// multiple of [`KSTEP`].
 ///
 /// # Safety
 /// A [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k` values at stride
-/// `lda`, `b` has `2 * k * PANEL` readable values.
+/// `lda`, `b` has `2 * k * PANEL` readable values, `c` 32 writable rows of 32 at `ldc`.
 #[inline]
-pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: &mut [f32; 1024]) {
+pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize) {
     debug_assert_eq!(k % KSTEP, 0);
-    imp::block(k, a, lda, b, c);
+    imp::block(k, a, lda, b, c, ldc);
 }
 
-/// Packs B (k x n, element (r, j) at `src[r * rs + j * cs]`, k a multiple of [`KSTEP`]) into
-/// VNNI panels, with zero columns up to `n` rounded up to [`BLOCK`]. `dst` must hold
-/// `k * n.next_multiple_of(BLOCK)` values.
-pub fn pack_b(src: &[u16], k: usize, n: usize, rs: usize, cs: usize, dst: &mut [u16]) {
+/// Packs B (`kv` x `n`, element (r, j) at `src[r * rs + j * cs]`) into VNNI panels of depth
+/// `k` (a multiple of [`KSTEP`], at least `kv`), with zero rows from `kv` to `k` and zero
+/// columns up to `n` rounded up to [`BLOCK`]. `dst` must hold `k * n.next_multiple_of(BLOCK)`
+/// values.
+pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, dst: &mut [u16]) {
     let np = n.next_multiple_of(BLOCK);
-    assert!(dst.len() >= k * np);
-    for (p, panel) in dst[..k * np].chunks_mut(k * PANEL).enumerate() {
-        for (r2, row) in panel.chunks_mut(2 * PANEL).enumerate() {
-            for j in 0..PANEL {
-                let col = p * PANEL + j;
-                if col < n {
-                    row[2 * j] = src[2 * r2 * rs + col * cs];
-                    row[2 * j + 1] = src[(2 * r2 + 1) * rs + col * cs];
-                } else {
-                    row[2 * j] = 0;
-                    row[2 * j + 1] = 0;
-                }
+    assert!(dst.len() >= k * np && kv <= k && k % 2 == 0);
+    if n == 0 || kv == 0 {
+        dst[..k * np].fill(0);
+        return;
+    }
+    assert!((kv - 1) * rs + (n - 1) * cs < src.len());
+    let dst = &mut dst[..k * np];
+    if kv < k || n < np {
+        dst.fill(0);
+    }
+    // element (r, col) goes to panel col / 16, row r / 2, pair position col % 16, r % 2
+    let at = |r: usize, col: usize| {
+        (col / PANEL) * k * PANEL + (r / 2) * 2 * PANEL + (col % PANEL) * 2 + (r & 1)
+    };
+    // SAFETY (both loops): r < kv and col < n, so the source index is within the asserted
+    // bound and the destination index below k * np.
+    if cs == 1 {
+        // rows contiguous in the source: read row by row
+        for r in 0..kv {
+            for col in 0..n {
+                unsafe { *dst.get_unchecked_mut(at(r, col)) = *src.get_unchecked(r * rs + col) };
+            }
+        }
+    } else {
+        // columns contiguous (or neither): read column by column
+        for col in 0..n {
+            for r in 0..kv {
+                unsafe {
+                    *dst.get_unchecked_mut(at(r, col)) = *src.get_unchecked(r * rs + col * cs)
+                };
             }
         }
     }
@@ -168,7 +187,14 @@ mod imp {
     }
 
     #[inline]
-    pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: &mut [f32; 1024]) {
+    pub unsafe fn block(
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let sa = (lda * 2) as isize;
         let sb: isize = 64;
         let b1 = b.add(k * super::PANEL);
@@ -200,8 +226,7 @@ mod imp {
             );
             kk += super::KSTEP;
         }
-        let c = c.as_mut_ptr();
-        let sc: isize = 32 * 4;
+        let sc = (ldc * 4) as isize;
         asm!(
             "tilestored [{c0} + {sc}*1], tmm0",
             "tilestored [{c1} + {sc}*1], tmm1",
@@ -209,8 +234,8 @@ mod imp {
             "tilestored [{c3} + {sc}*1], tmm3",
             c0 = in(reg) c,
             c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
+            c2 = in(reg) c.add(16 * ldc),
+            c3 = in(reg) c.add(16 * ldc + 16),
             sc = in(reg) sc,
             options(nostack),
         );
@@ -224,7 +249,7 @@ mod imp {
     }
     pub unsafe fn load_config() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: usize, _: *const u16, _: usize, _: *const u16, _: &mut [f32; 1024]) {
+    pub unsafe fn block(_: usize, _: *const u16, _: usize, _: *const u16, _: *mut f32, _: usize) {
         unreachable!("AMX is x86_64 only")
     }
 }
@@ -263,17 +288,27 @@ mod tests {
         let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
         let bb = bits(&b);
         let mut packed = vec![0u16; k * n];
-        pack_b(&bb[5..], k, n, 40, 1, &mut packed);
-        let mut c = [0f32; 1024];
+        pack_b(&bb[5..], k, k, n, 40, 1, &mut packed);
+        // C into a wider matrix (row stride 50) to check the stride
+        let mut c = vec![f32::NAN; 32 * 50];
         let _g = TileGuard::new();
-        unsafe { block(k, bits(&a).as_ptr(), lda, packed.as_ptr(), &mut c) };
+        unsafe {
+            block(
+                k,
+                bits(&a).as_ptr(),
+                lda,
+                packed.as_ptr(),
+                c.as_mut_ptr(),
+                50,
+            )
+        };
         for i in 0..32 {
             for j in 0..n {
                 let want: f64 = (0..k)
                     .map(|kk| a[i * lda + kk].to_f64() * b[kk * 40 + 5 + j].to_f64())
                     .sum();
                 // inputs are multiples of 1/16 below 4: exact products, f32 sums exact too
-                assert_eq!(c[i * 32 + j] as f64, want, "({i}, {j})");
+                assert_eq!(c[i * 50 + j] as f64, want, "({i}, {j})");
             }
         }
     }

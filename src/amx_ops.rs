@@ -4,6 +4,7 @@
 //! f32 kernels (inputs widened) otherwise.
 
 use crate::amx::{self, TileGuard, BLOCK, KSTEP, PANEL};
+use crate::bf16_ops::{contiguous_bits, narrow_row, narrow_scaled_row, storage};
 use crate::kernels::{patch_row, ConvGeometry};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -31,18 +32,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
         }
         f(&mut buf[..len])
     })
-}
-
-/// The bf16 data, as bits, of a contiguous CPU tensor.
-fn contiguous_bf16<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u16]> {
-    let CpuStorage::BF16(v) = s else {
-        candle_core::bail!("{op}: bf16 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: inputs must be contiguous");
-    };
-    // SAFETY: bf16 is a transparent u16.
-    Ok(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr().cast::<u16>(), b - a) })
 }
 
 /// A raw output pointer shared by workers that write disjoint regions.
@@ -92,14 +81,6 @@ unsafe fn store(c: &[f32; 1024], dst: *mut u16, ld: usize, rows: usize, cols: us
     }
 }
 
-fn into_tensor_storage(out: Vec<u16>) -> CpuStorage {
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: bf16 is a transparent u16: same size, alignment and allocation.
-    let v =
-        unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<bf16>(), out.len(), out.capacity()) };
-    CpuStorage::BF16(v)
-}
-
 struct LinearOp {
     has_bias: bool,
 }
@@ -125,9 +106,9 @@ impl CustomOp3 for LinearOp {
         if !amx::supported() {
             candle_core::bail!("amx linear: this CPU or OS has no AMX-BF16");
         }
-        let x = contiguous_bf16(xs, xl, "amx linear")?;
-        let w = contiguous_bf16(ws, wl, "amx linear")?;
-        let bias = contiguous_bf16(bs, bl, "amx linear")?;
+        let x = contiguous_bits(xs, xl, "amx linear")?;
+        let w = contiguous_bits(ws, wl, "amx linear")?;
+        let bias = contiguous_bits(bs, bl, "amx linear")?;
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) || k % KSTEP != 0 {
@@ -141,6 +122,7 @@ impl CustomOp3 for LinearOp {
             .for_each(|(i, panels)| {
                 amx::pack_b(
                     &w[i * BLOCK * k..],
+                    k,
                     k,
                     BLOCK.min(n - i * BLOCK),
                     1,
@@ -186,7 +168,14 @@ impl CustomOp3 for LinearOp {
                                 // SAFETY: a has 32 rows of k values (row stride k), wp two panels
                                 // at n0 * k; the task owns output rows r0..r1.
                                 unsafe {
-                                    amx::block(k, a.as_ptr(), k, wp[n0 * k..].as_ptr(), &mut c);
+                                    amx::block(
+                                        k,
+                                        a.as_ptr(),
+                                        k,
+                                        wp[n0 * k..].as_ptr(),
+                                        c.as_mut_ptr(),
+                                        BLOCK,
+                                    );
                                     store(&c, dst.0.add(m0 * n + n0), n, rows, cols, b);
                                 }
                             }
@@ -198,7 +187,7 @@ impl CustomOp3 for LinearOp {
         unsafe { out.set_len(m * n) };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("at least one dim") = n;
-        Ok((into_tensor_storage(out), Shape::from(out_dims)))
+        Ok((storage(out), Shape::from(out_dims)))
     }
 }
 
@@ -249,9 +238,9 @@ impl CustomOp3 for Conv2dOp {
         if !amx::supported() {
             candle_core::bail!("amx conv2d: this CPU or OS has no AMX-BF16");
         }
-        let x = contiguous_bf16(xs, xl, "amx conv2d")?;
-        let w = contiguous_bf16(ws, wl, "amx conv2d")?;
-        let bias = contiguous_bf16(bs, bl, "amx conv2d")?;
+        let x = contiguous_bits(xs, xl, "amx conv2d")?;
+        let w = contiguous_bits(ws, wl, "amx conv2d")?;
+        let bias = contiguous_bits(bs, bl, "amx conv2d")?;
         let ConvGeometry { stride, padding } = self.g;
         let ho = (h + 2 * padding - kh) / stride + 1;
         let wo = (wd + 2 * padding - kw) / stride + 1;
@@ -318,7 +307,8 @@ impl CustomOp3 for Conv2dOp {
                                     a[m0 * kp..].as_ptr(),
                                     kp,
                                     panels[n0 * kp..].as_ptr(),
-                                    &mut c,
+                                    c.as_mut_ptr(),
+                                    BLOCK,
                                 );
                                 store(
                                     &c,
@@ -335,7 +325,7 @@ impl CustomOp3 for Conv2dOp {
             });
         // SAFETY: the tasks wrote all b x cout x p values.
         unsafe { out.set_len(b * cout * p) };
-        Ok((into_tensor_storage(out), Shape::from((b, cout, ho, wo))))
+        Ok((storage(out), Shape::from((b, cout, ho, wo))))
     }
 }
 
@@ -343,6 +333,164 @@ impl CustomOp3 for Conv2dOp {
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { g })
+}
+
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sdgen-attention-amx"
+    }
+
+    /// q (b, tq, heads x d), k (b, tk, heads x d), v (b, tk, heads x dv), the layout the
+    /// projections produce and the output projection takes (no head transposes). Each task
+    /// takes a range of query rows of one head: K^T and V of the head packed into panels
+    /// once, then per 32 rows the scores (f32) on the tiles, softmax in f32 (unnormalised,
+    /// then rounded to bf16 as torch does for its second product), the product with V on the
+    /// tiles, and the division by the row sums when the result is rounded to bf16.
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !amx::supported() {
+            candle_core::bail!("amx attention: this CPU or OS has no AMX-BF16");
+        }
+        let q = contiguous_bits(qs, ql, "amx attention")?;
+        let k = contiguous_bits(ks, kl, "amx attention")?;
+        let v = contiguous_bits(vs, vl, "amx attention")?;
+        let (b, tq, hd) = ql.shape().dims3()?;
+        let (_, tk, _) = kl.shape().dims3()?;
+        let (_, _, hdv) = vl.shape().dims3()?;
+        let h = self.heads;
+        let (d, dv) = (hd / h, hdv / h);
+        let (dp, tkp, dvp) = (
+            d.next_multiple_of(KSTEP),
+            tk.next_multiple_of(BLOCK),
+            dv.next_multiple_of(BLOCK),
+        );
+        // at least 4 tasks per thread: one head can be split into ranges of rows (each task
+        // packs the head's K and V again)
+        let threads = rayon::current_num_threads();
+        let chunks = (4 * threads).div_ceil(b * h).min(tq.div_ceil(BLOCK));
+        let chunk_rows = tq.div_ceil(chunks).next_multiple_of(BLOCK);
+        let mut out: Vec<u16> = Vec::with_capacity(b * tq * hdv);
+        let dst = SharedOut(out.as_mut_ptr());
+        let u16_len = dp * tkp + tkp * dvp + BLOCK * dp + BLOCK * tkp;
+        let f32_len = BLOCK * tkp + BLOCK * dvp;
+        (0..b * h * chunks)
+            .into_par_iter()
+            .for_each_init(TileGuard::new, |_, task| {
+                let dst = dst;
+                let (bi, hi, ci) = (task / (h * chunks), task / chunks % h, task % chunks);
+                let (r0, r1) = (ci * chunk_rows, ((ci + 1) * chunk_rows).min(tq));
+                if r0 >= r1 {
+                    return;
+                }
+                with_scratch(u16_len, |buf| {
+                    crate::kernels::with_scratch(f32_len, |fbuf| {
+                        let (kpan, rest) = buf.split_at_mut(dp * tkp);
+                        let (vpan, rest) = rest.split_at_mut(tkp * dvp);
+                        let (qblk, pblk) = rest.split_at_mut(BLOCK * dp);
+                        let (s, o) = fbuf.split_at_mut(BLOCK * tkp);
+                        // K^T: element (dim, key) of the head; V: element (key, j)
+                        let kh = &k[bi * tk * hd + hi * d..];
+                        amx::pack_b(kh, dp, d, tk, 1, hd, kpan);
+                        let vh = &v[bi * tk * hdv + hi * dv..];
+                        amx::pack_b(vh, tkp, tk, dv, hdv, 1, vpan);
+                        let mut inv = [0f32; BLOCK];
+                        for m0 in (r0..r1).step_by(BLOCK) {
+                            let rows = BLOCK.min(r1 - m0);
+                            for (i, qrow) in qblk.chunks_exact_mut(dp).enumerate() {
+                                if i < rows {
+                                    let src = &q[(bi * tq + m0 + i) * hd + hi * d..][..d];
+                                    qrow[..d].copy_from_slice(src);
+                                    qrow[d..].fill(0);
+                                } else {
+                                    qrow.fill(0);
+                                }
+                            }
+                            for n0 in (0..tkp).step_by(BLOCK) {
+                                // SAFETY: qblk is 32 x dp, kpan two panels at n0 * dp, s has
+                                // 32 rows of tkp >= n0 + 32.
+                                unsafe {
+                                    amx::block(
+                                        dp,
+                                        qblk.as_ptr(),
+                                        dp,
+                                        kpan[n0 * dp..].as_ptr(),
+                                        s[n0..].as_mut_ptr(),
+                                        tkp,
+                                    );
+                                }
+                            }
+                            for (i, (srow, prow)) in s
+                                .chunks_exact_mut(tkp)
+                                .zip(pblk.chunks_exact_mut(tkp))
+                                .enumerate()
+                            {
+                                if i < rows {
+                                    // the padded keys (zero scores) stay out of the softmax
+                                    inv[i] = 1.0
+                                        / crate::kernels::softmax_row(&mut srow[..tk], self.scale);
+                                    narrow_row(&srow[..tk], &mut prow[..tk]);
+                                    prow[tk..].fill(0);
+                                } else {
+                                    prow.fill(0);
+                                }
+                            }
+                            for n0 in (0..dvp).step_by(BLOCK) {
+                                // SAFETY: pblk is 32 x tkp, vpan two panels at n0 * tkp, o
+                                // has 32 rows of dvp >= n0 + 32.
+                                unsafe {
+                                    amx::block(
+                                        tkp,
+                                        pblk.as_ptr(),
+                                        tkp,
+                                        vpan[n0 * tkp..].as_ptr(),
+                                        o[n0..].as_mut_ptr(),
+                                        dvp,
+                                    );
+                                }
+                            }
+                            for (i, orow) in o.chunks_exact(dvp).take(rows).enumerate() {
+                                // SAFETY: this task owns rows r0..r1 of head hi of batch bi:
+                                // out[bi, m0 + i, hi * dv..(hi + 1) * dv].
+                                let out_row = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        dst.0.add((bi * tq + m0 + i) * hdv + hi * dv),
+                                        dv,
+                                    )
+                                };
+                                narrow_scaled_row(&orow[..dv], inv[i], out_row);
+                            }
+                        }
+                    })
+                });
+            });
+        // SAFETY: the tasks wrote all b x tq x heads x dv values.
+        unsafe { out.set_len(b * tq * hdv) };
+        Ok((storage(out), Shape::from((b, tq, hdv))))
+    }
+}
+
+/// softmax(q k^T / sqrt(d)) v for bf16 CPU tensors on AMX, heads side by side in the last
+/// dim: q (b, tq, heads x d), k (b, tk, heads x d), v (b, tk, heads x dv) -> (b, tq, heads x dv).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = q.dim(2)? / heads;
+    let op = AttentionOp {
+        heads,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 #[cfg(test)]
@@ -449,6 +597,53 @@ mod tests {
             assert!(
                 d < 1.0 / 256.0,
                 "({b}, {cin}, {h}, {wd}, {cout}, {kk}): {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn attention_matches_f32_on_the_same_bf16_inputs() {
+        if !amx::supported() {
+            assert!(!handles(&[&rand(&[1], 0)]));
+            return;
+        }
+        // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64), keys not a multiple of 32 (77),
+        // queries not a multiple of 32, one head of 64 (the VAE's shape)
+        for &(b, h, tq, tk, d, dv) in &[
+            (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
+            (1, 3, 33, 100, 8, 16),
+            (1, 1, 200, 200, 64, 64),
+        ] {
+            // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
+            let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();
+            let k = rand(&[b, tk, h * d], 8);
+            let v = rand(&[b, tk, h * dv], 9);
+            let got = attention(&q, &k, &v, h).unwrap();
+            let split = |t: &Tensor, dim: usize| {
+                let (b, n, _) = t.dims3().unwrap();
+                f32(t)
+                    .reshape((b, n, h, dim))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let want = crate::models::attention::plain_attention(
+                &split(&q, d),
+                &split(&k, d),
+                &split(&v, dv),
+            )
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, tq, h * dv))
+            .unwrap();
+            let d_rel = rel_diff(&got, &want);
+            // probabilities and result each rounded to bf16 once
+            assert!(
+                d_rel < 1.0 / 128.0,
+                "({b}, {h}, {tq}, {tk}, {d}, {dv}): {d_rel}"
             );
         }
     }

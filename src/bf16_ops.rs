@@ -43,18 +43,55 @@ fn add_scalar_body(a: &[u16], s: f32, out: &mut [u16]) {
     }
 }
 
+/// dst <- src widened to f32.
+#[inline(always)]
+fn widen_body(src: &[u16], dst: &mut [f32]) {
+    for (o, &x) in dst.iter_mut().zip(src) {
+        *o = widen(x);
+    }
+}
+
+simd_dispatch!(pub(crate) widen_row => widen_body(src: &[u16], dst: &mut [f32]) -> ());
+
+/// dst <- src rounded to bf16.
+#[inline(always)]
+fn narrow_body(src: &[f32], dst: &mut [u16]) {
+    for (o, &x) in dst.iter_mut().zip(src) {
+        *o = narrow(x);
+    }
+}
+
+/// dst <- src * s rounded to bf16.
+#[inline(always)]
+fn narrow_scaled_body(src: &[f32], s: f32, dst: &mut [u16]) {
+    for (o, &x) in dst.iter_mut().zip(src) {
+        *o = narrow(x * s);
+    }
+}
+
+simd_dispatch!(pub(crate) narrow_row => narrow_body(src: &[f32], dst: &mut [u16]) -> ());
+simd_dispatch!(pub(crate) narrow_scaled_row => narrow_scaled_body(src: &[f32], s: f32, dst: &mut [u16]) -> ());
 simd_dispatch!(add_rows => add_body(a: &[u16], b: &[u16], out: &mut [u16]) -> ());
 simd_dispatch!(add_scalar_rows => add_scalar_body(a: &[u16], s: f32, out: &mut [u16]) -> ());
 
-fn bits<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u16]> {
+/// The bf16 data, as bits, of a contiguous CPU tensor.
+pub(crate) fn contiguous_bits<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u16]> {
     let CpuStorage::BF16(v) = s else {
-        candle_core::bail!("bf16 add: bf16 only");
+        candle_core::bail!("{op}: bf16 only");
     };
     let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("bf16 add: inputs must be contiguous");
+        candle_core::bail!("{op}: inputs must be contiguous");
     };
     // SAFETY: bf16 is a transparent u16.
     Ok(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr().cast::<u16>(), b - a) })
+}
+
+/// A bf16 storage from bits, without a copy.
+pub(crate) fn storage(bits: Vec<u16>) -> CpuStorage {
+    let mut v = std::mem::ManuallyDrop::new(bits);
+    // SAFETY: bf16 is a transparent u16: same size, alignment and allocation.
+    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<bf16>(), v.len(), v.capacity()) };
+    CpuStorage::BF16(v)
 }
 
 /// a + b where b has a's shape, or one value per leading row of a (b's elements divide a's:
@@ -73,7 +110,10 @@ impl CustomOp2 for Add {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (bits(s1, l1)?, bits(s2, l2)?);
+        let (a, b) = (
+            contiguous_bits(s1, l1, "bf16 add")?,
+            contiguous_bits(s2, l2, "bf16 add")?,
+        );
         let mut out = vec![0u16; a.len()];
         const CHUNK: usize = 1 << 14;
         if a.len() == b.len() {
@@ -86,12 +126,7 @@ impl CustomOp2 for Add {
                 .zip(a.par_chunks(row).zip(b.par_iter()))
                 .for_each(|(o, (x, &y))| add_scalar_rows(x, widen(y), o));
         }
-        let mut out = std::mem::ManuallyDrop::new(out);
-        // SAFETY: bf16 is a transparent u16: same size, alignment and allocation.
-        let v = unsafe {
-            Vec::from_raw_parts(out.as_mut_ptr().cast::<bf16>(), out.len(), out.capacity())
-        };
-        Ok((CpuStorage::BF16(v), l1.shape().clone()))
+        Ok((storage(out), l1.shape().clone()))
     }
 }
 

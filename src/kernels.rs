@@ -20,8 +20,8 @@ const ROWS: usize = 64;
 /// CPU has them, else as built. Each lane computes the same operations in the same order
 /// whatever the width, so all three give the same results.
 macro_rules! simd_dispatch {
-    ($name:ident => $body:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
-        fn $name($($arg: $ty),*) -> $ret {
+    ($vis:vis $name:ident => $body:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -111,7 +111,7 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
     acc.iter().sum::<f32>() + tail_sum
 }
 
-simd_dispatch!(softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
+simd_dispatch!(pub(crate) softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
 
 /// C (m x n, row stride `ldc`) = A (m x k, row stride `lda`) x B, plus C's values when
 /// `accumulate`; B (k x n) is given by its row and column strides. The `gemm` crate's call with
@@ -391,6 +391,27 @@ mod tests {
                 diff < 1e-4,
                 "{cin}->{cout} {h}x{w} k{k} s{stride} p{padding}: {diff}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_of_bf16_is_the_f32_result_rounded() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let bf16 = candle_core::DType::BF16;
+        let x = (Tensor::randn(0f32, 2.0, (2, 8, 5, 7), &dev)? + 0.5)?.to_dtype(bf16)?;
+        let w = Tensor::randn(1f32, 0.2, 8, &dev)?;
+        let b = Tensor::randn(0f32, 0.2, 8, &dev)?;
+        for silu in [false, true] {
+            let got = group_norm(&x, 4, &w, &b, 1e-5, silu)?;
+            assert_eq!(got.dtype(), bf16);
+            let want = group_norm(&x.to_dtype(candle_core::DType::F32)?, 4, &w, &b, 1e-5, silu)?
+                .to_dtype(bf16)?;
+            let same = got
+                .eq(&want)?
+                .to_dtype(candle_core::DType::F32)?
+                .mean_all()?;
+            assert_eq!(same.to_scalar::<f32>()?, 1.0, "silu {silu}");
         }
         Ok(())
     }
@@ -705,24 +726,49 @@ impl CustomOp3 for GroupNormOp {
         let dims = xl.shape().dims().to_vec();
         let c = dims[1];
         let hw: usize = dims[2..].iter().product();
-        let x = contiguous_f32(xs, xl, "group norm kernel")?;
         let w = contiguous_f32(ws, wl, "group norm kernel")?;
         let bias = contiguous_f32(bs, bl, "group norm kernel")?;
         let g = self.groups;
         let cpg = c / g;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(cpg * hw).enumerate().for_each(|(i, o)| {
-            let gi = i % g;
-            let src = &x[i * cpg * hw..(i + 1) * cpg * hw];
+        // the per-channel scale and shift of group gi from its values
+        let affine = |gi: usize, src: &[f32]| {
             let (sum, sq) = sum_and_squares(src);
             let n = src.len() as f64;
             let mean = sum / n;
             let var = (sq / n - mean * mean).max(0.0);
             let rstd = 1.0 / (var + self.eps).sqrt();
-            for ch in 0..cpg {
+            move |ch: usize| {
                 let cc = gi * cpg + ch;
                 let a = (w[cc] as f64 * rstd) as f32;
                 let bb = (bias[cc] as f64 - mean * rstd * w[cc] as f64) as f32;
+                (a, bb)
+            }
+        };
+        if let CpuStorage::BF16(_) = xs {
+            // bf16 in and out: each group widened into scratch, normalised, rounded back
+            let x = crate::bf16_ops::contiguous_bits(xs, xl, "group norm kernel")?;
+            let mut out = vec![0u16; x.len()];
+            out.par_chunks_mut(cpg * hw).enumerate().for_each(|(i, o)| {
+                with_scratch(cpg * hw + hw, |buf| {
+                    let (wide, tmp) = buf.split_at_mut(cpg * hw);
+                    crate::bf16_ops::widen_row(&x[i * cpg * hw..(i + 1) * cpg * hw], wide);
+                    let ab = affine(i % g, wide);
+                    for ch in 0..cpg {
+                        let (a, bb) = ab(ch);
+                        normalize(&wide[ch * hw..(ch + 1) * hw], tmp, a, bb, self.silu);
+                        crate::bf16_ops::narrow_row(tmp, &mut o[ch * hw..(ch + 1) * hw]);
+                    }
+                });
+            });
+            return Ok((crate::bf16_ops::storage(out), xl.shape().clone()));
+        }
+        let x = contiguous_f32(xs, xl, "group norm kernel")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cpg * hw).enumerate().for_each(|(i, o)| {
+            let src = &x[i * cpg * hw..(i + 1) * cpg * hw];
+            let ab = affine(i % g, src);
+            for ch in 0..cpg {
+                let (a, bb) = ab(ch);
                 normalize(
                     &src[ch * hw..(ch + 1) * hw],
                     &mut o[ch * hw..(ch + 1) * hw],
@@ -736,7 +782,8 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
-/// GroupNorm (+ SiLU when `silu`) of an f32 CPU tensor (b, c, ...).
+/// GroupNorm (+ SiLU when `silu`) of an f32 or bf16 CPU tensor (b, c, ...); weight and bias
+/// f32.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,

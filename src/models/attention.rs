@@ -50,9 +50,19 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let (b, t, _) = xs.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        if crate::amx_ops::handles(&[&q, &k, &v]) {
+            // heads stay side by side: no transposes
+            let out = crate::amx_ops::attention(&q, &k, &v, self.heads)?;
+            return self.to_out.forward(&out);
+        }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
         let out = scaled_dot_product_attention(&q, &k, &v)?;
         let out = out
             .transpose(1, 2)?

@@ -58,11 +58,18 @@ impl VaeAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let heads = |y: Tensor| y.unsqueeze(1); // one head of dim c
-        let q = heads(self.to_q.forward(&t)?)?;
-        let k = heads(self.to_k.forward(&t)?)?;
-        let v = heads(self.to_v.forward(&t)?)?;
-        let a = scaled_dot_product_attention(&q, &k, &v)?.squeeze(1)?;
+        let (q, k, v) = (
+            self.to_q.forward(&t)?,
+            self.to_k.forward(&t)?,
+            self.to_v.forward(&t)?,
+        );
+        // one head of dim c
+        let a = if crate::amx_ops::handles(&[&q, &k, &v]) {
+            crate::amx_ops::attention(&q, &k, &v, 1)?
+        } else {
+            let heads = |y: Tensor| y.unsqueeze(1);
+            scaled_dot_product_attention(&heads(q)?, &heads(k)?, &heads(v)?)?.squeeze(1)?
+        };
         let a = self.to_out.forward(&a)?;
         let a = a.transpose(1, 2)?.reshape((b, c, h, w))?;
         crate::bf16_ops::add(&a, x)
