@@ -29,6 +29,34 @@ pub(crate) fn narrow(f: f32) -> u16 {
     }
 }
 
+/// A value the elementwise kernels read and write as f32: f32 itself, or bf16 bits.
+pub(crate) trait Element: Copy {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        widen(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        narrow(v)
+    }
+}
+
 #[inline(always)]
 fn add_body(a: &[u16], b: &[u16], out: &mut [u16]) {
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
@@ -69,6 +97,24 @@ fn narrow_scaled_body(src: &[f32], s: f32, dst: &mut [u16]) {
     }
 }
 
+/// dst <- (src + s) rounded to bf16.
+#[inline(always)]
+fn narrow_shifted_body(src: &[f32], s: f32, dst: &mut [u16]) {
+    for (o, &x) in dst.iter_mut().zip(src) {
+        *o = narrow(x + s);
+    }
+}
+
+/// dst <- (src + bias) rounded to bf16, bias given as bf16 bits.
+#[inline(always)]
+fn narrow_biased_body(src: &[f32], bias: &[u16], dst: &mut [u16]) {
+    for ((o, &x), &b) in dst.iter_mut().zip(src).zip(bias) {
+        *o = narrow(x + widen(b));
+    }
+}
+
+simd_dispatch!(pub(crate) narrow_shifted_row => narrow_shifted_body(src: &[f32], s: f32, dst: &mut [u16]) -> ());
+simd_dispatch!(pub(crate) narrow_biased_row => narrow_biased_body(src: &[f32], bias: &[u16], dst: &mut [u16]) -> ());
 simd_dispatch!(pub(crate) narrow_row => narrow_body(src: &[f32], dst: &mut [u16]) -> ());
 simd_dispatch!(pub(crate) narrow_scaled_row => narrow_scaled_body(src: &[f32], s: f32, dst: &mut [u16]) -> ());
 simd_dispatch!(add_rows => add_body(a: &[u16], b: &[u16], out: &mut [u16]) -> ());

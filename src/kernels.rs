@@ -8,6 +8,7 @@
 //! applies softmax in place with a polynomial exp that the compiler vectorises, and multiplies
 //! by V straight into the output.
 
+use crate::bf16_ops::Element;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -417,6 +418,22 @@ mod tests {
     }
 
     #[test]
+    fn geglu_of_bf16_is_the_f32_result_rounded() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let bf16 = candle_core::DType::BF16;
+        let h = Tensor::randn(0f32, 3.0, (2, 37, 2 * 40), &dev)?.to_dtype(bf16)?;
+        let got = geglu(&h)?;
+        assert_eq!(got.dtype(), bf16);
+        let want = geglu(&h.to_dtype(candle_core::DType::F32)?)?.to_dtype(bf16)?;
+        let same = got
+            .eq(&want)?
+            .to_dtype(candle_core::DType::F32)?
+            .mean_all()?;
+        assert_eq!(same.to_scalar::<f32>()?, 1.0);
+        Ok(())
+    }
+
+    #[test]
     fn exp_approx_is_accurate() {
         let mut worst = 0f32;
         let mut x = -80.0f32;
@@ -810,19 +827,33 @@ fn erf_approx(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn geglu_body(h: &[f32], out: &mut [f32], inner: usize) {
+fn geglu_body<T: Element>(h: &[T], out: &mut [T], inner: usize) {
     for (row_in, row_out) in h.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
         let (hidden, gate) = row_in.split_at(inner);
         for ((o, &x), &g) in row_out.iter_mut().zip(hidden).zip(gate) {
-            *o = x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2)));
+            let (x, g) = (x.to_f32(), g.to_f32());
+            *o = T::from_f32(
+                x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2))),
+            );
         }
     }
 }
 
-simd_dispatch!(geglu_rows => geglu_body(h: &[f32], out: &mut [f32], inner: usize) -> ());
+#[inline(always)]
+fn geglu_body_f32(h: &[f32], out: &mut [f32], inner: usize) {
+    geglu_body(h, out, inner)
+}
+
+#[inline(always)]
+fn geglu_body_bf16(h: &[u16], out: &mut [u16], inner: usize) {
+    geglu_body(h, out, inner)
+}
+
+simd_dispatch!(geglu_rows => geglu_body_f32(h: &[f32], out: &mut [f32], inner: usize) -> ());
+simd_dispatch!(geglu_rows_bf16 => geglu_body_bf16(h: &[u16], out: &mut [u16], inner: usize) -> ());
 
 /// diffusers' GEGLU after its projection: hidden * gelu(gate) (exact-erf GELU), where the last
-/// dimension of the input is [hidden | gate].
+/// dimension of the input is [hidden | gate]; f32, or bf16 computed in f32.
 struct Geglu;
 
 impl candle_core::CustomOp1 for Geglu {
@@ -831,22 +862,30 @@ impl candle_core::CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = contiguous_f32(s, l, "geglu kernel")?;
         let dims = l.shape().dims();
         let inner = dims[dims.len() - 1] / 2;
-        let rows = h.len() / (2 * inner);
-        let mut out = vec![0f32; rows * inner];
         let per_task = (1 << 14) / inner.max(1) + 1;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("at least one dim") = inner;
+        if let CpuStorage::BF16(_) = s {
+            let h = crate::bf16_ops::contiguous_bits(s, l, "geglu kernel")?;
+            let mut out = vec![0u16; h.len() / 2];
+            out.par_chunks_mut(per_task * inner)
+                .zip(h.par_chunks(per_task * 2 * inner))
+                .for_each(|(o, src)| geglu_rows_bf16(src, o, inner));
+            return Ok((crate::bf16_ops::storage(out), Shape::from(shape)));
+        }
+        let h = contiguous_f32(s, l, "geglu kernel")?;
+        let mut out = vec![0f32; h.len() / 2];
         out.par_chunks_mut(per_task * inner)
             .zip(h.par_chunks(per_task * 2 * inner))
             .for_each(|(o, src)| geglu_rows(src, o, inner));
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("at least one dim") = inner;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
 
-/// hidden * gelu_erf(gate) for an f32 CPU tensor whose last dimension is [hidden | gate].
+/// hidden * gelu_erf(gate) for an f32 or bf16 CPU tensor whose last dimension is
+/// [hidden | gate].
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     h.contiguous()?.apply_op1_no_bwd(&Geglu)
 }

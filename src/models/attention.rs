@@ -133,9 +133,11 @@ impl FeedForward {
     fn forward_all(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
         if on_cpu(&h) {
-            return self
-                .out
-                .forward(&in_f32(&[&h], |t| crate::kernels::geglu(&t[0]))?);
+            return self.out.forward(&if h.dtype() == DType::BF16 {
+                crate::kernels::geglu(&h)?
+            } else {
+                in_f32(&[&h], |t| crate::kernels::geglu(&t[0]))?
+            });
         }
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;
