@@ -437,15 +437,18 @@ impl CustomOp3 for AttentionOp {
                                 }
                             }
                             for (i, (srow, prow)) in s
-                                .chunks_exact_mut(tkp)
+                                .chunks_exact(tkp)
                                 .zip(pblk.chunks_exact_mut(tkp))
                                 .enumerate()
                             {
                                 if i < rows {
                                     // the padded keys (zero scores) stay out of the softmax
                                     inv[i] = 1.0
-                                        / crate::kernels::softmax_row(&mut srow[..tk], self.scale);
-                                    narrow_row(&srow[..tk], &mut prow[..tk]);
+                                        / crate::kernels::softmax_row_bf16(
+                                            &srow[..tk],
+                                            self.scale,
+                                            &mut prow[..tk],
+                                        );
                                     prow[tk..].fill(0);
                                 } else {
                                     prow.fill(0);

@@ -74,10 +74,9 @@ fn exp_approx(x: f32) -> f32 {
     y * pow2n
 }
 
-/// In place: row <- exp((row - max) * scale); returns the row's sum. The reductions use 16
-/// independent lanes so that they vectorise (a single running sum would serialise them).
+/// The largest value of a row, over 16 independent lanes (vectorises).
 #[inline(always)]
-fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
+fn row_max(row: &[f32]) -> f32 {
     const L: usize = 16;
     let mut m = [f32::NEG_INFINITY; L];
     let chunks = row.chunks_exact(L);
@@ -94,7 +93,15 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
     for &v in tail {
         max = if v > max { v } else { max };
     }
-    let shift = max * scale;
+    max
+}
+
+/// In place: row <- exp((row - max) * scale); returns the row's sum. The reductions use 16
+/// independent lanes so that they vectorise (a single running sum would serialise them).
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
+    const L: usize = 16;
+    let shift = row_max(row) * scale;
     // exp and the sum in one pass
     let mut acc = [0f32; L];
     let mut chunks = row.chunks_exact_mut(L);
@@ -112,6 +119,33 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
     acc.iter().sum::<f32>() + tail_sum
 }
 
+/// As [`softmax_row_body`], writing the exps rounded to bf16 into `out` (the row is left as
+/// it was); the sum is of the f32 values.
+#[inline(always)]
+fn softmax_row_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
+    const L: usize = 16;
+    let shift = row_max(row) * scale;
+    let mut acc = [0f32; L];
+    let chunks = row.chunks_exact(L);
+    let tail = chunks.remainder();
+    let mut outs = out.chunks_exact_mut(L);
+    for (c, o) in chunks.zip(&mut outs) {
+        for i in 0..L {
+            let e = exp_approx(c[i].mul_add(scale, -shift));
+            o[i] = crate::bf16_ops::narrow(e);
+            acc[i] += e;
+        }
+    }
+    let mut tail_sum = 0f32;
+    for (&v, o) in tail.iter().zip(outs.into_remainder()) {
+        let e = exp_approx(v.mul_add(scale, -shift));
+        *o = crate::bf16_ops::narrow(e);
+        tail_sum += e;
+    }
+    acc.iter().sum::<f32>() + tail_sum
+}
+
+simd_dispatch!(pub(crate) softmax_row_bf16 => softmax_row_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32);
 simd_dispatch!(pub(crate) softmax_row => softmax_row_body(row: &mut [f32], scale: f32) -> f32);
 
 /// C (m x n, row stride `ldc`) = A (m x k, row stride `lda`) x B, plus C's values when
