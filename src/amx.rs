@@ -155,6 +155,21 @@ pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, 
                 unsafe { *dst.get_unchecked_mut(at(r, col)) = *src.get_unchecked(r * rs + col) };
             }
         }
+    } else if rs == 1 && kv % 2 == 0 {
+        // columns contiguous (a weight row per column): the pairs move as 32-bit words
+        for col in 0..n {
+            let s = src[col * cs..col * cs + kv].as_ptr();
+            for r2 in 0..kv / 2 {
+                // SAFETY: 2 r2 + 1 < kv values from s; at(2 r2, col) + 1 < k * np.
+                unsafe {
+                    let pair = s.add(2 * r2).cast::<u32>().read_unaligned();
+                    dst.as_mut_ptr()
+                        .add(at(2 * r2, col))
+                        .cast::<u32>()
+                        .write_unaligned(pair);
+                }
+            }
+        }
     } else {
         // columns contiguous (or neither): read column by column
         for col in 0..n {
