@@ -40,7 +40,7 @@ impl Attention {
         })
     }
 
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+    fn split_heads(&self, xs: Tensor) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         xs.reshape((b, t, self.heads, self.dim_head))?
             .transpose(1, 2)?
@@ -56,12 +56,15 @@ impl Attention {
         if crate::amx_ops::handles(&[&q, &k, &v]) {
             // heads stay side by side: no transposes
             let out = crate::amx_ops::attention(&q, &k, &v, self.heads)?;
+            drop((q, k, v));
             return self.to_out.forward(&out);
         }
+        // each projection is dropped once split (they would otherwise live to the end of the
+        // function: 31 MB more peak RSS at 64x64 latents in f32)
         let (q, k, v) = (
-            self.split_heads(&q)?,
-            self.split_heads(&k)?,
-            self.split_heads(&v)?,
+            self.split_heads(q)?,
+            self.split_heads(k)?,
+            self.split_heads(v)?,
         );
         let out = scaled_dot_product_attention(&q, &k, &v)?;
         let out = out
