@@ -82,6 +82,9 @@ struct LinearOp {
     has_bias: bool,
 }
 
+/// The linear layers' packed weights (one layer at a time: the lock is held for the call).
+static PACKED_WEIGHTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "sdgen-linear-amx"
@@ -113,7 +116,14 @@ impl CustomOp3 for LinearOp {
         }
         let m = x.len() / k;
         let np = n.next_multiple_of(BLOCK);
-        let mut wp = vec![0u16; k * np];
+        // the packed weights go to a buffer kept between calls (up to 26 MB for the 1280 ->
+        // 10240 projection): a fresh zeroed one per call was a memset of every linear
+        // layer's weights every step; pack_b writes every value it is given
+        let mut packed = PACKED_WEIGHTS.lock().unwrap_or_else(|e| e.into_inner());
+        if packed.len() < k * np {
+            packed.resize(k * np, 0);
+        }
+        let wp = &mut packed[..k * np];
         wp.par_chunks_mut(k * BLOCK)
             .enumerate()
             .for_each(|(i, panels)| {
@@ -134,7 +144,7 @@ impl CustomOp3 for LinearOp {
         let task_rows = row_blocks.div_ceil(4 * threads).max(1) * BLOCK;
         // columns per chunk: about 512 KiB of packed weights, reused by all the task's rows
         let chunk = ((256 << 10) / k).max(BLOCK) / BLOCK * BLOCK;
-        let wp = &wp;
+        let wp = &*wp;
         (0..m.div_ceil(task_rows))
             .into_par_iter()
             .for_each_init(TileGuard::new, |_, t| {
