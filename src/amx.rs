@@ -75,55 +75,37 @@ impl Drop for TileGuard {
     }
 }
 
-/// One 32 x 32 block of C = A x B (+ C when `accumulate`) on the tiles: f32 C at `c` (row
-/// stride `ldc`), A 32 rows of `k` bf16 values at `a` (row stride `lda`), B two VNNI panels,
-/// the first at `b`, the second `panel` values further; `k` a multiple of [`KSTEP`]. A
-/// product over part of the depth uses a panel's rows from that depth on: `b` is then
-/// `k0 * PANEL` values into the panel and `panel` the whole panel's length.
-#[derive(Clone, Copy)]
-pub struct Block {
-    pub k: usize,
-    pub a: *const u16,
-    pub lda: usize,
-    pub b: *const u16,
-    pub panel: usize,
-    pub c: *mut f32,
-    pub ldc: usize,
-    pub accumulate: bool,
-}
-
-impl Block {
-    /// Runs the block.
-    ///
-    /// # Safety
-    /// A [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k` values at stride
-    /// `lda`, `b` and `b + panel` have `k * PANEL` readable values each, `c` 32 writable (and
-    /// readable when accumulating) rows of 32 values at stride `ldc`.
-    #[inline]
-    pub unsafe fn run(&self) {
-        debug_assert_eq!(self.k % KSTEP, 0);
-        imp::block(self);
-    }
-}
-
 /// C (32 x 32 f32 at `c`, row stride `ldc`) = A (32 rows, `k` columns, row stride `lda`) x B
-/// (two consecutive VNNI panels of depth `k` starting at `b`).
+/// (two consecutive VNNI panels of depth `k` starting at `b`); `k` a multiple of [`KSTEP`].
 ///
 /// # Safety
-/// As [`Block::run`].
+/// A [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k` values at stride
+/// `lda`, `b` has `2 * k * PANEL` readable values, `c` 32 writable rows of 32 values at
+/// stride `ldc`.
 #[inline]
 pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize) {
-    Block {
-        k,
-        a,
-        lda,
-        b,
-        panel: k * PANEL,
-        c,
-        ldc,
-        accumulate: false,
+    debug_assert_eq!(k % KSTEP, 0);
+    imp::block(k, a, lda, b, c, ldc);
+}
+
+/// The blocks of C's 32 rows and `n` columns (a multiple of [`BLOCK`]): [`block`] for the
+/// panels at `b` (row stride `ldc` in C).
+///
+/// # Safety
+/// As [`block`] for each 32 columns: `b` has `k * n` values, `c` 32 rows of `n` values.
+#[inline]
+pub unsafe fn block_row(
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    for n0 in (0..n).step_by(BLOCK) {
+        block(k, a, lda, b.add(n0 * k), c.add(n0), ldc);
     }
-    .run();
 }
 
 /// Packs B (`kv` x `n`, element (r, j) at `src[r * rs + j * cs]`) into VNNI panels of depth
@@ -268,46 +250,27 @@ mod imp {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// See `super::Block`.
     #[inline]
-    pub unsafe fn block(g: &super::Block) {
-        let super::Block {
-            k,
-            a,
-            lda,
-            b,
-            panel,
-            c,
-            ldc,
-            accumulate,
-        } = *g;
+    pub unsafe fn block(
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let sa = (lda * 2) as isize;
         let sb: isize = 64;
         let sc = (ldc * 4) as isize;
-        let b1 = b.add(panel);
+        let b1 = b.add(k * super::PANEL);
         let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        if accumulate {
-            asm!(
-                "tileloadd tmm0, [{c0} + {sc}*1]",
-                "tileloadd tmm1, [{c1} + {sc}*1]",
-                "tileloadd tmm2, [{c2} + {sc}*1]",
-                "tileloadd tmm3, [{c3} + {sc}*1]",
-                c0 = in(reg) c,
-                c1 = in(reg) c1,
-                c2 = in(reg) c2,
-                c3 = in(reg) c3,
-                sc = in(reg) sc,
-                options(nostack, readonly),
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
         let mut kk = 0;
         while kk < k {
             asm!(
@@ -353,7 +316,7 @@ mod imp {
     }
     pub unsafe fn load_config() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: &super::Block) {
+    pub unsafe fn block(_: usize, _: *const u16, _: usize, _: *const u16, _: *mut f32, _: usize) {
         unreachable!("AMX is x86_64 only")
     }
 }

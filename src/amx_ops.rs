@@ -432,19 +432,17 @@ impl CustomOp3 for AttentionOp {
                                     qrow.fill(0);
                                 }
                             }
-                            for n0 in (0..tkp).step_by(BLOCK) {
-                                // SAFETY: qblk is 32 x dp, kpan two panels at n0 * dp, s has
-                                // 32 rows of tkp >= n0 + 32.
-                                unsafe {
-                                    amx::block(
-                                        dp,
-                                        qblk.as_ptr(),
-                                        dp,
-                                        kpan[n0 * dp..].as_ptr(),
-                                        s[n0..].as_mut_ptr(),
-                                        tkp,
-                                    );
-                                }
+                            // SAFETY: qblk is 32 x dp, kpan dp x tkp in panels, s 32 x tkp.
+                            unsafe {
+                                amx::block_row(
+                                    dp,
+                                    qblk.as_ptr(),
+                                    dp,
+                                    kpan.as_ptr(),
+                                    tkp,
+                                    s.as_mut_ptr(),
+                                    tkp,
+                                );
                             }
                             for (i, (srow, prow)) in s
                                 .chunks_exact(tkp)
@@ -464,19 +462,17 @@ impl CustomOp3 for AttentionOp {
                                     prow.fill(0);
                                 }
                             }
-                            for n0 in (0..dvp).step_by(BLOCK) {
-                                // SAFETY: pblk is 32 x tkp, vpan two panels at n0 * tkp, o
-                                // has 32 rows of dvp >= n0 + 32.
-                                unsafe {
-                                    amx::block(
-                                        tkp,
-                                        pblk.as_ptr(),
-                                        tkp,
-                                        vpan[n0 * tkp..].as_ptr(),
-                                        o[n0..].as_mut_ptr(),
-                                        dvp,
-                                    );
-                                }
+                            // SAFETY: pblk is 32 x tkp, vpan tkp x dvp in panels, o 32 x dvp.
+                            unsafe {
+                                amx::block_row(
+                                    tkp,
+                                    pblk.as_ptr(),
+                                    tkp,
+                                    vpan.as_ptr(),
+                                    dvp,
+                                    o.as_mut_ptr(),
+                                    dvp,
+                                );
                             }
                             for (i, orow) in o.chunks_exact(dvp).take(rows).enumerate() {
                                 // SAFETY: this task owns rows r0..r1 of head hi of batch bi:

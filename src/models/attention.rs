@@ -75,7 +75,9 @@ impl Attention {
 }
 
 /// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors: the fused CPU kernel on
-/// the CPU (see `kernels`; f32, other types widened), else the plain composition of candle ops.
+/// the CPU (see `kernels`; f32, other types widened; bf16 on AMX goes through
+/// `amx_ops::attention` in `Attention::forward` instead), else the plain composition of
+/// candle ops.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if on_cpu(q) {
         return in_f32(&[q, k, v], |t| {

@@ -1,6 +1,7 @@
 //! The building blocks of the U-Net and the VAE decoder with diffusers' parameter names:
 //! linear layer, convolution and GroupNorm that use sdgen's CPU kernels on the CPU (see
-//! `kernels`; f32, other types widened) and candle's ops elsewhere, and `ResnetBlock2D`.
+//! `kernels`; bf16 on AMX tiles where the CPU has them, see `amx_ops`; other types widened to
+//! f32) and candle's ops elsewhere, and `ResnetBlock2D`.
 
 use crate::amx_ops;
 use crate::bf16_ops::add;
@@ -8,12 +9,13 @@ use crate::kernels::{self, ConvGeometry};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Whether a layer runs on sdgen's CPU kernels: every float type on the CPU. The kernels are
-/// f32; bf16 and f16 widen to f32 while their layer runs ([`in_f32`]). candle has no CPU
-/// matmul for bf16 (`--dtype bf16` stopped with "unsupported dtype BF16 for op matmul") and
-/// its f16 one is far slower than the f32 kernels; torch's CPU bf16 kernels accumulate in f32
-/// too. Weights stay in the narrow type (half the memory); activations are rounded back to
-/// it between layers, as in torch.
+/// Whether a layer runs on sdgen's CPU kernels: every float type on the CPU. bf16 linear
+/// layers and convolutions run on AMX tiles where the CPU has them (`amx_ops`); otherwise the
+/// kernels are f32 and bf16 and f16 widen to f32 while their layer runs ([`in_f32`]). candle
+/// has no CPU matmul for bf16 (`--dtype bf16` stopped with "unsupported dtype BF16 for op
+/// matmul") and its f16 one is far slower than the f32 kernels; torch's CPU bf16 kernels
+/// accumulate in f32 too. Weights stay in the narrow type (half the memory); activations are
+/// rounded back to it between layers, as in torch.
 pub(crate) fn on_cpu(x: &Tensor) -> bool {
     x.device().is_cpu()
 }
