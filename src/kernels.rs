@@ -686,8 +686,9 @@ impl CustomOp3 for Conv2d {
         let wo = (wd + 2 * padding - kw) / stride + 1;
         let p = ho * wo;
         let k = cin * kh * kw;
-        // about 1 MiB of patches per block, at least 256 pixels (each block repacks the weights)
-        let pb = ((1usize << 20) / k).clamp(256, 2048).min(p);
+        // about 1 MiB of patches per block, at least 128 pixels (each block repacks the
+        // weights; the thread keeps its largest patch buffer: 128 x 23040 values at most in SD)
+        let pb = ((1usize << 20) / k).clamp(128, 2048).min(p);
         let blocks = p.div_ceil(pb);
         // every value is written below (bias, then gemm adds into it): no zero fill
         let mut out: Vec<f32> = Vec::with_capacity(b * cout * p);
