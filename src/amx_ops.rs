@@ -36,6 +36,19 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     })
 }
 
+/// The three inputs of an AMX op as bf16 bits, once AMX is known to be there.
+fn amx_inputs<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [u16]; 3]> {
+    if !amx::supported() {
+        candle_core::bail!("{op}: this CPU or OS has no AMX-BF16");
+    }
+    let [a, b, c] = inputs;
+    Ok([
+        contiguous_bits(a.0, a.1, op)?,
+        contiguous_bits(b.0, b.1, op)?,
+        contiguous_bits(c.0, c.1, op)?,
+    ])
+}
+
 /// A raw output pointer shared by workers that write disjoint regions.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut u16);
@@ -103,12 +116,7 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !amx::supported() {
-            candle_core::bail!("amx linear: this CPU or OS has no AMX-BF16");
-        }
-        let x = contiguous_bits(xs, xl, "amx linear")?;
-        let w = contiguous_bits(ws, wl, "amx linear")?;
-        let bias = contiguous_bits(bs, bl, "amx linear")?;
+        let [x, w, bias] = amx_inputs("amx linear", [(xs, xl), (ws, wl), (bs, bl)])?;
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) || k % KSTEP != 0 {
@@ -242,12 +250,7 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, _, kh, kw) = wl.shape().dims4()?;
-        if !amx::supported() {
-            candle_core::bail!("amx conv2d: this CPU or OS has no AMX-BF16");
-        }
-        let x = contiguous_bits(xs, xl, "amx conv2d")?;
-        let w = contiguous_bits(ws, wl, "amx conv2d")?;
-        let bias = contiguous_bits(bs, bl, "amx conv2d")?;
+        let [x, w, bias] = amx_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
         let ConvGeometry { stride, padding } = self.g;
         let ho = (h + 2 * padding - kh) / stride + 1;
         let wo = (wd + 2 * padding - kw) / stride + 1;
@@ -375,12 +378,7 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !amx::supported() {
-            candle_core::bail!("amx attention: this CPU or OS has no AMX-BF16");
-        }
-        let q = contiguous_bits(qs, ql, "amx attention")?;
-        let k = contiguous_bits(ks, kl, "amx attention")?;
-        let v = contiguous_bits(vs, vl, "amx attention")?;
+        let [q, k, v] = amx_inputs("amx attention", [(qs, ql), (ks, kl), (vs, vl)])?;
         let (b, tq, hd) = ql.shape().dims3()?;
         let (_, tk, _) = kl.shape().dims3()?;
         let (_, _, hdv) = vl.shape().dims3()?;

@@ -104,7 +104,12 @@ fn exp_bf16_grade(x: f32) -> f32 {
     let t = (x * std::f32::consts::LOG2_E).max(-125.0);
     let n = (t + 0.5).floor();
     let f = t - n;
-    const C: [f32; 4] = [std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129];
+    const C: [f32; 4] = [
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+    ];
     let p = f
         .mul_add(C[3], C[2])
         .mul_add(f, C[1])
