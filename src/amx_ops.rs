@@ -8,7 +8,7 @@ use crate::bf16_ops::{
     contiguous_bits, narrow_biased_row, narrow_row, narrow_scaled_row, narrow_shifted_row, storage,
     widen,
 };
-use crate::kernels::{patch_row, ConvGeometry};
+use crate::kernels::{patch_row, ConvGeometry, SharedOut};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -48,13 +48,6 @@ fn amx_inputs<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[&
         contiguous_bits(c.0, c.1, op)?,
     ])
 }
-
-/// A raw output pointer shared by workers that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut u16);
-// SAFETY: every worker writes a region no other worker touches.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
 
 /// Where the bias of a block comes from: one value per output row (convolution: channels are
 /// rows) or per column (linear: features are columns); the slices start at the block.

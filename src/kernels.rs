@@ -566,12 +566,19 @@ mod tests {
     }
 }
 
-/// A raw output pointer shared by workers that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+/// A raw output pointer shared by workers that write disjoint regions (the kernels here, in
+/// `winograd` and in `amx_ops`).
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
+// derived Clone/Copy would require T: Copy; the pointer is always copyable
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
 // SAFETY: every worker writes a region no other worker touches.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
 /// Fewest 2x2 output tiles (over the batch) for which a 3x3 convolution uses Winograd.
 static WINOGRAD_MIN_TILES: std::sync::atomic::AtomicUsize =

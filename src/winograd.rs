@@ -11,20 +11,16 @@
 //! Notation of Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015):
 //! Y = A^T [ (G g G^T) . (B^T d B) ] A.
 
+use crate::kernels::SharedOut;
 use rayon::prelude::*;
 
 /// Tile positions: 4 x 4.
 const P: usize = 16;
 
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
-
 /// U = G g G^T for every (cout, cin) filter, stored as 16 matrices of cout x cin.
 fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; P * cout * cin];
-    let dst = SharedPtr(u.as_mut_ptr());
+    let dst = SharedOut(u.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
         let dst = dst;
         for ci in 0..cin {
@@ -244,7 +240,7 @@ pub fn conv3x3(
     let chunks = th.div_ceil(rows);
     // every value is written by the output transforms: no zero fill
     let mut out: Vec<f32> = Vec::with_capacity(b * cout * h * w);
-    let dst = SharedPtr(out.as_mut_ptr());
+    let dst = SharedOut(out.as_mut_ptr());
     // one worker per thread, each taking every `workers`-th chunk (equal sizes) with its own
     // scratch
     let tasks = b * chunks;
