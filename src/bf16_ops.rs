@@ -122,14 +122,9 @@ simd_dispatch!(add_scalar_rows => add_scalar_body(a: &[u16], s: f32, out: &mut [
 
 /// The bf16 data, as bits, of a contiguous CPU tensor.
 pub(crate) fn contiguous_bits<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u16]> {
-    let CpuStorage::BF16(v) = s else {
-        candle_core::bail!("{op}: bf16 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: inputs must be contiguous");
-    };
+    let v = crate::kernels::contiguous::<bf16>(s, l, op)?;
     // SAFETY: bf16 is a transparent u16.
-    Ok(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr().cast::<u16>(), b - a) })
+    Ok(unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) })
 }
 
 /// A bf16 storage from bits, without a copy.

@@ -239,10 +239,14 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
     })
 }
 
-/// The f32 data of a contiguous CPU tensor.
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: f32 only");
+/// The data of a contiguous CPU tensor of element type `T`.
+pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let Ok(v) = s.as_slice::<T>() else {
+        candle_core::bail!("{op}: {} only", T::DTYPE.as_str());
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -281,9 +285,9 @@ impl CustomOp3 for FusedAttention {
         let (b, tq, d) = ql.shape().dims3()?;
         let (_, tk, _) = kl.shape().dims3()?;
         let (_, _, dv) = vl.shape().dims3()?;
-        let q = contiguous_f32(qs, ql, "fused attention")?;
-        let k = contiguous_f32(ks, kl, "fused attention")?;
-        let v = contiguous_f32(vs, vl, "fused attention")?;
+        let q = contiguous::<f32>(qs, ql, "fused attention")?;
+        let k = contiguous::<f32>(ks, kl, "fused attention")?;
+        let v = contiguous::<f32>(vs, vl, "fused attention")?;
         // every value is written below: no zero fill
         let mut out: Vec<f32> = Vec::with_capacity(b * tq * dv);
         let dst = SharedOut(out.as_mut_ptr());
@@ -681,9 +685,9 @@ impl CustomOp3 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, _, kh, kw) = wl.shape().dims4()?;
-        let x = contiguous_f32(xs, xl, "conv2d kernel")?;
-        let w = contiguous_f32(ws, wl, "conv2d kernel")?;
-        let bias = contiguous_f32(bs, bl, "conv2d kernel")?;
+        let x = contiguous::<f32>(xs, xl, "conv2d kernel")?;
+        let w = contiguous::<f32>(ws, wl, "conv2d kernel")?;
+        let bias = contiguous::<f32>(bs, bl, "conv2d kernel")?;
         let ConvGeometry { stride, padding } = self.g;
         // Winograd pays off once there are enough tiles to amortise transforming the weights
         // (measured, 2 threads: 320 ch at 64x64 57 -> 35 ms, 640 ch at 32x32 52 -> 40 ms, but
@@ -827,8 +831,8 @@ impl CustomOp3 for GroupNormOp {
         let dims = xl.shape().dims().to_vec();
         let c = dims[1];
         let hw: usize = dims[2..].iter().product();
-        let w = contiguous_f32(ws, wl, "group norm kernel")?;
-        let bias = contiguous_f32(bs, bl, "group norm kernel")?;
+        let w = contiguous::<f32>(ws, wl, "group norm kernel")?;
+        let bias = contiguous::<f32>(bs, bl, "group norm kernel")?;
         let g = self.groups;
         let cpg = c / g;
         // the per-channel scale and shift of group gi from its values
@@ -863,7 +867,7 @@ impl CustomOp3 for GroupNormOp {
             });
             return Ok((crate::bf16_ops::storage(out), xl.shape().clone()));
         }
-        let x = contiguous_f32(xs, xl, "group norm kernel")?;
+        let x = contiguous::<f32>(xs, xl, "group norm kernel")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(cpg * hw).enumerate().for_each(|(i, o)| {
             let src = &x[i * cpg * hw..(i + 1) * cpg * hw];
@@ -959,7 +963,7 @@ impl candle_core::CustomOp1 for Geglu {
                 .for_each(|(o, src)| geglu_rows_bf16(src, o, inner));
             return Ok((crate::bf16_ops::storage(out), Shape::from(shape)));
         }
-        let h = contiguous_f32(s, l, "geglu kernel")?;
+        let h = contiguous::<f32>(s, l, "geglu kernel")?;
         let mut out = vec![0f32; h.len() / 2];
         out.par_chunks_mut(per_task * inner)
             .zip(h.par_chunks(per_task * 2 * inner))
@@ -998,9 +1002,9 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, "linear kernel")?;
-        let w = contiguous_f32(ws, wl, "linear kernel")?;
-        let bias = contiguous_f32(bs, bl, "linear kernel")?;
+        let x = contiguous::<f32>(xs, xl, "linear kernel")?;
+        let w = contiguous::<f32>(ws, wl, "linear kernel")?;
+        let bias = contiguous::<f32>(bs, bl, "linear kernel")?;
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {
