@@ -1,7 +1,7 @@
-//! The linear layer and the convolution for bf16 CPU tensors on AMX tiles (see `amx`): bf16
-//! inputs and weights, f32 accumulation, bias added in f32, result rounded to bf16 once, as
-//! torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep the
-//! f32 kernels (inputs widened) otherwise.
+//! The linear layer, the convolution and the attention for bf16 CPU tensors on AMX tiles (see
+//! `amx`): bf16 inputs and weights, f32 accumulation, bias added in f32, result rounded to bf16
+//! once, as torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep
+//! the f32 kernels (inputs widened) otherwise.
 
 use crate::amx::{self, interleave_pair, TileGuard, BLOCK, KSTEP, PANEL};
 use crate::bf16_ops::{
@@ -24,16 +24,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's bf16 scratch buffer of `len` values (contents undefined: the
-/// callers write before they read). Not re-entrant on one thread.
+/// `kernels::with_scratch` for bf16 values.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        f(&mut buf[..len])
-    })
+    crate::kernels::scratch_in(&SCRATCH, len, f)
 }
 
 /// The three inputs of an AMX op as bf16 bits, once AMX is known to be there.
@@ -164,10 +157,8 @@ impl CustomOp3 for LinearOp {
                                 &pad[..]
                             };
                             for n0 in (c0..(c0 + chunk).min(np)).step_by(BLOCK) {
-                                let cols = BLOCK.min(n - n0.min(n));
-                                if cols == 0 {
-                                    break;
-                                }
+                                // n0 < np, the multiple of 32 at or above n: n0 < n
+                                let cols = BLOCK.min(n - n0);
                                 let b = if self.has_bias {
                                     Bias::Cols(&bias[n0..])
                                 } else {
@@ -245,8 +236,7 @@ impl CustomOp3 for Conv2dOp {
         let (cout, _, kh, kw) = wl.shape().dims4()?;
         let [x, w, bias] = amx_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
         let ConvGeometry { stride, padding } = self.g;
-        let ho = (h + 2 * padding - kh) / stride + 1;
-        let wo = (wd + 2 * padding - kw) / stride + 1;
+        let (ho, wo) = self.g.output_size(h, wd, kh, kw);
         let p = ho * wo;
         let k = cin * kh * kw;
         let (kp, mp) = (k.next_multiple_of(KSTEP), cout.next_multiple_of(BLOCK));

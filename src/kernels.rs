@@ -228,14 +228,23 @@ thread_local! {
 /// shrunk). Its contents are whatever the last user left: callers write before they read.
 /// Must not be re-entered from `f` on the same thread (a nested call gets a fresh buffer).
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    scratch_in(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] for the thread-local buffer `key` (one per element type).
+pub(crate) fn scratch_in<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
-                buf.resize(len, 0.0);
+                buf.resize(len, T::default());
             }
             f(&mut buf[..len])
         }
-        Err(_) => f(&mut vec![0f32; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -602,6 +611,16 @@ pub struct ConvGeometry {
     pub padding: usize,
 }
 
+impl ConvGeometry {
+    /// Output height and width for an h x w input and a kh x kw kernel.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        (
+            (h + 2 * self.padding - kh) / self.stride + 1,
+            (w + 2 * self.padding - kw) / self.stride + 1,
+        )
+    }
+}
+
 /// One row of a convolution's patch matrix: for kernel tap (ky, kx) of one input plane
 /// (h x wd), the input value under each output pixel p0, p0 + 1, ... (output width wo), zero
 /// in the padding. Whole in-bounds runs are copied at once.
@@ -698,8 +717,7 @@ impl CustomOp3 for Conv2d {
             let out = crate::winograd::conv3x3(x, b, cin, h, wd, w, bias, cout);
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, h, wd))));
         }
-        let ho = (h + 2 * padding - kh) / stride + 1;
-        let wo = (wd + 2 * padding - kw) / stride + 1;
+        let (ho, wo) = self.g.output_size(h, wd, kh, kw);
         let p = ho * wo;
         let k = cin * kh * kw;
         // about 1 MiB of patches per block, at least 128 pixels (each block repacks the
