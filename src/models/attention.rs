@@ -17,7 +17,6 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    dim_head: usize,
 }
 
 impl Attention {
@@ -36,47 +35,46 @@ impl Attention {
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
-            dim_head,
         })
-    }
-
-    fn split_heads(&self, xs: Tensor) -> Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
-        xs.reshape((b, t, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .contiguous()
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let (b, t, _) = xs.dims3()?;
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        if crate::amx_ops::handles(&[&q, &k, &v]) {
-            // heads stay side by side: no transposes
-            let out = crate::amx_ops::attention(&q, &k, &v, self.heads)?;
-            drop((q, k, v));
-            return self.to_out.forward(&out);
-        }
-        // each projection is dropped once split (they would otherwise live to the end of the
-        // function: 31 MB more peak RSS at 64x64 latents in f32)
-        let (q, k, v) = (
-            self.split_heads(q)?,
-            self.split_heads(k)?,
-            self.split_heads(v)?,
-        );
-        let out = scaled_dot_product_attention(&q, &k, &v)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.dim_head))?;
+        let out = multi_head_attention(q, k, v, self.heads)?;
         self.to_out.forward(&out)
     }
 }
 
+/// softmax(q k^T * d^-0.5) v with the heads side by side in the last dim, as the projections
+/// give them and the output projection takes them: q (b, tq, heads x d), k (b, tk, heads x d),
+/// v (b, tk, heads x dv) -> (b, tq, heads x dv). bf16 on AMX runs on that layout as it is;
+/// otherwise the heads are split into (b, heads, t, d) for [`scaled_dot_product_attention`]
+/// (no copy for one head) and merged back.
+pub fn multi_head_attention(q: Tensor, k: Tensor, v: Tensor, heads: usize) -> Result<Tensor> {
+    if crate::amx_ops::handles(&[&q, &k, &v]) {
+        return crate::amx_ops::attention(&q, &k, &v, heads);
+    }
+    let (b, tq, _) = q.dims3()?;
+    // each projection is dropped once split (they would otherwise live as long as the split
+    // copies: 31 MB more peak RSS at 64x64 latents in f32)
+    let split = |x: Tensor| -> Result<Tensor> {
+        let (b, t, hd) = x.dims3()?;
+        x.reshape((b, t, heads, hd / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let out = scaled_dot_product_attention(&q, &k, &v)?;
+    let dv = out.dim(3)?;
+    out.transpose(1, 2)?.reshape((b, tq, heads * dv))
+}
+
 /// softmax(q k^T * d^-0.5) v over (batch, heads, len, dim) tensors: the fused CPU kernel on
 /// the CPU (see `kernels`; f32, other types widened; bf16 on AMX goes through
-/// `amx_ops::attention` in `Attention::forward` instead), else the plain composition of
+/// `amx_ops::attention` in [`multi_head_attention`] instead), else the plain composition of
 /// candle ops.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if on_cpu(q) {

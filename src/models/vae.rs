@@ -6,7 +6,7 @@
 //! text-to-image run never uses), and runs on candle's generic convolution and GroupNorm,
 //! which made the 512x512 decode 4.5x slower than diffusers on CPU.
 
-use super::attention::scaled_dot_product_attention;
+use super::attention::multi_head_attention;
 use super::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D};
 use crate::config::VaeConfig;
 use anyhow::{Context, Result};
@@ -58,18 +58,13 @@ impl VaeAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let (q, k, v) = (
+        // one head of dim c
+        let a = multi_head_attention(
             self.to_q.forward(&t)?,
             self.to_k.forward(&t)?,
             self.to_v.forward(&t)?,
-        );
-        // one head of dim c
-        let a = if crate::amx_ops::handles(&[&q, &k, &v]) {
-            crate::amx_ops::attention(&q, &k, &v, 1)?
-        } else {
-            let heads = |y: Tensor| y.unsqueeze(1);
-            scaled_dot_product_attention(&heads(q)?, &heads(k)?, &heads(v)?)?.squeeze(1)?
-        };
+            1,
+        )?;
         let a = self.to_out.forward(&a)?;
         let a = a.transpose(1, 2)?.reshape((b, c, h, w))?;
         crate::bf16_ops::add(&a, x)
