@@ -85,7 +85,50 @@ impl Drop for TileGuard {
 #[inline]
 pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize) {
     debug_assert_eq!(k % KSTEP, 0);
-    imp::block(k, a, lda, b, c, ldc);
+    imp::zero();
+    imp::accumulate(k, a, lda, b, b.add(k * PANEL), 64, KSTEP * PANEL);
+    imp::store(c, ldc);
+}
+
+/// C (32 x 32 f32 at `c`, row stride `ldc`) = the sum over taps t of A_t x B_t: the product
+/// of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row stride `lda`.
+/// B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for consecutive
+/// columns j, `ldb` values from one pair row to the next; B_t's first column at
+/// `b + b_taps[t]`. `k` a multiple of [`KSTEP`].
+///
+/// # Safety
+/// A [`TileGuard`] lives on this thread; for each tap, `a + t * a_tap` has 32 readable rows
+/// of `k` values at stride `lda`, `b + b_taps[t]` has k/2 readable rows of 64 values at
+/// stride `ldb`; `c` 32 writable rows of 32 values at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub unsafe fn block_taps(
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    a_tap: usize,
+    b: *const u16,
+    ldb: usize,
+    b_taps: &[usize],
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert_eq!(k % KSTEP, 0);
+    imp::zero();
+    for (t, &bt) in b_taps.iter().enumerate() {
+        let b0 = b.add(bt);
+        // 16 pairs of 2 values per tile row: the second tile 32 values on
+        imp::accumulate(
+            k,
+            a.add(t * a_tap),
+            lda,
+            b0,
+            b0.add(2 * PANEL),
+            (ldb * 2) as isize,
+            KSTEP / 2 * ldb,
+        );
+    }
+    imp::store(c, ldc);
 }
 
 /// The blocks of C's 32 rows and `n` columns (a multiple of [`BLOCK`]): [`block`] for the
@@ -191,6 +234,21 @@ fn interleave_body(r0: &[u16], r1: &[u16], panels: &mut [u16], panel_len: usize,
     }
 }
 
+/// out = r0[0], r1[0], r0[1], r1[1], ...: a row pair as VNNI pairs.
+pub fn zip_pairs(r0: &[u16], r1: &[u16], out: &mut [u16]) {
+    zip(r0, r1, out)
+}
+
+#[inline(always)]
+fn zip_body(r0: &[u16], r1: &[u16], out: &mut [u16]) {
+    for ((o, &a), &b) in out.chunks_exact_mut(2).zip(r0).zip(r1) {
+        o[0] = a;
+        o[1] = b;
+    }
+}
+
+crate::kernels::simd_dispatch!(zip => zip_body(r0: &[u16], r1: &[u16], out: &mut [u16]) -> ());
+
 crate::kernels::simd_dispatch!(interleave => interleave_body(r0: &[u16], r1: &[u16], panels: &mut [u16], panel_len: usize, offset: usize) -> ());
 
 #[cfg(target_arch = "x86_64")]
@@ -250,20 +308,12 @@ mod imp {
         asm!("tilerelease", options(nostack, nomem));
     }
 
+    /// How far ahead (in values along a row of A) the A rows are prefetched.
+    const PREFETCH: usize = 2 * super::KSTEP;
+
+    /// C tiles 0-3 <- 0.
     #[inline]
-    pub unsafe fn block(
-        k: usize,
-        a: *const u16,
-        lda: usize,
-        b: *const u16,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let sa = (lda * 2) as isize;
-        let sb: isize = 64;
-        let sc = (ldc * 4) as isize;
-        let b1 = b.add(k * super::PANEL);
-        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+    pub unsafe fn zero() {
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -271,8 +321,35 @@ mod imp {
             "tilezero tmm3",
             options(nostack, nomem)
         );
+    }
+
+    /// C tiles += A (32 rows at `a`, row stride `lda`, `k` columns) x B, B's two 16-column
+    /// tiles at `b0` and `b1` with `sb` bytes between tile rows, advancing `b_step` values per
+    /// depth step of 32.
+    #[inline]
+    pub unsafe fn accumulate(
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        sb: isize,
+        b_step: usize,
+    ) {
+        let sa = (lda * 2) as isize;
         let mut kk = 0;
+        let mut step = 0;
         while kk < k {
+            if kk + PREFETCH < k {
+                // A's 32 rows are 32 streams too many for the hardware prefetchers (its tile
+                // loads waited on L2): fetch each row's line two steps ahead. Convolutions
+                // and linear layers 5-20% faster, measured; the same for B's rows was not.
+                for r in 0..32 {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        a.add(r * lda + kk + PREFETCH).cast(),
+                    );
+                }
+            }
             asm!(
                 // loads interleaved with the products that need them (tiles are not
                 // renamed: 908 -> 1023 GFLOP/s on one core, measured)
@@ -286,14 +363,22 @@ mod imp {
                 "tdpbf16ps tmm3, tmm5, tmm7",
                 a0 = in(reg) a.add(kk),
                 a1 = in(reg) a.add(16 * lda + kk),
-                b0 = in(reg) b.add(kk * super::PANEL),
-                b1 = in(reg) b1.add(kk * super::PANEL),
+                b0 = in(reg) b0.add(step),
+                b1 = in(reg) b1.add(step),
                 sa = in(reg) sa,
                 sb = in(reg) sb,
                 options(nostack, readonly),
             );
             kk += super::KSTEP;
+            step += b_step;
         }
+    }
+
+    /// C tiles -> 32 x 32 f32 at `c`, row stride `ldc`.
+    #[inline]
+    pub unsafe fn store(c: *mut f32, ldc: usize) {
+        let sc = (ldc * 4) as isize;
+        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
         asm!(
             "tilestored [{c0} + {sc}*1], tmm0",
             "tilestored [{c1} + {sc}*1], tmm1",
@@ -316,7 +401,21 @@ mod imp {
     }
     pub unsafe fn load_config() {}
     pub unsafe fn release() {}
-    pub unsafe fn block(_: usize, _: *const u16, _: usize, _: *const u16, _: *mut f32, _: usize) {
+    pub unsafe fn zero() {
+        unreachable!("AMX is x86_64 only")
+    }
+    pub unsafe fn accumulate(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: *const u16,
+        _: isize,
+        _: usize,
+    ) {
+        unreachable!("AMX is x86_64 only")
+    }
+    pub unsafe fn store(_: *mut f32, _: usize) {
         unreachable!("AMX is x86_64 only")
     }
 }

@@ -79,9 +79,35 @@ pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear>
 
 /// `nn.Conv2d` (groups 1, dilation 1, with bias).
 pub struct Conv2d {
-    weight: Tensor,
+    weight: ConvWeight,
     bias: Tensor,
     geometry: ConvGeometry,
+}
+
+/// A convolution's weights: as loaded (cout, cin, kh, kw), or, for bf16 3x3 convolutions on a
+/// CPU with AMX, as the per-tap matrices the direct AMX convolution reads
+/// (`amx_ops::conv3x3_taps`), made once at load in place of the loaded ones so that the
+/// memory stays the same (rearranging them per call cost as much as the convolution on the
+/// deep layers).
+enum ConvWeight {
+    Plain(Tensor),
+    Taps { taps: Tensor, cout: usize },
+}
+
+impl ConvWeight {
+    /// The weights as loaded (from the taps when the AMX kernels were turned off after load).
+    fn plain(&self) -> Result<Tensor> {
+        match self {
+            ConvWeight::Plain(w) => Ok(w.clone()),
+            ConvWeight::Taps { taps, cout } => {
+                let cin = taps.dim(2)?;
+                taps.narrow(1, 0, *cout)?
+                    .reshape((3, 3, *cout, cin))?
+                    .permute((2, 3, 0, 1))?
+                    .contiguous()
+            }
+        }
+    }
 }
 
 impl Conv2d {
@@ -93,26 +119,42 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        let geometry = ConvGeometry { stride, padding };
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        let weight = if amx_ops::handles(&[&weight]) && amx_ops::conv3x3_fits(&weight, geometry) {
+            ConvWeight::Taps {
+                taps: amx_ops::conv3x3_taps(&weight)?,
+                cout,
+            }
+        } else {
+            ConvWeight::Plain(weight)
+        };
         Ok(Self {
-            weight: vb.get((cout, cin, kernel, kernel), "weight")?,
+            weight,
             bias: vb.get(cout, "bias")?,
-            geometry: ConvGeometry { stride, padding },
+            geometry,
         })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if amx_ops::handles(&[x, &self.weight, &self.bias]) {
-            return amx_ops::conv2d(x, &self.weight, &self.bias, self.geometry);
+        if let ConvWeight::Taps { taps, cout } = &self.weight {
+            if amx_ops::handles(&[x, taps, &self.bias]) {
+                return amx_ops::conv2d_3x3(x, taps, &self.bias, *cout);
+            }
+        }
+        let weight = self.weight.plain()?;
+        if amx_ops::handles(&[x, &weight, &self.bias]) {
+            return amx_ops::conv2d(x, &weight, &self.bias, self.geometry);
         }
         if on_cpu(x) {
-            return in_f32(&[x, &self.weight, &self.bias], |t| {
+            return in_f32(&[x, &weight, &self.bias], |t| {
                 kernels::conv2d(&t[0], &t[1], &t[2], self.geometry)
             });
         }
         let g = self.geometry;
-        let y = x.conv2d(&self.weight, g.padding, g.stride, 1, 1)?;
+        let y = x.conv2d(&weight, g.padding, g.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
