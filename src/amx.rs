@@ -168,9 +168,7 @@ pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, 
         dst.fill(0);
     }
     // element (r, col) goes to panel col / 16, row r / 2, pair position col % 16, r % 2
-    let at = |r: usize, col: usize| {
-        (col / PANEL) * k * PANEL + (r / 2) * 2 * PANEL + (col % PANEL) * 2 + (r & 1)
-    };
+    let at = |r: usize, col: usize| packed_index(k, r, col);
     // SAFETY (both loops): r < kv and col < n, so the source index is within the asserted
     // bound and the destination index below k * np.
     if cs == 1 {
@@ -205,6 +203,13 @@ pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, 
             }
         }
     }
+}
+
+/// Where [`pack_b`] puts element (r, col) of B in panels of depth `k`: panel col / 16, row
+/// r / 2, pair position col % 16, r % 2.
+#[inline(always)]
+pub fn packed_index(k: usize, r: usize, col: usize) -> usize {
+    (col / PANEL) * k * PANEL + (r / 2) * 2 * PANEL + (col % PANEL) * 2 + (r & 1)
 }
 
 /// Writes rows `r0` and `r1` (a row pair of B, `r0.len()` a multiple of [`PANEL`] columns) into

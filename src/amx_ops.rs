@@ -5,8 +5,8 @@
 
 use crate::amx::{self, interleave_pair, TileGuard, BLOCK, KSTEP, PANEL};
 use crate::bf16_ops::{
-    contiguous_bits, narrow_biased_row, narrow_row, narrow_scaled_row, narrow_shifted_row, storage,
-    widen,
+    contiguous_bits, from_bits, narrow_biased_row, narrow_row, narrow_scaled_row,
+    narrow_shifted_row, storage, widen,
 };
 use crate::kernels::{patch_row, ConvGeometry, SharedOut};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -79,58 +79,35 @@ unsafe fn store(
 
 struct LinearOp {
     has_bias: bool,
+    /// The weight's rows (output features); the panels hold them rounded up to 32.
+    n: usize,
 }
-
-/// The linear layers' packed weights (one layer at a time: the lock is held for the call).
-static PACKED_WEIGHTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "sdgen-linear-amx"
     }
 
-    /// x (m x k rows, k a multiple of 32) times weight^T (weight n x k): the weights are
-    /// packed into VNNI panels for this call (n x k values; the product costs m times that),
-    /// then each worker takes a range of rows and goes through the panels in cache-sized
-    /// chunks, 32 x 32 outputs at a time.
+    /// x (m x k rows, k a multiple of 32) times weight^T, the weight (n x k) given as VNNI
+    /// panels ([`pack_linear_weight`]): each worker takes a range of rows and goes through
+    /// the panels in cache-sized chunks, 32 x 32 outputs at a time.
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [x, w, bias] = amx_inputs("amx linear", [(xs, xl), (ws, wl), (bs, bl)])?;
-        let (n, k) = wl.shape().dims2()?;
+        let [x, wp, bias] = amx_inputs("amx linear", [(xs, xl), (ps, pl), (bs, bl)])?;
+        let (np, k) = pl.shape().dims2()?;
+        let n = self.n;
         let dims = xl.shape().dims();
-        if dims.last() != Some(&k) || k % KSTEP != 0 {
-            candle_core::bail!("amx linear: input {dims:?}, weight ({n}, {k})");
+        if dims.last() != Some(&k) || k % KSTEP != 0 || np != n.next_multiple_of(BLOCK) {
+            candle_core::bail!("amx linear: input {dims:?}, panels ({np}, {k}) for {n} outputs");
         }
         let m = x.len() / k;
-        let np = n.next_multiple_of(BLOCK);
-        // the packed weights go to a buffer kept between calls (up to 26 MB for the 1280 ->
-        // 10240 projection): a fresh zeroed one per call was a memset of every linear
-        // layer's weights every step; pack_b writes every value it is given
-        let mut packed = PACKED_WEIGHTS.lock().unwrap_or_else(|e| e.into_inner());
-        if packed.len() < k * np {
-            packed.resize(k * np, 0);
-        }
-        let wp = &mut packed[..k * np];
-        wp.par_chunks_mut(k * BLOCK)
-            .enumerate()
-            .for_each(|(i, panels)| {
-                amx::pack_b(
-                    &w[i * BLOCK * k..],
-                    k,
-                    k,
-                    BLOCK.min(n - i * BLOCK),
-                    1,
-                    k,
-                    panels,
-                );
-            });
         let mut out: Vec<u16> = Vec::with_capacity(m * n);
         let dst = SharedOut(out.as_mut_ptr());
         let row_blocks = m.div_ceil(BLOCK);
@@ -138,7 +115,6 @@ impl CustomOp3 for LinearOp {
         let task_rows = row_blocks.div_ceil(4 * threads).max(1) * BLOCK;
         // columns per chunk: about 512 KiB of packed weights, reused by all the task's rows
         let chunk = ((256 << 10) / k).max(BLOCK) / BLOCK * BLOCK;
-        let wp = &*wp;
         (0..m.div_ceil(task_rows))
             .into_par_iter()
             .for_each_init(TileGuard::new, |_, t| {
@@ -190,19 +166,70 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
-/// a multiple of 32 (see [`linear_fits`]).
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// A linear layer's bf16 weight (n, k), k a multiple of 32, as the VNNI panels
+/// [`linear_packed`] reads: (n rounded up to 32, k) values in panel order. Layers make them
+/// once at load (packing them on every call cost 3-4% of a U-Net step).
+pub fn pack_linear_weight(weight: &Tensor) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    if k % KSTEP != 0 || weight.dtype() != DType::BF16 {
+        candle_core::bail!("amx linear: weight ({n}, {k}) of {:?}", weight.dtype());
+    }
+    let np = n.next_multiple_of(BLOCK);
+    let w = weight.flatten_all()?.to_vec1::<half::bf16>()?;
+    // SAFETY: bf16 is a transparent u16.
+    let w = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u16>(), w.len()) };
+    let mut panels = vec![0u16; k * np];
+    panels
+        .par_chunks_mut(k * BLOCK)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            amx::pack_b(
+                &w[i * BLOCK * k..],
+                k,
+                k,
+                BLOCK.min(n - i * BLOCK),
+                1,
+                k,
+                dst,
+            );
+        });
+    Tensor::from_vec(from_bits(panels), (np, k), weight.device())
+}
+
+/// The weight (n, k) back from [`pack_linear_weight`]'s panels.
+pub fn unpack_linear_weight(panels: &Tensor, n: usize) -> Result<Tensor> {
+    let (np, k) = panels.dims2()?;
+    let p = panels.flatten_all()?.to_vec1::<half::bf16>()?;
+    let mut w = Vec::with_capacity(n * k);
+    for col in 0..n.min(np) {
+        for r in 0..k {
+            w.push(p[amx::packed_index(k, r, col)]);
+        }
+    }
+    Tensor::from_vec(w, (n, k), panels.device())
+}
+
+/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), the weight (out, in) as
+/// [`pack_linear_weight`] gives it, bias (out).
+pub fn linear_packed(
+    x: &Tensor,
+    panels: &Tensor,
+    bias: Option<&Tensor>,
+    n: usize,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let none = Tensor::zeros(0, DType::BF16, x.device())?;
     let op = LinearOp {
         has_bias: bias.is_some(),
+        n,
     };
-    x.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias.unwrap_or(&none).contiguous()?,
-        &op,
-    )
+    x.apply_op3_no_bwd(panels, &bias.unwrap_or(&none).contiguous()?, &op)
+}
+
+/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
+/// a multiple of 32 (see [`linear_fits`]). Packs the weight for this call.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_packed(x, &pack_linear_weight(weight)?, bias, weight.dim(0)?)
 }
 
 /// Whether [`linear`] takes a weight of this shape (input features a multiple of 32).
@@ -729,6 +756,17 @@ mod tests {
             // one bf16 rounding of the result: 2^-8 relative
             assert!(d < 1.0 / 256.0, "({m}, {k}, {n}): {d}");
         }
+    }
+
+    #[test]
+    fn linear_weight_panels_unpack_to_the_weight() {
+        // n not a multiple of 32 (padded panels), k over several depth steps
+        let w = rand(&[45, 96], 3);
+        let panels = pack_linear_weight(&w).unwrap();
+        assert_eq!(panels.dims(), &[64, 96]);
+        let back = unpack_linear_weight(&panels, 45).unwrap();
+        let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
     }
 
     #[test]

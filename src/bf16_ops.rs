@@ -127,12 +127,16 @@ pub(crate) fn contiguous_bits<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Re
     Ok(unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) })
 }
 
-/// A bf16 storage from bits, without a copy.
-pub(crate) fn storage(bits: Vec<u16>) -> CpuStorage {
+/// bf16 values from their bits, without a copy.
+pub(crate) fn from_bits(bits: Vec<u16>) -> Vec<bf16> {
     let mut v = std::mem::ManuallyDrop::new(bits);
     // SAFETY: bf16 is a transparent u16: same size, alignment and allocation.
-    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<bf16>(), v.len(), v.capacity()) };
-    CpuStorage::BF16(v)
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<bf16>(), v.len(), v.capacity()) }
+}
+
+/// A bf16 storage from bits, without a copy.
+pub(crate) fn storage(bits: Vec<u16>) -> CpuStorage {
+    CpuStorage::BF16(from_bits(bits))
 }
 
 /// a + b where b has a's shape, or one value per leading row of a (b's elements divide a's:

@@ -36,45 +36,74 @@ pub(crate) fn in_f32(
 
 /// `nn.Linear`: sdgen's kernel for f32 on the CPU (see `kernels::linear`), candle's elsewhere.
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight: as loaded (out, in), or, for bf16 on a CPU with AMX, as the VNNI
+/// panels the AMX product reads (`amx_ops::pack_linear_weight`), packed once at load in
+/// place of the loaded one.
+enum LinearWeight {
+    Plain(Tensor),
+    Packed { panels: Tensor, out: usize },
+}
+
+impl LinearWeight {
+    /// The weight as loaded (from the panels when the AMX kernels were turned off after load).
+    fn plain(&self) -> Result<Tensor> {
+        match self {
+            LinearWeight::Plain(w) => Ok(w.clone()),
+            LinearWeight::Packed { panels, out } => amx_ops::unpack_linear_weight(panels, *out),
+        }
+    }
 }
 
 impl Linear {
     /// weight (out, in), bias (out).
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = if amx_ops::handles(&[&weight]) && amx_ops::linear_fits(&weight) {
+            LinearWeight::Packed {
+                panels: amx_ops::pack_linear_weight(&weight)?,
+                out: weight.dim(0)?,
+            }
+        } else {
+            LinearWeight::Plain(weight)
+        };
+        Ok(Self { weight, bias })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if amx_ops::handles(&[x, &self.weight]) && amx_ops::linear_fits(&self.weight) {
-            return amx_ops::linear(x, &self.weight, self.bias.as_ref());
+        if let LinearWeight::Packed { panels, out } = &self.weight {
+            if amx_ops::handles(&[x, panels]) {
+                return amx_ops::linear_packed(x, panels, self.bias.as_ref(), *out);
+            }
+        }
+        let weight = self.weight.plain()?;
+        if amx_ops::handles(&[x, &weight]) && amx_ops::linear_fits(&weight) {
+            return amx_ops::linear(x, &weight, self.bias.as_ref());
         }
         if on_cpu(x) {
             return match &self.bias {
-                Some(b) => in_f32(&[x, &self.weight, b], |t| {
+                Some(b) => in_f32(&[x, &weight, b], |t| {
                     kernels::linear(&t[0], &t[1], Some(&t[2]))
                 }),
-                None => in_f32(&[x, &self.weight], |t| kernels::linear(&t[0], &t[1], None)),
+                None => in_f32(&[x, &weight], |t| kernels::linear(&t[0], &t[1], None)),
             };
         }
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+        candle_nn::Linear::new(weight, self.bias.clone()).forward(x)
     }
 }
 
 /// `candle_nn::linear` for [`Linear`].
 pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((cout, cin), "weight")?,
-        Some(vb.get(cout, "bias")?),
-    ))
+    Linear::new(vb.get((cout, cin), "weight")?, Some(vb.get(cout, "bias")?))
 }
 
 /// `candle_nn::linear_no_bias` for [`Linear`].
 pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(vb.get((cout, cin), "weight")?, None))
+    Linear::new(vb.get((cout, cin), "weight")?, None)
 }
 
 /// `nn.Conv2d` (groups 1, dilation 1, with bias).

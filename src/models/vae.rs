@@ -21,7 +21,7 @@ fn attn_linear(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<Lin
         Ok(w) => w,
         Err(_) => vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
     };
-    Ok(Linear::new(weight, Some(vb.get(c, "bias")?)))
+    Linear::new(weight, Some(vb.get(c, "bias")?))
 }
 
 /// The single-head self-attention of the VAE mid block.
