@@ -90,6 +90,28 @@ pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: *mut 
     imp::store(c, ldc);
 }
 
+/// C (32 x 32 f32 at `c`, row stride `ldc`) += A (32 rows, `k` columns, row stride `lda`) x
+/// B, B's first panel read from `b` (any depth offset into a panel) and its second
+/// `panel_len` values further on; `k` a multiple of [`KSTEP`].
+///
+/// # Safety
+/// As [`block`], with `k * PANEL` readable values at `b` and at `b + panel_len`.
+#[inline]
+pub unsafe fn block_add(
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    panel_len: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert_eq!(k % KSTEP, 0);
+    imp::load(c, ldc);
+    imp::accumulate(k, a, lda, b, b.add(panel_len), 64, KSTEP * PANEL);
+    imp::store(c, ldc);
+}
+
 /// C (32 x 32 f32 at `c`, row stride `ldc`) = the sum over taps t of A_t x B_t: the product
 /// of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row stride `lda`.
 /// B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for consecutive
@@ -379,6 +401,25 @@ mod imp {
         }
     }
 
+    /// C tiles <- 32 x 32 f32 at `c`, row stride `ldc`.
+    #[inline]
+    pub unsafe fn load(c: *const f32, ldc: usize) {
+        let sc = (ldc * 4) as isize;
+        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
+        asm!(
+            "tileloadd tmm0, [{c0} + {sc}*1]",
+            "tileloadd tmm1, [{c1} + {sc}*1]",
+            "tileloadd tmm2, [{c2} + {sc}*1]",
+            "tileloadd tmm3, [{c3} + {sc}*1]",
+            c0 = in(reg) c,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            sc = in(reg) sc,
+            options(nostack, readonly),
+        );
+    }
+
     /// C tiles -> 32 x 32 f32 at `c`, row stride `ldc`.
     #[inline]
     pub unsafe fn store(c: *mut f32, ldc: usize) {
@@ -421,6 +462,9 @@ mod imp {
         unreachable!("AMX is x86_64 only")
     }
     pub unsafe fn store(_: *mut f32, _: usize) {
+        unreachable!("AMX is x86_64 only")
+    }
+    pub unsafe fn load(_: *const f32, _: usize) {
         unreachable!("AMX is x86_64 only")
     }
 }

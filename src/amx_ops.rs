@@ -8,7 +8,7 @@ use crate::bf16_ops::{
     contiguous_bits, from_bits, narrow_biased_row, narrow_row, narrow_scaled_row,
     narrow_shifted_row, storage, widen,
 };
-use crate::kernels::{patch_row, ConvGeometry, SharedOut};
+use crate::kernels::{exp_row_bf16, patch_row, row_max_f32, ConvGeometry, SharedOut};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -536,6 +536,10 @@ pub fn conv2d_3x3(x: &Tensor, taps: &Tensor, bias: &Tensor, cout: usize) -> Resu
     )
 }
 
+/// Keys per chunk of the attention's scores: 32 rows of them take 32 KiB in f32 and 16 KiB
+/// rounded to bf16, near the core's L1 (whole rows of 4096 keys went through L2).
+const KEYS: usize = 256;
+
 struct AttentionOp {
     heads: usize,
     scale: f32,
@@ -579,8 +583,10 @@ impl CustomOp3 for AttentionOp {
         let chunk_rows = tq.div_ceil(chunks).next_multiple_of(BLOCK);
         let mut out: Vec<u16> = Vec::with_capacity(b * tq * hdv);
         let dst = SharedOut(out.as_mut_ptr());
-        let u16_len = dp * tkp + tkp * dvp + BLOCK * dp + BLOCK * tkp;
-        let f32_len = BLOCK * tkp + BLOCK * dvp;
+        let kc_max = KEYS.min(tkp);
+        let u16_len = dp * tkp + tkp * dvp + BLOCK * dp + BLOCK * kc_max;
+        let f32_len = BLOCK * kc_max + BLOCK * dvp;
+        let scale = self.scale;
         (0..b * h * chunks)
             .into_par_iter()
             .for_each_init(TileGuard::new, |_, task| {
@@ -595,13 +601,12 @@ impl CustomOp3 for AttentionOp {
                         let (kpan, rest) = buf.split_at_mut(dp * tkp);
                         let (vpan, rest) = rest.split_at_mut(tkp * dvp);
                         let (qblk, pblk) = rest.split_at_mut(BLOCK * dp);
-                        let (s, o) = fbuf.split_at_mut(BLOCK * tkp);
+                        let (s, o) = fbuf.split_at_mut(BLOCK * kc_max);
                         // K^T: element (dim, key) of the head; V: element (key, j)
                         let kh = &k[bi * tk * hd + hi * d..];
                         amx::pack_b(kh, dp, d, tk, 1, hd, kpan);
                         let vh = &v[bi * tk * hdv + hi * dv..];
                         amx::pack_b(vh, tkp, tk, dv, hdv, 1, vpan);
-                        let mut inv = [0f32; BLOCK];
                         for m0 in (r0..r1).step_by(BLOCK) {
                             let rows = BLOCK.min(r1 - m0);
                             for (i, qrow) in qblk.chunks_exact_mut(dp).enumerate() {
@@ -613,47 +618,68 @@ impl CustomOp3 for AttentionOp {
                                     qrow.fill(0);
                                 }
                             }
-                            // SAFETY: qblk is 32 x dp, kpan dp x tkp in panels, s 32 x tkp.
-                            unsafe {
-                                amx::block_row(
-                                    dp,
-                                    qblk.as_ptr(),
-                                    dp,
-                                    kpan.as_ptr(),
-                                    tkp,
-                                    s.as_mut_ptr(),
-                                    tkp,
-                                );
-                            }
-                            for (i, (srow, prow)) in s
-                                .chunks_exact(tkp)
-                                .zip(pblk.chunks_exact_mut(tkp))
-                                .enumerate()
-                            {
-                                if i < rows {
-                                    // the padded keys (zero scores) stay out of the softmax
-                                    inv[i] = 1.0
-                                        / crate::kernels::softmax_row_bf16(
-                                            &srow[..tk],
-                                            self.scale,
-                                            &mut prow[..tk],
-                                        );
-                                    prow[tk..].fill(0);
-                                } else {
-                                    prow.fill(0);
+                            // per row: the largest scaled score so far, the sum of the
+                            // exps taken relative to it, and the output O (o, unnormalised)
+                            let mut max = [f32::NEG_INFINITY; BLOCK];
+                            let mut sum = [0f32; BLOCK];
+                            o.fill(0.0);
+                            for kc0 in (0..tkp).step_by(KEYS) {
+                                let kc = KEYS.min(tkp - kc0);
+                                // the chunk's keys below tk (kc0 < tk: tkp - tk < 32 <= KEYS)
+                                let valid = kc.min(tk - kc0);
+                                let (s, p) = (&mut s[..BLOCK * kc], &mut pblk[..BLOCK * kc]);
+                                // SAFETY: qblk is 32 x dp, kpan's panels from key kc0 on hold
+                                // kc columns of depth dp, s 32 x kc.
+                                unsafe {
+                                    amx::block_row(
+                                        dp,
+                                        qblk.as_ptr(),
+                                        dp,
+                                        kpan[kc0 * dp..].as_ptr(),
+                                        kc,
+                                        s.as_mut_ptr(),
+                                        kc,
+                                    );
                                 }
-                            }
-                            // SAFETY: pblk is 32 x tkp, vpan tkp x dvp in panels, o 32 x dvp.
-                            unsafe {
-                                amx::block_row(
-                                    tkp,
-                                    pblk.as_ptr(),
-                                    tkp,
-                                    vpan.as_ptr(),
-                                    dvp,
-                                    o.as_mut_ptr(),
-                                    dvp,
-                                );
+                                for (i, (srow, prow)) in
+                                    s.chunks_exact(kc).zip(p.chunks_exact_mut(kc)).enumerate()
+                                {
+                                    if i >= rows {
+                                        prow.fill(0);
+                                        continue;
+                                    }
+                                    let srow = &srow[..valid];
+                                    let chunk_max = row_max_f32(srow) * scale;
+                                    if chunk_max > max[i] {
+                                        // a new largest score: what was summed so far was
+                                        // relative to the old one
+                                        let alpha = (max[i] - chunk_max).exp();
+                                        sum[i] *= alpha;
+                                        for x in &mut o[i * dvp..(i + 1) * dvp] {
+                                            *x *= alpha;
+                                        }
+                                        max[i] = chunk_max;
+                                    }
+                                    // the padded keys (zero scores) stay out of the softmax
+                                    sum[i] += exp_row_bf16(srow, scale, max[i], &mut prow[..valid]);
+                                    prow[valid..].fill(0);
+                                }
+                                for n0 in (0..dvp).step_by(BLOCK) {
+                                    // SAFETY: p is 32 x kc (row stride kc), vpan's two panels
+                                    // at n0 hold keys kc0..kc0 + kc from kc0 * PANEL on
+                                    // (panels of depth tkp), o 32 x dvp.
+                                    unsafe {
+                                        amx::block_add(
+                                            kc,
+                                            p.as_ptr(),
+                                            kc,
+                                            vpan[n0 * tkp + kc0 * PANEL..].as_ptr(),
+                                            tkp * PANEL,
+                                            o.as_mut_ptr().add(n0),
+                                            dvp,
+                                        );
+                                    }
+                                }
                             }
                             for (i, orow) in o.chunks_exact(dvp).take(rows).enumerate() {
                                 // SAFETY: this task owns rows r0..r1 of head hi of batch bi:
@@ -664,7 +690,7 @@ impl CustomOp3 for AttentionOp {
                                         dv,
                                     )
                                 };
-                                narrow_scaled_row(&orow[..dv], inv[i], out_row);
+                                narrow_scaled_row(&orow[..dv], 1.0 / sum[i], out_row);
                             }
                         }
                     })
@@ -848,11 +874,13 @@ mod tests {
             return;
         }
         // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64), keys not a multiple of 32 (77),
-        // queries not a multiple of 32, one head of 64 (the VAE's shape)
+        // queries not a multiple of 32, one head of 64 (the VAE's shape), keys over three
+        // chunks of KEYS
         for &(b, h, tq, tk, d, dv) in &[
             (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
             (1, 3, 33, 100, 8, 16),
             (1, 1, 200, 200, 64, 64),
+            (1, 2, 40, 600, 40, 40),
         ] {
             // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
             let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();

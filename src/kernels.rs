@@ -144,12 +144,12 @@ fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
     acc.iter().sum::<f32>() + tail_sum
 }
 
-/// As [`softmax_row_body`], writing the exps rounded to bf16 into `out` (the row is left as
-/// it was); the sum is of the f32 values, the exp the cheaper [`exp_bf16_grade`].
+/// exp(row * scale - shift) rounded to bf16 into `out` (the row is left as it was); returns
+/// the sum of the f32 values. The exp is the cheaper [`exp_bf16_grade`]: `shift` is at
+/// least the largest row * scale.
 #[inline(always)]
-fn softmax_row_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
+fn exp_row_bf16_body(row: &[f32], scale: f32, shift: f32, out: &mut [u16]) -> f32 {
     const L: usize = 16;
-    let shift = row_max(row) * scale;
     let mut acc = [0f32; L];
     let chunks = row.chunks_exact(L);
     let tail = chunks.remainder();
@@ -170,23 +170,34 @@ fn softmax_row_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
     acc.iter().sum::<f32>() + tail_sum
 }
 
-simd_dispatch!(softmax_row_bf16_portable => softmax_row_bf16_body(row: &[f32], scale: f32, out: &mut [u16]) -> f32);
+simd_dispatch!(exp_row_bf16_portable => exp_row_bf16_body(row: &[f32], scale: f32, shift: f32, out: &mut [u16]) -> f32);
+simd_dispatch!(row_max_portable => row_max(row: &[f32]) -> f32);
 
-/// [`softmax_row_bf16_body`]: exps of (row - max) * scale rounded to bf16 into `out`, returns
-/// their f32 sum. On CPUs with AVX512-BF16 (all those with AMX) written with intrinsics: the
-/// portable loop's software rounding to bf16 (NaN check, blend) took most of its time, where
-/// `vcvtneps2bf16` is one instruction, and `vscalefps` replaces the exponent arithmetic
-/// (the 4096-token attention: 146 -> 99 ms per layer at batch 2 on 2 threads).
-/// The instruction rounds to nearest even like the software path but flushes subnormal
-/// results (below 1.2e-38, next to a row sum of at least 1) to zero.
-pub(crate) fn softmax_row_bf16(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
+/// The largest value of a row (-inf for an empty one).
+pub(crate) fn row_max_f32(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_bf16::available() {
+        // SAFETY: the CPU has the features (checked just above).
+        return unsafe { avx512_bf16::row_max(row) };
+    }
+    row_max_portable(row)
+}
+
+/// exp(row * scale - shift) rounded to bf16 into `out`, returns their f32 sum; `shift` at
+/// least the largest row * scale. On CPUs with AVX512-BF16 (all those with AMX) written with
+/// intrinsics: the portable loop's software rounding to bf16 (NaN check, blend) took most
+/// of its time, where `vcvtneps2bf16` is one instruction, and `vscalefps` replaces the
+/// exponent arithmetic (the 4096-token attention: 146 -> 99 ms per layer at batch 2 on 2
+/// threads). The instruction rounds to nearest even like the software path but flushes
+/// subnormal results (below 1.2e-38, next to a row sum of at least 1) to zero.
+pub(crate) fn exp_row_bf16(row: &[f32], scale: f32, shift: f32, out: &mut [u16]) -> f32 {
     assert_eq!(row.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if avx512_bf16::available() {
         // SAFETY: the CPU has the features (checked just above); the lengths are equal.
-        return unsafe { avx512_bf16::softmax_row(row, scale, out) };
+        return unsafe { avx512_bf16::exp_row(row, scale, shift, out) };
     }
-    softmax_row_bf16_portable(row, scale, out)
+    exp_row_bf16_portable(row, scale, shift, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -227,14 +238,14 @@ mod avx512_bf16 {
     }
 
     /// # Safety
-    /// The CPU has AVX512F/BW/VL/BF16; `out.len() == row.len()`.
+    /// The CPU has AVX512F/BW/VL/BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn softmax_row(row: &[f32], scale: f32, out: &mut [u16]) -> f32 {
+    pub(super) unsafe fn row_max(row: &[f32]) -> f32 {
         let n = row.len();
-        let (src, dst) = (row.as_ptr(), out.as_mut_ptr());
+        let src = row.as_ptr();
         let full = n / 16 * 16;
         let tail: __mmask16 = ((1u32 << (n - full)) - 1) as u16;
-        // the max, four independent lanes of 16
+        // four independent lanes of 16
         let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
         let mut i = 0;
         while i + 64 <= full {
@@ -249,13 +260,23 @@ mod avx512_bf16 {
         }
         let last = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, src.add(full));
         m[1] = _mm512_max_ps(m[1], last);
-        let max = _mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_reduce_max_ps(_mm512_max_ps(
             _mm512_max_ps(m[0], m[1]),
             _mm512_max_ps(m[2], m[3]),
-        ));
-        // t = (v - max) scale log2 e = v a - b
+        ))
+    }
+
+    /// # Safety
+    /// The CPU has AVX512F/BW/VL/BF16; `out.len() == row.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn exp_row(row: &[f32], scale: f32, shift: f32, out: &mut [u16]) -> f32 {
+        let n = row.len();
+        let (src, dst) = (row.as_ptr(), out.as_mut_ptr());
+        let full = n / 16 * 16;
+        let tail: __mmask16 = ((1u32 << (n - full)) - 1) as u16;
+        // t = (v scale - shift) log2 e = v a - b
         let a = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
-        let b = _mm512_set1_ps(max * scale * std::f32::consts::LOG2_E);
+        let b = _mm512_set1_ps(shift * std::f32::consts::LOG2_E);
         let mut sum = [_mm512_setzero_ps(); 2];
         let mut i = 0;
         while i + 32 <= full {
@@ -633,10 +654,10 @@ mod tests {
         }
     }
 
-    /// The AVX512-BF16 softmax row against the portable one (the same exp, rounded the same
+    /// The AVX512-BF16 row max and exps against the portable ones (the same exp, rounded the same
     /// way) on lengths with and without a tail, and against f64 for the sum.
     #[test]
-    fn softmax_row_bf16_paths_agree() {
+    fn softmax_numerators_in_bf16_paths_agree() {
         #[cfg(target_arch = "x86_64")]
         let fast = avx512_bf16::available();
         #[cfg(not(target_arch = "x86_64"))]
@@ -652,8 +673,9 @@ mod tests {
                 .collect();
             let scale = 0.158;
             let (mut got, mut want) = (vec![0u16; n], vec![0u16; n]);
-            let s_got = softmax_row_bf16(&row, scale, &mut got);
-            let s_want = softmax_row_bf16_portable(&row, scale, &mut want);
+            let s_got = exp_row_bf16(&row, scale, row_max_f32(&row) * scale, &mut got);
+            let s_want =
+                exp_row_bf16_portable(&row, scale, row_max_portable(&row) * scale, &mut want);
             let max = row.iter().fold(f32::MIN, |a, &b| a.max(b));
             let exact: f64 = row
                 .iter()
