@@ -200,6 +200,12 @@ pub(crate) fn exp_row_bf16(row: &[f32], scale: f32, shift: f32, out: &mut [u16])
     exp_row_bf16_portable(row, scale, shift, out)
 }
 
+/// Whether the CPU has AVX512F/BW/VL and AVX512-BF16 (all those with AMX do).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512_bf16() -> bool {
+    avx512_bf16::available()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16 {
     use std::arch::x86_64::*;
