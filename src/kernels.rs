@@ -1133,6 +1133,59 @@ fn geglu_body_bf16(h: &[u16], out: &mut [u16], inner: usize) {
     geglu_body(h, out, inner)
 }
 
+/// The GEGLU of one 32 x 32 block of a projection's f32 accumulators whose columns 0..16
+/// are hidden features and 16..32 the gate features of the same 16 outputs (see
+/// `amx_ops::linear_geglu`): dst row i <- (h + bh) * gelu(g + bg) rounded to bf16, biases
+/// given as 32 bf16 values in the block's column order.
+///
+/// # Safety
+/// `dst` has `rows` (at most 32) writable rows of 16 values at stride `ld`, owned by the
+/// caller; `c` holds 32 x 32 values, `bias` 32 when given.
+pub(crate) unsafe fn geglu_block(
+    c: &[f32],
+    bias: Option<&[u16]>,
+    rows: usize,
+    dst: *mut u16,
+    ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return geglu_block_avx512(c, bias, rows, dst, ld);
+    }
+    geglu_block_body(c, bias, rows, dst, ld)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn geglu_block_avx512(
+    c: &[f32],
+    bias: Option<&[u16]>,
+    rows: usize,
+    dst: *mut u16,
+    ld: usize,
+) {
+    geglu_block_body(c, bias, rows, dst, ld)
+}
+
+#[inline(always)]
+unsafe fn geglu_block_body(c: &[f32], bias: Option<&[u16]>, rows: usize, dst: *mut u16, ld: usize) {
+    let mut b = [0f32; 32];
+    if let Some(bias) = bias {
+        for (v, &x) in b.iter_mut().zip(&bias[..32]) {
+            *v = crate::bf16_ops::widen(x);
+        }
+    }
+    for (i, row) in c.chunks_exact(32).take(rows).enumerate() {
+        let d = std::slice::from_raw_parts_mut(dst.add(i * ld), 16);
+        for j in 0..16 {
+            let x = row[j] + b[j];
+            let g = row[16 + j] + b[16 + j];
+            let v = x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2)));
+            d[j] = crate::bf16_ops::narrow(v);
+        }
+    }
+}
+
 simd_dispatch!(geglu_rows => geglu_body_f32(h: &[f32], out: &mut [f32], inner: usize) -> ());
 simd_dispatch!(geglu_rows_bf16 => geglu_body_bf16(h: &[u16], out: &mut [u16], inner: usize) -> ());
 

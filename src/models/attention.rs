@@ -7,7 +7,7 @@
 
 use super::layers::{in_f32, linear, linear_no_bias, on_cpu, Conv2d, GroupNorm, Linear};
 use crate::bf16_ops::add;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, VarBuilder};
 
 /// `Attention` with `AttnProcessor2_0` semantics: softmax(q k^T / sqrt(d)) v.
@@ -110,7 +110,13 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj: {
+                let vb = vb.pp("net.0.proj");
+                Linear::geglu_projection(
+                    vb.get((inner * 2, dim), "weight")?,
+                    Some(vb.get(inner * 2, "bias")?),
+                )?
+            },
             out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
@@ -118,12 +124,13 @@ impl FeedForward {
     /// Tokens per chunk: the projection's output is 8 x dim values per token (84 MB for SD 1.5
     /// at 512x512 with guidance); run in chunks it adds a quarter of that to the peak memory.
     /// Each token's result does not depend on the others, so chunks change no value
-    /// (diffusers' `enable_forward_chunking` does the same).
+    /// (diffusers' `enable_forward_chunking` does the same). Not when the GEGLU is fused
+    /// (bf16 on AMX): that projection is never in memory.
     const CHUNK: usize = 1024;
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let tokens = xs.dim(1)?;
-        if tokens > Self::CHUNK {
+        if tokens > Self::CHUNK && !self.proj.geglu_fused(xs) {
             let chunks = (0..tokens)
                 .step_by(Self::CHUNK)
                 .map(|t0| self.forward_all(&xs.narrow(1, t0, Self::CHUNK.min(tokens - t0))?))
@@ -134,18 +141,7 @@ impl FeedForward {
     }
 
     fn forward_all(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        if on_cpu(&h) {
-            return self.out.forward(&if h.dtype() == DType::BF16 {
-                crate::kernels::geglu(&h)?
-            } else {
-                in_f32(&[&h], |t| crate::kernels::geglu(&t[0]))?
-            });
-        }
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.out.forward(&self.proj.forward_geglu(xs)?)
     }
 }
 

@@ -45,7 +45,15 @@ pub struct Linear {
 /// place of the loaded one.
 enum LinearWeight {
     Plain(Tensor),
-    Packed { panels: Tensor, out: usize },
+    Packed {
+        panels: Tensor,
+        out: usize,
+    },
+    /// A GEGLU projection's weight and bias in `amx_ops::geglu_order`, the weight packed.
+    PackedGeglu {
+        panels: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl LinearWeight {
@@ -54,6 +62,9 @@ impl LinearWeight {
         match self {
             LinearWeight::Plain(w) => Ok(w.clone()),
             LinearWeight::Packed { panels, out } => amx_ops::unpack_linear_weight(panels, *out),
+            LinearWeight::PackedGeglu { panels, .. } => {
+                amx_ops::geglu_order_undone(&amx_ops::unpack_linear_weight(panels, panels.dim(0)?)?)
+            }
         }
     }
 }
@@ -70,6 +81,53 @@ impl Linear {
             LinearWeight::Plain(weight)
         };
         Ok(Self { weight, bias })
+    }
+}
+
+impl Linear {
+    /// The projection of diffusers' `GEGLU` (weight (2 inner, in), bias (2 inner)), for
+    /// [`Linear::forward_geglu`]: for bf16 on a CPU with AMX packed so that the GELU runs on
+    /// the product's f32 accumulators (`amx_ops::linear_geglu`).
+    pub fn geglu_projection(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let inner2 = weight.dim(0)?;
+        if amx_ops::handles(&[&weight]) && amx_ops::linear_fits(&weight) && inner2 % 32 == 0 {
+            let geglu_bias = bias.as_ref().map(amx_ops::geglu_order).transpose()?;
+            return Ok(Self {
+                weight: LinearWeight::PackedGeglu {
+                    panels: amx_ops::pack_linear_weight(&amx_ops::geglu_order(&weight)?)?,
+                    bias: geglu_bias,
+                },
+                bias,
+            });
+        }
+        Self::new(weight, bias)
+    }
+
+    /// Whether [`Linear::forward_geglu`] of `x` runs fused: the [hidden | gate] projection is
+    /// then never in memory.
+    pub fn geglu_fused(&self, x: &Tensor) -> bool {
+        matches!(&self.weight, LinearWeight::PackedGeglu { panels, .. } if amx_ops::handles(&[x, panels]))
+    }
+
+    /// hidden * gelu(gate) (exact erf) of this layer's output [hidden | gate].
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        if let LinearWeight::PackedGeglu { panels, bias } = &self.weight {
+            if amx_ops::handles(&[x, panels]) {
+                return amx_ops::linear_geglu(x, panels, bias.as_ref());
+            }
+        }
+        let h = self.forward(x)?;
+        if on_cpu(&h) {
+            return if h.dtype() == DType::BF16 {
+                kernels::geglu(&h)
+            } else {
+                in_f32(&[&h], |t| kernels::geglu(&t[0]))
+            };
+        }
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        hidden * gate.gelu_erf()?
     }
 }
 
