@@ -701,6 +701,27 @@ mod tests {
     }
 
     #[test]
+    fn layer_norm_of_bf16_is_the_f32_result_rounded() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let bf16 = candle_core::DType::BF16;
+        // rows of 320 (SD's width) and 77 (a tail), an offset mean
+        for n in [320usize, 77] {
+            let x = (Tensor::randn(0f32, 1.0, (2, 33, n), &dev)? + 3.0)?.to_dtype(bf16)?;
+            let w = Tensor::randn(1f32, 0.2, n, &dev)?.to_dtype(bf16)?;
+            let b = Tensor::randn(0f32, 0.2, n, &dev)?.to_dtype(bf16)?;
+            let got = layer_norm_bf16(&x, &w, &b, 1e-5)?.to_dtype(candle_core::DType::F32)?;
+            let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            let want = candle_nn::ops::layer_norm_slow(&f(&x)?, &f(&w)?, &f(&b)?, 1e-5)?;
+            // one rounding to bf16: within 2^-8 of the value (plus the f32 sums' error)
+            let err = ((got - &want)?.abs()? / (want.abs()? + 1e-3)?)?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < 1.0 / 250.0, "n {n}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn exp_approx_is_accurate() {
         let mut worst = 0f32;
         let mut x = -80.0f32;
@@ -1219,6 +1240,96 @@ impl candle_core::CustomOp1 for Geglu {
             .for_each(|(o, src)| geglu_rows(src, o, inner));
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
+}
+
+/// LayerNorm over the last dimension of bf16 values, in f32: two passes for the variance,
+/// 16 lanes per sum, the result rounded once (candle's kernel sums each row in one serial
+/// f32 accumulator, E[x^2] - mean^2, and converts every value through `half`).
+struct LayerNormBf16 {
+    eps: f32,
+}
+
+#[inline(always)]
+fn layer_norm_row_body(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    const L: usize = 16;
+    let n = x.len();
+    let chunks = x.chunks_exact(L);
+    let tail = chunks.remainder();
+    let mut acc = [0f32; L];
+    for c in chunks.clone() {
+        for i in 0..L {
+            acc[i] += c[i];
+        }
+    }
+    let mean = (acc.iter().sum::<f32>() + tail.iter().sum::<f32>()) / n as f32;
+    let mut acc = [0f32; L];
+    for c in chunks {
+        for i in 0..L {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    let tail_sq: f32 = tail.iter().map(|&v| (v - mean) * (v - mean)).sum();
+    let var = (acc.iter().sum::<f32>() + tail_sq) / n as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (v - mean) * inv * w + b;
+    }
+}
+
+simd_dispatch!(layer_norm_row => layer_norm_row_body(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> ());
+
+impl CustomOp3 for LayerNormBf16 {
+    fn name(&self) -> &'static str {
+        "sdgen-layer-norm-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = "layer norm kernel";
+        let x = crate::bf16_ops::contiguous_bits(xs, xl, op)?;
+        let wide = |s, l| -> Result<Vec<f32>> {
+            let v = crate::bf16_ops::contiguous_bits(s, l, op)?;
+            Ok(v.iter().map(|&b| crate::bf16_ops::widen(b)).collect())
+        };
+        let (w, b) = (wide(ws, wl)?, wide(bs, bl)?);
+        let n = w.len();
+        if n == 0 || x.len() % n != 0 || b.len() != n {
+            candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
+        }
+        let mut out = vec![0u16; x.len()];
+        let rows_per_task = ((1 << 14) / n).max(1);
+        out.par_chunks_mut(rows_per_task * n)
+            .zip(x.par_chunks(rows_per_task * n))
+            .for_each(|(o, src)| {
+                with_scratch(2 * n, |buf| {
+                    let (row, res) = buf.split_at_mut(n);
+                    for (o, src) in o.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                        crate::bf16_ops::widen_row(src, row);
+                        layer_norm_row(row, &w, &b, self.eps, res);
+                        crate::bf16_ops::narrow_row(res, o);
+                    }
+                });
+            });
+        Ok((crate::bf16_ops::storage(out), xl.shape().clone()))
+    }
+}
+
+/// `nn.LayerNorm` (with weight and bias) over the last dimension of a bf16 CPU tensor; weight
+/// and bias bf16.
+pub fn layer_norm_bf16(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &LayerNormBf16 { eps },
+    )
 }
 
 /// hidden * gelu_erf(gate) for an f32 or bf16 CPU tensor whose last dimension is

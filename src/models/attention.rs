@@ -5,10 +5,10 @@
 //! approximation of GELU where diffusers uses the exact erf form (a visible difference against
 //! diffusers' outputs), and because attention is the hot spot of the U-Net on CPU.
 
-use super::layers::{in_f32, linear, linear_no_bias, on_cpu, Conv2d, GroupNorm, Linear};
+use super::layers::{in_f32, linear, linear_no_bias, on_cpu, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::bf16_ops::add;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// `Attention` with `AttnProcessor2_0` semantics: softmax(q k^T / sqrt(d)) v.
 pub struct Attention {
@@ -147,11 +147,11 @@ impl FeedForward {
 
 /// `BasicTransformerBlock` (norm_type "layer_norm"): self-attention, cross-attention, GEGLU.
 struct BasicTransformerBlock {
-    norm1: candle_nn::LayerNorm,
+    norm1: LayerNorm,
     attn1: Attention,
-    norm2: candle_nn::LayerNorm,
+    norm2: LayerNorm,
     attn2: Attention,
-    norm3: candle_nn::LayerNorm,
+    norm3: LayerNorm,
     ff: FeedForward,
 }
 
@@ -164,11 +164,11 @@ impl BasicTransformerBlock {
         context_dim: usize,
     ) -> Result<Self> {
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, dim_head)?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, dim_head)?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }

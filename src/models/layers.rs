@@ -246,6 +246,36 @@ impl Module for Conv2d {
     }
 }
 
+/// `nn.LayerNorm` (weight and bias): sdgen's kernel for bf16 on the CPU
+/// (`kernels::layer_norm_bf16`), candle's otherwise.
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let (weight, bias) = (vb.get(dim, "weight")?, vb.get(dim, "bias")?);
+        Ok(Self {
+            inner: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
+            weight,
+            bias,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if on_cpu(x) && x.dtype() == DType::BF16 && self.weight.dtype() == DType::BF16 {
+            return kernels::layer_norm_bf16(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        self.inner.forward(x)
+    }
+}
+
 /// `nn.GroupNorm` with affine parameters, optionally fused with the SiLU that follows it.
 pub struct GroupNorm {
     weight: Tensor,
