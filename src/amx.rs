@@ -112,6 +112,23 @@ pub unsafe fn block_add(
     imp::store(c, ldc);
 }
 
+/// As [`block_add`] for a C block of 32 x 16 (one panel of B at `b`).
+///
+/// # Safety
+/// As [`block_add`], with `k * PANEL` readable values at `b` and 32 rows of 16 values at `c`.
+#[inline]
+pub unsafe fn block_add_half(
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert_eq!(k % KSTEP, 0);
+    imp::block_add_half(k, a, lda, b, c, ldc);
+}
+
 /// C (32 x 32 f32 at `c`, row stride `ldc`) = the sum over taps t of A_t x B_t: the product
 /// of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row stride `lda`.
 /// B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for consecutive
@@ -401,6 +418,56 @@ mod imp {
         }
     }
 
+    /// C tiles 0 and 2 (a 32 x 16 block) += A (32 rows at `a`, row stride `lda`, `k`
+    /// columns) x one panel of B from `b` (64-byte rows), C loaded from and stored to `c`
+    /// (row stride `ldc`).
+    #[inline]
+    pub unsafe fn block_add_half(
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let sa = (lda * 2) as isize;
+        let sc = (ldc * 4) as isize;
+        let c2 = c.add(16 * ldc);
+        asm!(
+            "tileloadd tmm0, [{c0} + {sc}*1]",
+            "tileloadd tmm2, [{c2} + {sc}*1]",
+            c0 = in(reg) c,
+            c2 = in(reg) c2,
+            sc = in(reg) sc,
+            options(nostack, readonly),
+        );
+        let mut kk = 0;
+        while kk < k {
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a.add(kk),
+                a1 = in(reg) a.add(16 * lda + kk),
+                b0 = in(reg) b.add(kk * super::PANEL),
+                sa = in(reg) sa,
+                sb = in(reg) 64isize,
+                options(nostack, readonly),
+            );
+            kk += super::KSTEP;
+        }
+        asm!(
+            "tilestored [{c0} + {sc}*1], tmm0",
+            "tilestored [{c2} + {sc}*1], tmm2",
+            c0 = in(reg) c,
+            c2 = in(reg) c2,
+            sc = in(reg) sc,
+            options(nostack),
+        );
+    }
+
     /// C tiles <- 32 x 32 f32 at `c`, row stride `ldc`.
     #[inline]
     pub unsafe fn load(c: *const f32, ldc: usize) {
@@ -465,6 +532,16 @@ mod imp {
         unreachable!("AMX is x86_64 only")
     }
     pub unsafe fn load(_: *const f32, _: usize) {
+        unreachable!("AMX is x86_64 only")
+    }
+    pub unsafe fn block_add_half(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: *mut f32,
+        _: usize,
+    ) {
         unreachable!("AMX is x86_64 only")
     }
 }

@@ -726,19 +726,28 @@ impl CustomOp3 for AttentionOp {
                                     prow[valid..].fill(0);
                                 }
                                 for n0 in (0..dvp).step_by(BLOCK) {
+                                    let b = vpan[n0 * tkp + kc0 * PANEL..].as_ptr();
                                     // SAFETY: p is 32 x kc (row stride kc), vpan's two panels
                                     // at n0 hold keys kc0..kc0 + kc from kc0 * PANEL on
                                     // (panels of depth tkp), o 32 x dvp.
                                     unsafe {
-                                        amx::block_add(
-                                            kc,
-                                            p.as_ptr(),
-                                            kc,
-                                            vpan[n0 * tkp + kc0 * PANEL..].as_ptr(),
-                                            tkp * PANEL,
-                                            o.as_mut_ptr().add(n0),
-                                            dvp,
-                                        );
+                                        if dv - n0 <= PANEL {
+                                            // one panel is enough (head dim 40: 48 columns
+                                            // computed instead of 64)
+                                            let c = o.as_mut_ptr().add(n0);
+                                            amx::block_add_half(kc, p.as_ptr(), kc, b, c, dvp);
+                                        } else {
+                                            let c = o.as_mut_ptr().add(n0);
+                                            amx::block_add(
+                                                kc,
+                                                p.as_ptr(),
+                                                kc,
+                                                b,
+                                                tkp * PANEL,
+                                                c,
+                                                dvp,
+                                            );
+                                        }
                                     }
                                 }
                             }
