@@ -701,7 +701,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_norm_of_bf16_is_the_f32_result_rounded() -> Result<()> {
+    fn layer_norm_matches_candle_in_f32_and_rounds_once_in_bf16() -> Result<()> {
         let dev = candle_core::Device::Cpu;
         let bf16 = candle_core::DType::BF16;
         // rows of 320 (SD's width) and 77 (a tail), an offset mean
@@ -709,9 +709,13 @@ mod tests {
             let x = (Tensor::randn(0f32, 1.0, (2, 33, n), &dev)? + 3.0)?.to_dtype(bf16)?;
             let w = Tensor::randn(1f32, 0.2, n, &dev)?.to_dtype(bf16)?;
             let b = Tensor::randn(0f32, 0.2, n, &dev)?.to_dtype(bf16)?;
-            let got = layer_norm_bf16(&x, &w, &b, 1e-5)?.to_dtype(candle_core::DType::F32)?;
+            let got = layer_norm(&x, &w, &b, 1e-5)?.to_dtype(candle_core::DType::F32)?;
             let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
             let want = candle_nn::ops::layer_norm_slow(&f(&x)?, &f(&w)?, &f(&b)?, 1e-5)?;
+            // f32: the same up to the sums' order
+            let got32 = layer_norm(&f(&x)?, &f(&w)?, &f(&b)?, 1e-5)?;
+            let err32 = (got32 - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err32 < 1e-5, "n {n}: f32 {err32}");
             // one rounding to bf16: within 2^-8 of the value (plus the f32 sums' error)
             let err = ((got - &want)?.abs()? / (want.abs()? + 1e-3)?)?
                 .max_all()?
@@ -1242,10 +1246,11 @@ impl candle_core::CustomOp1 for Geglu {
     }
 }
 
-/// LayerNorm over the last dimension of bf16 values, in f32: two passes for the variance,
-/// 16 lanes per sum, the result rounded once (candle's kernel sums each row in one serial
-/// f32 accumulator, E[x^2] - mean^2, and converts every value through `half`).
-struct LayerNormBf16 {
+/// LayerNorm over the last dimension of f32 or bf16 values (weight and bias of the same
+/// type), in f32: two passes for the variance, as torch, 16 lanes per sum, bf16 results
+/// rounded once. candle's kernel sums each row in one serial f32 accumulator, takes
+/// E[x^2] - mean^2, and converts every bf16 value through `half`.
+struct LayerNormOp {
     eps: f32,
 }
 
@@ -1279,9 +1284,9 @@ fn layer_norm_row_body(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32
 
 simd_dispatch!(layer_norm_row => layer_norm_row_body(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> ());
 
-impl CustomOp3 for LayerNormBf16 {
+impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "sdgen-layer-norm-bf16"
+        "sdgen-layer-norm"
     }
 
     fn cpu_fwd(
@@ -1294,6 +1299,27 @@ impl CustomOp3 for LayerNormBf16 {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "layer norm kernel";
+        let rows_of = |n: usize| ((1 << 14) / n).max(1);
+        if let CpuStorage::F32(_) = xs {
+            let x = contiguous::<f32>(xs, xl, op)?;
+            let (w, b) = (
+                contiguous::<f32>(ws, wl, op)?,
+                contiguous::<f32>(bs, bl, op)?,
+            );
+            let n = w.len();
+            if n == 0 || x.len() % n != 0 || b.len() != n {
+                candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
+            }
+            let mut out = vec![0f32; x.len()];
+            out.par_chunks_mut(rows_of(n) * n)
+                .zip(x.par_chunks(rows_of(n) * n))
+                .for_each(|(o, src)| {
+                    for (o, src) in o.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                        layer_norm_row(src, w, b, self.eps, o);
+                    }
+                });
+            return Ok((CpuStorage::F32(out), xl.shape().clone()));
+        }
         let x = crate::bf16_ops::contiguous_bits(xs, xl, op)?;
         let wide = |s, l| -> Result<Vec<f32>> {
             let v = crate::bf16_ops::contiguous_bits(s, l, op)?;
@@ -1305,9 +1331,8 @@ impl CustomOp3 for LayerNormBf16 {
             candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
         }
         let mut out = vec![0u16; x.len()];
-        let rows_per_task = ((1 << 14) / n).max(1);
-        out.par_chunks_mut(rows_per_task * n)
-            .zip(x.par_chunks(rows_per_task * n))
+        out.par_chunks_mut(rows_of(n) * n)
+            .zip(x.par_chunks(rows_of(n) * n))
             .for_each(|(o, src)| {
                 with_scratch(2 * n, |buf| {
                     let (row, res) = buf.split_at_mut(n);
@@ -1322,13 +1347,13 @@ impl CustomOp3 for LayerNormBf16 {
     }
 }
 
-/// `nn.LayerNorm` (with weight and bias) over the last dimension of a bf16 CPU tensor; weight
-/// and bias bf16.
-pub fn layer_norm_bf16(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+/// `nn.LayerNorm` (with weight and bias) over the last dimension of an f32 or bf16 CPU
+/// tensor; weight and bias of its type.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &LayerNormBf16 { eps },
+        &LayerNormOp { eps },
     )
 }
 

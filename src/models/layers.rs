@@ -246,8 +246,8 @@ impl Module for Conv2d {
     }
 }
 
-/// `nn.LayerNorm` (weight and bias): sdgen's kernel for bf16 on the CPU
-/// (`kernels::layer_norm_bf16`), candle's otherwise.
+/// `nn.LayerNorm` (weight and bias): sdgen's kernel for f32 and bf16 on the CPU
+/// (`kernels::layer_norm`), candle's otherwise.
 pub struct LayerNorm {
     inner: candle_nn::LayerNorm,
     weight: Tensor,
@@ -269,8 +269,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if on_cpu(x) && x.dtype() == DType::BF16 && self.weight.dtype() == DType::BF16 {
-            return kernels::layer_norm_bf16(x, &self.weight, &self.bias, self.eps as f32);
+        let dtype = x.dtype();
+        if on_cpu(x) && matches!(dtype, DType::F32 | DType::BF16) && self.weight.dtype() == dtype {
+            return kernels::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
         self.inner.forward(x)
     }
