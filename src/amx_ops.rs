@@ -463,7 +463,9 @@ impl CustomOp3 for Conv3x3Op {
     /// read ky (w + 2) + kx pixels further on. Outputs are computed over the padded width
     /// (w + 2 columns per row, the last two discarded) and the 9 taps accumulate on the
     /// tiles. Against the im2col path (which unfolds 9 x cin rows per pixel block) this
-    /// moves 9x less data before the products.
+    /// moves 9x less data before the products: 1280 channels at 16x16 12-13 -> 10 ms, 2560
+    /// -> 1280 at 8x8 8.4-8.8 -> 7.4 ms, 320 channels at 64x64 about the same (2 threads,
+    /// batch 2).
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
