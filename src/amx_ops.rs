@@ -51,24 +51,16 @@ enum Bias<'a> {
     Cols(&'a [u16]),
 }
 
-/// Writes `rows` x `cols` values of `c` (row stride `ldc`) plus the bias, rounded to bf16, to
-/// `dst` (row stride `ld`).
+/// Writes the first `rows` x `cols` values of a 32 x 32 block plus the bias, rounded to bf16,
+/// to `dst` (row stride `ld`).
 ///
 /// # Safety
 /// `dst` has `rows` writable rows of `cols` values at stride `ld`, owned by the caller.
 #[inline]
-unsafe fn store(
-    c: &[f32],
-    ldc: usize,
-    dst: *mut u16,
-    ld: usize,
-    rows: usize,
-    cols: usize,
-    bias: Bias,
-) {
+unsafe fn store(c: &[f32; 1024], dst: *mut u16, ld: usize, rows: usize, cols: usize, bias: Bias) {
     for i in 0..rows {
         let d = std::slice::from_raw_parts_mut(dst.add(i * ld), cols);
-        let src = &c[i * ldc..i * ldc + cols];
+        let src = &c[i * BLOCK..i * BLOCK + cols];
         match bias {
             Bias::None => narrow_row(src, d),
             Bias::Rows(b) => narrow_shifted_row(src, widen(b[i]), d),
@@ -166,7 +158,7 @@ impl CustomOp3 for LinearOp {
                                         crate::kernels::geglu_block(&c, b, rows, d, n_out);
                                     } else {
                                         let d = dst.0.add(m0 * n + n0);
-                                        store(&c, BLOCK, d, n, rows, cols, b);
+                                        store(&c, d, n, rows, cols, b);
                                     }
                                 }
                             }
@@ -233,12 +225,23 @@ pub fn linear_packed(
     bias: Option<&Tensor>,
     n: usize,
 ) -> Result<Tensor> {
+    apply_linear(x, panels, bias, n, false)
+}
+
+/// Runs [`LinearOp`] (no bias: an empty tensor in its place).
+fn apply_linear(
+    x: &Tensor,
+    panels: &Tensor,
+    bias: Option<&Tensor>,
+    n: usize,
+    geglu: bool,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let none = Tensor::zeros(0, DType::BF16, x.device())?;
     let op = LinearOp {
         has_bias: bias.is_some(),
         n,
-        geglu: false,
+        geglu,
     };
     x.apply_op3_no_bwd(panels, &bias.unwrap_or(&none).contiguous()?, &op)
 }
@@ -248,22 +251,18 @@ pub fn linear_packed(
 /// [`linear_geglu`] takes (after [`pack_linear_weight`] for the weight). `inner` a multiple
 /// of 16.
 pub fn geglu_order(t: &Tensor) -> Result<Tensor> {
-    let n = t.dim(0)?;
-    let rest: Vec<usize> = t.dims()[1..].to_vec();
-    let mut split = vec![2, n / 32, 16];
-    split.extend(&rest);
-    t.reshape(split)?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape(t.shape())
+    swap_row_groups(t, [2, t.dim(0)? / 32])
 }
 
 /// The inverse of [`geglu_order`].
 pub fn geglu_order_undone(t: &Tensor) -> Result<Tensor> {
-    let n = t.dim(0)?;
-    let rest: Vec<usize> = t.dims()[1..].to_vec();
-    let mut split = vec![n / 32, 2, 16];
-    split.extend(&rest);
+    swap_row_groups(t, [t.dim(0)? / 32, 2])
+}
+
+/// t's rows as groups (outer, inner, 16 rows each), the two group indices swapped.
+fn swap_row_groups(t: &Tensor, [outer, inner]: [usize; 2]) -> Result<Tensor> {
+    let mut split = vec![outer, inner, 16];
+    split.extend(&t.dims()[1..]);
     t.reshape(split)?
         .transpose(0, 1)?
         .contiguous()?
@@ -277,14 +276,7 @@ pub fn geglu_order_undone(t: &Tensor) -> Result<Tensor> {
 /// is never written (for SD 1.5's 320 -> 2560 over 8192 tokens: 42 MB written and read
 /// again, and a separate pass).
 pub fn linear_geglu(x: &Tensor, panels: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let none = Tensor::zeros(0, DType::BF16, x.device())?;
-    let op = LinearOp {
-        has_bias: bias.is_some(),
-        n: panels.dim(0)?,
-        geglu: true,
-    };
-    x.apply_op3_no_bwd(panels, &bias.unwrap_or(&none).contiguous()?, &op)
+    apply_linear(x, panels, bias, panels.dim(0)?, true)
 }
 
 /// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
@@ -400,7 +392,6 @@ impl CustomOp3 for Conv2dOp {
                                 );
                                 store(
                                     &c,
-                                    BLOCK,
                                     dst.0.add(bi * cout * p + m0 * p + p0 + n0),
                                     p,
                                     BLOCK.min(cout - m0),
@@ -445,6 +436,18 @@ pub fn conv3x3_taps(weight: &Tensor) -> Result<Tensor> {
         taps
     };
     taps.contiguous()
+}
+
+/// The weights (cout, cin, 3, 3) back from [`conv3x3_taps`].
+pub fn conv3x3_weight(taps: &Tensor, cout: usize) -> Result<Tensor> {
+    let (ntaps, _, cin) = taps.dims3()?;
+    if ntaps != 9 {
+        candle_core::bail!("amx conv3x3: taps {:?}", taps.dims());
+    }
+    taps.narrow(1, 0, cout)?
+        .reshape((3, 3, cout, cin))?
+        .permute((2, 3, 0, 1))?
+        .contiguous()
 }
 
 struct Conv3x3Op {
@@ -733,13 +736,12 @@ impl CustomOp3 for AttentionOp {
                                     // at n0 hold keys kc0..kc0 + kc from kc0 * PANEL on
                                     // (panels of depth tkp), o 32 x dvp.
                                     unsafe {
+                                        let c = o.as_mut_ptr().add(n0);
                                         if dv - n0 <= PANEL {
                                             // one panel is enough (head dim 40: 48 columns
                                             // computed instead of 64)
-                                            let c = o.as_mut_ptr().add(n0);
                                             amx::block_add_half(kc, p.as_ptr(), kc, b, c, dvp);
                                         } else {
-                                            let c = o.as_mut_ptr().add(n0);
                                             amx::block_add(
                                                 kc,
                                                 p.as_ptr(),
@@ -957,7 +959,11 @@ mod tests {
                 padding: 1,
             };
             assert!(conv3x3_fits(&w, g));
-            let got = conv2d_3x3(&x, &conv3x3_taps(&w).unwrap(), &bias, cout).unwrap();
+            let taps = conv3x3_taps(&w).unwrap();
+            let back = conv3x3_weight(&taps, cout).unwrap();
+            let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+            let got = conv2d_3x3(&x, &taps, &bias, cout).unwrap();
             let want = f32(&x)
                 .conv2d(&f32(&w), 1, 1, 1, 1)
                 .unwrap()

@@ -82,9 +82,7 @@ impl Linear {
         };
         Ok(Self { weight, bias })
     }
-}
 
-impl Linear {
     /// The projection of diffusers' `GEGLU` (weight (2 inner, in), bias (2 inner)), for
     /// [`Linear::forward_geglu`]: for bf16 on a CPU with AMX packed so that the GELU runs on
     /// the product's f32 accumulators (`amx_ops::linear_geglu`).
@@ -186,13 +184,7 @@ impl ConvWeight {
     fn plain(&self) -> Result<Tensor> {
         match self {
             ConvWeight::Plain(w) => Ok(w.clone()),
-            ConvWeight::Taps { taps, cout } => {
-                let cin = taps.dim(2)?;
-                taps.narrow(1, 0, *cout)?
-                    .reshape((3, 3, *cout, cin))?
-                    .permute((2, 3, 0, 1))?
-                    .contiguous()
-            }
+            ConvWeight::Taps { taps, cout } => amx_ops::conv3x3_weight(taps, *cout),
         }
     }
 }
@@ -249,7 +241,6 @@ impl Module for Conv2d {
 /// `nn.LayerNorm` (weight and bias): sdgen's kernel for f32 and bf16 on the CPU
 /// (`kernels::layer_norm`), candle's otherwise.
 pub struct LayerNorm {
-    inner: candle_nn::LayerNorm,
     weight: Tensor,
     bias: Tensor,
     eps: f64,
@@ -257,11 +248,9 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let (weight, bias) = (vb.get(dim, "weight")?, vb.get(dim, "bias")?);
         Ok(Self {
-            inner: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
-            weight,
-            bias,
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
             eps,
         })
     }
@@ -273,7 +262,7 @@ impl Module for LayerNorm {
         if on_cpu(x) && matches!(dtype, DType::F32 | DType::BF16) && self.weight.dtype() == dtype {
             return kernels::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
-        self.inner.forward(x)
+        candle_nn::LayerNorm::new(self.weight.clone(), self.bias.clone(), self.eps).forward(x)
     }
 }
 
