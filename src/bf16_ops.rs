@@ -127,7 +127,7 @@ simd_dispatch!(narrow_scaled_portable => narrow_scaled_body(src: &[f32], s: f32,
 /// dst <- src rounded to bf16.
 pub(crate) fn narrow_row(src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx512_bf16() {
+    if has_avx512_bf16() {
         // SAFETY: the CPU has the features.
         return unsafe { fast::narrow_row(src, dst) };
     }
@@ -137,7 +137,7 @@ pub(crate) fn narrow_row(src: &[f32], dst: &mut [u16]) {
 /// dst <- src * s rounded to bf16.
 pub(crate) fn narrow_scaled_row(src: &[f32], s: f32, dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx512_bf16() {
+    if has_avx512_bf16() {
         // SAFETY: the CPU has the features.
         return unsafe { fast::narrow_scaled_row(src, s, dst) };
     }
@@ -147,7 +147,7 @@ pub(crate) fn narrow_scaled_row(src: &[f32], s: f32, dst: &mut [u16]) {
 /// dst <- (src + s) rounded to bf16.
 pub(crate) fn narrow_shifted_row(src: &[f32], s: f32, dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx512_bf16() {
+    if has_avx512_bf16() {
         // SAFETY: the CPU has the features.
         return unsafe { fast::narrow_shifted_row(src, s, dst) };
     }
@@ -157,16 +157,50 @@ pub(crate) fn narrow_shifted_row(src: &[f32], s: f32, dst: &mut [u16]) {
 /// dst <- (src + bias) rounded to bf16, bias given as bf16 bits.
 pub(crate) fn narrow_biased_row(src: &[f32], bias: &[u16], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx512_bf16() {
+    if has_avx512_bf16() {
         // SAFETY: the CPU has the features.
         return unsafe { fast::narrow_biased_row(src, bias, dst) };
     }
     narrow_biased_portable(src, bias, dst)
 }
 
+/// Whether the CPU has AVX512F/BW/VL and AVX512-BF16 (all those with AMX do): what the
+/// intrinsics here and in `kernels` need.
 #[cfg(target_arch = "x86_64")]
-mod fast {
+pub(crate) fn has_avx512_bf16() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod fast {
     use std::arch::x86_64::*;
+
+    /// The first of 16 f32 lanes given by `mask` rounded to bf16 (nearest even) at `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16/BW/VL; `dst` has the masked values' room.
+    #[inline(always)]
+    pub(crate) unsafe fn store_masked(dst: *mut u16, v: __m512, mask: __mmask16) {
+        let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(dst.cast(), mask, bits);
+    }
+
+    /// 16 f32 values rounded to bf16 (nearest even) at `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16; `dst` has 16 values' room.
+    #[inline(always)]
+    pub(crate) unsafe fn store(dst: *mut u16, v: __m512) {
+        let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.cast(), bits);
+    }
 
     /// dst[i] <- f(src[i..i + 16], i, mask) rounded to bf16, 16 at a time (the last ones
     /// masked), over the shorter of the two.
@@ -176,16 +210,12 @@ mod fast {
         let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
         let mut i = 0;
         while i + 16 <= n {
-            let v = f(_mm512_loadu_ps(s.add(i)), i, !0);
-            let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(d.add(i).cast(), bits);
+            store(d.add(i), f(_mm512_loadu_ps(s.add(i)), i, !0));
             i += 16;
         }
         if i < n {
             let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-            let v = f(_mm512_maskz_loadu_ps(m, s.add(i)), i, m);
-            let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
-            _mm256_mask_storeu_epi16(d.add(i).cast(), m, bits);
+            store_masked(d.add(i), f(_mm512_maskz_loadu_ps(m, s.add(i)), i, m), m);
         }
     }
 

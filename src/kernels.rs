@@ -11,6 +11,7 @@
 use crate::bf16_ops::Element;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Query rows per block: 64 rows x 4096 keys x 4 bytes = 1 MiB of scores, within L2.
 /// Work is split across threads by head (batch x heads items).
@@ -176,7 +177,7 @@ simd_dispatch!(row_max_portable => row_max(row: &[f32]) -> f32);
 /// The largest value of a row (-inf for an empty one).
 pub(crate) fn row_max_f32(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx512_bf16::available() {
+    if crate::bf16_ops::has_avx512_bf16() {
         // SAFETY: the CPU has the features (checked just above).
         return unsafe { avx512_bf16::row_max(row) };
     }
@@ -193,33 +194,17 @@ pub(crate) fn row_max_f32(row: &[f32]) -> f32 {
 pub(crate) fn exp_row_bf16(row: &[f32], scale: f32, shift: f32, out: &mut [u16]) -> f32 {
     assert_eq!(row.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if avx512_bf16::available() {
+    if crate::bf16_ops::has_avx512_bf16() {
         // SAFETY: the CPU has the features (checked just above); the lengths are equal.
         return unsafe { avx512_bf16::exp_row(row, scale, shift, out) };
     }
     exp_row_bf16_portable(row, scale, shift, out)
 }
 
-/// Whether the CPU has AVX512F/BW/VL and AVX512-BF16 (all those with AMX do).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512_bf16() -> bool {
-    avx512_bf16::available()
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16 {
+    use crate::bf16_ops::fast::{store as store_bf16, store_masked};
     use std::arch::x86_64::*;
-
-    pub(super) fn available() -> bool {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bf16")
-        })
-    }
 
     /// The vector form of `exp_bf16_grade`: t = x log2 e, n = round(t), f = t - n, the same
     /// degree-4 polynomial for 2^f, times 2^n (`vscalefps`, which gives 0 far below the
@@ -234,13 +219,6 @@ mod avx512_bf16 {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(std::f32::consts::LN_2));
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
         _mm512_scalef_ps(p, n)
-    }
-
-    /// 16 f32 values rounded to bf16 (nearest even) at `dst`.
-    #[inline(always)]
-    unsafe fn store_bf16(dst: *mut u16, v: __m512) {
-        let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
-        _mm256_storeu_si256(dst.cast(), bits);
     }
 
     /// # Safety
@@ -302,8 +280,7 @@ mod avx512_bf16 {
         if tail != 0 {
             let v = _mm512_maskz_loadu_ps(tail, src.add(full));
             let e = _mm512_maskz_mov_ps(tail, exp2_poly(_mm512_fmsub_ps(v, a, b)));
-            let bits = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
-            _mm256_mask_storeu_epi16(dst.add(full).cast(), tail, bits);
+            store_masked(dst.add(full), e, tail);
             sum[1] = _mm512_add_ps(sum[1], e);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(sum[0], sum[1]))
@@ -665,7 +642,7 @@ mod tests {
     #[test]
     fn softmax_numerators_in_bf16_paths_agree() {
         #[cfg(target_arch = "x86_64")]
-        let fast = avx512_bf16::available();
+        let fast = crate::bf16_ops::has_avx512_bf16();
         #[cfg(not(target_arch = "x86_64"))]
         let fast = false;
         if !fast {
@@ -1135,15 +1112,18 @@ fn erf_approx(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// GEGLU of one feature: hidden * gelu(gate), exact-erf GELU.
+#[inline(always)]
+fn gated_gelu(x: f32, g: f32) -> f32 {
+    x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2)))
+}
+
 #[inline(always)]
 fn geglu_body<T: Element>(h: &[T], out: &mut [T], inner: usize) {
     for (row_in, row_out) in h.chunks_exact(2 * inner).zip(out.chunks_exact_mut(inner)) {
         let (hidden, gate) = row_in.split_at(inner);
         for ((o, &x), &g) in row_out.iter_mut().zip(hidden).zip(gate) {
-            let (x, g) = (x.to_f32(), g.to_f32());
-            *o = T::from_f32(
-                x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2))),
-            );
+            *o = T::from_f32(gated_gelu(x.to_f32(), g.to_f32()));
         }
     }
 }
@@ -1203,9 +1183,7 @@ unsafe fn geglu_block_body(c: &[f32], bias: Option<&[u16]>, rows: usize, dst: *m
     for (i, row) in c.chunks_exact(32).take(rows).enumerate() {
         let d = std::slice::from_raw_parts_mut(dst.add(i * ld), 16);
         for j in 0..16 {
-            let x = row[j] + b[j];
-            let g = row[16 + j] + b[16 + j];
-            let v = x * (0.5 * g * (1.0 + erf_approx(g * std::f32::consts::FRAC_1_SQRT_2)));
+            let v = gated_gelu(row[j] + b[j], row[16 + j] + b[16 + j]);
             d[j] = crate::bf16_ops::narrow(v);
         }
     }
@@ -1299,40 +1277,39 @@ impl CustomOp3 for LayerNormOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = "layer norm kernel";
-        let rows_of = |n: usize| ((1 << 14) / n).max(1);
+        // weight and bias in f32 (widened from bf16)
+        fn wide<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
+            Ok(match s {
+                CpuStorage::F32(_) => contiguous::<f32>(s, l, op)?.into(),
+                _ => crate::bf16_ops::contiguous_bits(s, l, op)?
+                    .iter()
+                    .map(|&b| crate::bf16_ops::widen(b))
+                    .collect::<Vec<_>>()
+                    .into(),
+            })
+        }
+        let (w, b) = (wide(ws, wl, op)?, wide(bs, bl, op)?);
+        let n = w.len();
+        if n == 0 || xl.shape().elem_count() % n != 0 || b.len() != n {
+            candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
+        }
+        let rows_per_task = ((1 << 14) / n).max(1) * n;
         if let CpuStorage::F32(_) = xs {
             let x = contiguous::<f32>(xs, xl, op)?;
-            let (w, b) = (
-                contiguous::<f32>(ws, wl, op)?,
-                contiguous::<f32>(bs, bl, op)?,
-            );
-            let n = w.len();
-            if n == 0 || x.len() % n != 0 || b.len() != n {
-                candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
-            }
             let mut out = vec![0f32; x.len()];
-            out.par_chunks_mut(rows_of(n) * n)
-                .zip(x.par_chunks(rows_of(n) * n))
+            out.par_chunks_mut(rows_per_task)
+                .zip(x.par_chunks(rows_per_task))
                 .for_each(|(o, src)| {
                     for (o, src) in o.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
-                        layer_norm_row(src, w, b, self.eps, o);
+                        layer_norm_row(src, &w, &b, self.eps, o);
                     }
                 });
             return Ok((CpuStorage::F32(out), xl.shape().clone()));
         }
         let x = crate::bf16_ops::contiguous_bits(xs, xl, op)?;
-        let wide = |s, l| -> Result<Vec<f32>> {
-            let v = crate::bf16_ops::contiguous_bits(s, l, op)?;
-            Ok(v.iter().map(|&b| crate::bf16_ops::widen(b)).collect())
-        };
-        let (w, b) = (wide(ws, wl)?, wide(bs, bl)?);
-        let n = w.len();
-        if n == 0 || x.len() % n != 0 || b.len() != n {
-            candle_core::bail!("{op}: input {:?}, weight {n}", xl.dims());
-        }
         let mut out = vec![0u16; x.len()];
-        out.par_chunks_mut(rows_of(n) * n)
-            .zip(x.par_chunks(rows_of(n) * n))
+        out.par_chunks_mut(rows_per_task)
+            .zip(x.par_chunks(rows_per_task))
             .for_each(|(o, src)| {
                 with_scratch(2 * n, |buf| {
                     let (row, res) = buf.split_at_mut(n);
