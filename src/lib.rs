@@ -21,5 +21,6 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
 pub mod single_file;
+pub mod token_layout;
 pub mod tokenizer;
 pub mod winograd;
