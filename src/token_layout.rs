@@ -168,6 +168,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+    }
+
     #[test]
     fn layouts_match_candle_permutes() -> Result<()> {
         let dev = Device::Cpu;
@@ -178,11 +182,7 @@ mod tests {
                 let want = x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
                 let got = to_tokens(&x)?;
                 assert_eq!(got.dims(), want.dims());
-                let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                assert_eq!(diff, 0.0, "{b} {c} {h} {w} {dtype:?}");
+                assert_eq!(values(&got)?, values(&want)?, "{b} {c} {h} {w} {dtype:?}");
 
                 let t = Tensor::randn(0f32, 1.0, (b, h * w, c), &dev)?.to_dtype(dtype)?;
                 let image = t
@@ -192,11 +192,7 @@ mod tests {
                 let want = image.broadcast_add(&x)?;
                 let got = to_image_add(&t, &x)?;
                 assert_eq!(got.dims(), x.dims());
-                let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                assert_eq!(diff, 0.0, "{b} {c} {h} {w} {dtype:?}");
+                assert_eq!(values(&got)?, values(&want)?, "{b} {c} {h} {w} {dtype:?}");
             }
         }
         Ok(())
