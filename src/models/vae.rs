@@ -9,6 +9,7 @@
 use super::attention::multi_head_attention;
 use super::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D};
 use crate::config::VaeConfig;
+use crate::token_layout::{to_image_add, to_tokens};
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -51,13 +52,7 @@ impl VaeAttention {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let t = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let t = to_tokens(&self.group_norm.forward(x)?)?;
         // one head of dim c
         let a = multi_head_attention(
             self.to_q.forward(&t)?,
@@ -65,9 +60,7 @@ impl VaeAttention {
             self.to_v.forward(&t)?,
             1,
         )?;
-        let a = self.to_out.forward(&a)?;
-        let a = a.transpose(1, 2)?.reshape((b, c, h, w))?;
-        crate::bf16_ops::add(&a, x)
+        to_image_add(&self.to_out.forward(&a)?, x)
     }
 }
 
