@@ -7,7 +7,8 @@
 //!
 //! Timings are medians of a few runs after a warm-up; never asserted anywhere.
 //! `SDGEN_BENCH_PARTS=unet512,vae` runs only some parts (load, text, unet256, unet512, vae,
-//! generate), to iterate on one of them.
+//! generate), to iterate on one of them. `SDGEN_BENCH_DEVICE=cuda` (a build with `--features
+//! cuda`) times the same parts on the GPU, waiting for the device after each run.
 
 use candle_core::{DType, Device, Tensor};
 use sdgen::model_source::{ModelFiles, Precision};
@@ -20,13 +21,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
+/// Median wall time of `runs` calls of `f` after a warm-up; on a GPU each call ends when the
+/// device has finished its work (kernels are queued asynchronously).
+fn time<T>(dev: &Device, runs: usize, mut f: impl FnMut() -> T) -> f64 {
     f(); // warm-up
+    dev.synchronize().unwrap();
     median(
         (0..runs)
             .map(|_| {
                 let t = Instant::now();
                 std::hint::black_box(f());
+                dev.synchronize().unwrap();
                 t.elapsed().as_secs_f64()
             })
             .collect(),
@@ -34,8 +39,13 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 /// Peak RSS (MB) and wall time of `sdgen` generating one 512x512 image with `steps` steps.
-fn whole_generation(model: &str, steps: usize, dtype: &str) -> (f64, f64) {
-    let exe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/sdgen");
+fn whole_generation(model: &str, steps: usize, dtype: &str, device: &str) -> (f64, f64) {
+    // the bench runs from <target>/release/deps: its sdgen is two folders up
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.join("sdgen")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/sdgen"));
     let out = std::env::temp_dir().join(format!("sdgen-bench-{}.png", std::process::id()));
     let t = Instant::now();
     let status = std::process::Command::new(&exe)
@@ -55,6 +65,8 @@ fn whole_generation(model: &str, steps: usize, dtype: &str) -> (f64, f64) {
         .args([
             "--dtype",
             dtype,
+            "--device",
+            device,
             "-q",
             "--overwrite",
             "-o",
@@ -79,7 +91,8 @@ fn main() {
         Ok("f16") => DType::F16,
         _ => DType::F32,
     };
-    let dev = Device::Cpu;
+    let device = std::env::var("SDGEN_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = sdgen::device::parse_device(&device).unwrap();
     let precision = if dtype == DType::F32 {
         Precision::Full
     } else {
@@ -92,7 +105,7 @@ fn main() {
     // child's peak (ru_maxrss), which made the figure the bench's own size with the model
     // loaded rather than the generation's
     let (rss_mb, gen_wall) = if want("generate") {
-        whole_generation(&model, 2, sdgen::device::dtype_name(dtype))
+        whole_generation(&model, 2, sdgen::device::dtype_name(dtype), &device)
     } else {
         (nan, nan)
     };
@@ -102,7 +115,9 @@ fn main() {
     p.preload().unwrap();
     let load = t.elapsed().as_secs_f64();
     let text = if want("text") {
-        time(3, || p.encode_text("a photo of a cat on a beach").unwrap())
+        time(&dev, 3, || {
+            p.encode_text("a photo of a cat on a beach").unwrap()
+        })
     } else {
         nan
     };
@@ -115,16 +130,26 @@ fn main() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        time(runs, || p.unet_forward(&x, 500.0, &ctx).unwrap())
+        time(&dev, runs, || p.unet_forward(&x, 500.0, &ctx).unwrap())
     };
-    let unet256 = if want("unet256") { unet(256, 3) } else { nan };
-    let unet512 = if want("unet512") { unet(512, 2) } else { nan };
+    // a GPU step takes tens of milliseconds: more runs for a steadier median
+    let more = if dev.is_cpu() { 1 } else { 10 };
+    let unet256 = if want("unet256") {
+        unet(256, 3 * more)
+    } else {
+        nan
+    };
+    let unet512 = if want("unet512") {
+        unet(512, 2 * more)
+    } else {
+        nan
+    };
     let lat = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
     let vae = if want("vae") {
-        time(1, || p.vae_decode_raw(&lat).unwrap())
+        time(&dev, more, || p.vae_decode_raw(&lat).unwrap())
     } else {
         nan
     };
@@ -134,6 +159,7 @@ fn main() {
         serde_json::json!({
             "impl": "sdgen",
             "dtype": sdgen::device::dtype_name(dtype),
+            "device": device,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "load_s": load,
             "text_encoder_s": text,

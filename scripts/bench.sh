@@ -2,7 +2,10 @@
 # CPU benchmark of sdgen against diffusers on the same full-size random-weight SD 1.5, same
 # thread count, in one run; prints both sets of figures and their ratios (sdgen / diffusers).
 #
-#   scripts/bench.sh [THREADS] [f32|bf16]
+#   scripts/bench.sh [THREADS] [f32|bf16|f16]
+#
+# SDGEN_BENCH_DEVICE=cuda times both on the GPU instead (sdgen built with --features cuda,
+# torch with CUDA); THREADS then only sets the CPU threads of the host side.
 #
 # Needs Python with scripts/requirements.txt (set PYTHON, default python3). The model is made
 # once with scripts/make_fixtures.py --full-size into $SDGEN_BENCH_DIR (default
@@ -17,10 +20,13 @@ if [ ! -f "$model/model_index.json" ]; then
   echo "making the full-size random model in $model" >&2
   "$py" scripts/make_fixtures.py --full-size "$model"
 fi
-cargo build --release --quiet
+device=${SDGEN_BENCH_DEVICE:-cpu}
+features=()
+case $device in cuda*) features=(--features cuda) ;; esac
+cargo build --release --quiet "${features[@]}"
 export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
-ours=$(SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DTYPE=$dtype cargo bench --quiet --bench pipeline 2>/dev/null | tail -1)
-theirs=$("$py" scripts/bench_diffusers.py "$model" --threads "$threads" --dtype "$dtype" 2>/dev/null | tail -1)
+ours=$(SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DTYPE=$dtype SDGEN_BENCH_DEVICE=$device cargo bench --quiet "${features[@]}" --bench pipeline 2>/dev/null | tail -1)
+theirs=$("$py" scripts/bench_diffusers.py "$model" --threads "$threads" --dtype "$dtype" --device "$device" 2>/dev/null | tail -1)
 "$py" - "$ours" "$theirs" <<'PY'
 import json, sys
 a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The diffusers side of scripts/bench.sh: the same measurements as benches/pipeline.rs.
 
-    python scripts/bench_diffusers.py MODEL_DIR [--threads N] [--dtype f32|bf16]
+    python scripts/bench_diffusers.py MODEL_DIR [--threads N] [--dtype f32|bf16|f16] [--device cpu|cuda]
 """
 import argparse
 import json
@@ -16,12 +16,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 
-def timed(runs, f):
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(runs, f, device="cpu"):
     f()
+    sync(device)
     out = []
     for _ in range(runs):
         t = time.perf_counter()
         f()
+        sync(device)
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -29,7 +36,7 @@ def timed(runs, f):
 def generate(args, dtype):
     # the whole pipeline in the one type, as `sdgen --dtype` runs it (a bf16 U-Net fed by an
     # f32 text encoder stops with a dtype mismatch)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     pipe("bench", num_inference_steps=2, height=512, width=512, generator=torch.Generator().manual_seed(1))
 
@@ -39,40 +46,46 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--generate-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype, torch.float32)
+    dev = args.device
     if args.generate_only:
         generate(args, dtype)
         return
     # the whole generation first, while this process is small: Linux carries the parent's RSS
     # at the fork into the child's peak (ru_maxrss)
     t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--generate-only"], check=True)
+    subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--device", dev, "--generate-only"], check=True)
     wall = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     t = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, safety_checker=None)
     pipe.unet.to(dtype)
+    pipe.to(dev)
+    sync(dev)
     load = time.perf_counter() - t
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
-        ids = pipe.tokenizer("a photo of a cat on a beach", padding="max_length", max_length=77, return_tensors="pt").input_ids
-        text = timed(3, lambda: pipe.text_encoder(ids))
-        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, dtype=dtype)
+        ids = pipe.tokenizer("a photo of a cat on a beach", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(dev)
+        text = timed(3, lambda: pipe.text_encoder(ids), dev)
+        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, dtype=dtype, device=dev)
+        more = 1 if dev == "cpu" else 10
 
         def unet(size, runs):
-            x = torch.randn(2, 4, size // 8, size // 8, dtype=dtype)
-            return timed(runs, lambda: pipe.unet(x, torch.tensor(500), encoder_hidden_states=ctx))
+            x = torch.randn(2, 4, size // 8, size // 8, dtype=dtype, device=dev)
+            return timed(runs, lambda: pipe.unet(x, torch.tensor(500, device=dev), encoder_hidden_states=ctx), dev)
 
-        u256 = unet(256, 3)
-        u512 = unet(512, 2)
-        lat = torch.randn(1, 4, 64, 64)
-        vae = timed(1, lambda: pipe.vae.decode(lat))
+        u256 = unet(256, 3 * more)
+        u512 = unet(512, 2 * more)
+        lat = torch.randn(1, 4, 64, 64, device=dev)
+        vae = timed(more, lambda: pipe.vae.decode(lat), dev)
     print(json.dumps({
         "impl": "diffusers",
         "dtype": args.dtype,
+        "device": dev,
         "threads": args.threads,
         "load_s": load,
         "text_encoder_s": text,
