@@ -1,4 +1,6 @@
-//! bfloat16 matrix products on Intel AMX tiles (`tdpbf16ps`): f32 accumulators, bf16 inputs.
+//! bfloat16 matrix products on Intel AMX tiles (`tdpbf16ps`): f32 accumulators, bf16 inputs;
+//! on CPUs with AVX512-BF16 and no AMX (AMD Zen 4), the same blocks on vector dot products
+//! (`dpbf16`). [`Kernel`] is the one interface the bf16 layers (`amx_ops`) call.
 //!
 //! Why: neither candle nor the `gemm` crate has a bf16 product on the CPU (candle stops with
 //! "unsupported dtype BF16 for op matmul"; `gemm` widens to f32), so `--dtype bf16` ran at f32
@@ -10,8 +12,8 @@
 //!
 //! The instructions are written as inline assembly (the AMX intrinsics are not stable Rust).
 //! Linux hands out the tile registers only to processes that ask (`arch_prctl`
-//! `ARCH_REQ_XCOMP_PERM`); [`enabled`] asks once and says no when the CPU or the kernel
-//! cannot, and callers then keep their f32 path.
+//! `ARCH_REQ_XCOMP_PERM`); [`available`] asks once and says no when the CPU or the kernel
+//! cannot, and [`kernel`] then picks the dot products, or none: callers keep their f32 path.
 //!
 //! Layouts (bf16 values as `u16` bits):
 //! - A: row-major, `lda` elements between rows, used 32 rows and 32 columns at a time.
@@ -19,175 +21,331 @@
 //!   pairs (B[2r][j], B[2r+1][j]) for its columns j. [`PANEL`] columns, `k * PANEL` elements.
 //! - C: f32, produced 32 x 32 at a time into a caller's block.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Columns per B panel (one tile is 16 rows of 16 f32 results).
 pub const PANEL: usize = 16;
-/// Rows and columns of the C block one call of [`block`] produces (2 x 2 tiles).
+/// Rows and columns of the C block one call of [`Kernel::block`] produces (2 x 2 tiles).
 pub const BLOCK: usize = 32;
 /// The depth (k) step of one tile multiply: 32 bf16 values per A row (64 bytes).
 pub const KSTEP: usize = 32;
 
-static DISABLED: AtomicBool = AtomicBool::new(false);
-
-/// Turns the AMX kernels off (`false`) or back on for the whole process, so that tests and
-/// benchmarks can compare them with the f32 path in one run. `SDGEN_NO_AMX=1` in the
-/// environment turns them off from the start.
-pub fn set_enabled(on: bool) {
-    DISABLED.store(!on, Ordering::Relaxed);
+/// The instructions the bf16 block products run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`): Intel Xeon, Sapphire Rapids and later.
+    Tiles,
+    /// AVX512-BF16 vector dot products (`vdpbf16ps`, see `dpbf16`): AMD Zen 4 and later,
+    /// Intel Cooper Lake.
+    Dot,
 }
 
-/// Whether the CPU has AMX-BF16, the OS lets this process use the tile registers, and the
-/// kernels are not turned off.
-pub fn enabled() -> bool {
-    !DISABLED.load(Ordering::Relaxed) && supported()
-}
+/// The kernel choice: 0 not made yet, then 1 + the index in [`CHOICES`].
+static CHOICE: AtomicU8 = AtomicU8::new(0);
+const CHOICES: [Option<Kernel>; 3] = [Some(Kernel::Tiles), Some(Kernel::Dot), None];
 
-/// Whether the CPU and the OS support AMX-BF16 for this process (asked once).
-pub fn supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        if std::env::var_os("SDGEN_NO_AMX").is_some_and(|v| v != "0") {
-            return false;
+/// The kernel the bf16 layers use: `SDGEN_BF16_KERNEL=tiles|dot|f32` in the environment
+/// (`f32`: none, the layers widen to f32), else the fastest one this CPU and OS have: tiles,
+/// then dot products (`SDGEN_NO_AMX=1` leaves the tiles out). A kernel asked for that is not
+/// [`available`] falls back the same way.
+pub fn kernel() -> Option<Kernel> {
+    match CHOICE.load(Ordering::Relaxed) {
+        0 => {
+            let k = default_kernel();
+            store_choice(k);
+            k
         }
-        imp::request_permission()
-    })
-}
-
-/// Loads the tile configuration on the current thread for the life of the guard and releases
-/// the tiles (`tilerelease`) when dropped. Every thread that calls [`block`] needs one.
-pub struct TileGuard(());
-
-impl TileGuard {
-    /// Panics when AMX is not [`supported`] (callers check first).
-    pub fn new() -> Self {
-        assert!(supported(), "AMX tiles used on a CPU or OS without them");
-        // SAFETY: AMX is supported and this process has the permission (`supported`).
-        unsafe { imp::load_config() };
-        TileGuard(())
+        i => CHOICES[i as usize - 1],
     }
 }
+
+fn store_choice(k: Option<Kernel>) {
+    let i = CHOICES.iter().position(|c| *c == k).unwrap();
+    CHOICE.store(i as u8 + 1, Ordering::Relaxed);
+}
+
+fn default_kernel() -> Option<Kernel> {
+    let asked = std::env::var("SDGEN_BF16_KERNEL").unwrap_or_default();
+    match asked.as_str() {
+        "f32" => return None,
+        "tiles" if available(Kernel::Tiles) => return Some(Kernel::Tiles),
+        "dot" if available(Kernel::Dot) => return Some(Kernel::Dot),
+        _ => {}
+    }
+    let no_tiles = std::env::var_os("SDGEN_NO_AMX").is_some_and(|v| v != "0");
+    [Kernel::Tiles, Kernel::Dot]
+        .into_iter()
+        .filter(|&k| !(no_tiles && k == Kernel::Tiles))
+        .find(|&k| available(k))
+}
+
+/// Whether the bf16 layers run on a [`Kernel`] (else they widen to f32).
+pub fn enabled() -> bool {
+    kernel().is_some()
+}
+
+/// Whether this CPU and OS can run `k` (asked once).
+pub fn available(k: Kernel) -> bool {
+    match k {
+        Kernel::Tiles => {
+            static TILES: OnceLock<bool> = OnceLock::new();
+            *TILES.get_or_init(imp::request_permission)
+        }
+        Kernel::Dot => crate::dpbf16::supported(),
+    }
+}
+
+/// Every kernel this CPU and OS can run, fastest first.
+pub fn available_kernels() -> Vec<Kernel> {
+    [Kernel::Tiles, Kernel::Dot]
+        .into_iter()
+        .filter(|&k| available(k))
+        .collect()
+}
+
+/// Runs `f` with the bf16 layers on `k` (`None`: widened to f32), then restores the choice,
+/// so that tests and benchmarks can compare the kernels in one process; calls are serialised
+/// (each holds a lock for its duration). Panics when `k` is not [`available`].
+pub fn with_kernel<R>(k: Option<Kernel>, f: impl FnOnce() -> R) -> R {
+    static LOCK: Mutex<()> = Mutex::new(());
+    assert!(k.is_none_or(available), "{k:?} is not available here");
+    let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let before = kernel();
+    store_choice(k);
+    struct Restore(Option<Kernel>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            store_choice(self.0);
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// What a thread needs before it calls a kernel's blocks: for the tiles, their configuration
+/// loaded on the thread for the life of the guard (released, `tilerelease`, when dropped);
+/// nothing for the dot products.
+pub struct TileGuard(bool);
 
 impl Drop for TileGuard {
     fn drop(&mut self) {
-        // SAFETY: a configuration was loaded by `new`.
-        unsafe { imp::release() };
+        if self.0 {
+            // SAFETY: a configuration was loaded by `Kernel::guard`.
+            unsafe { imp::release() };
+        }
     }
 }
 
-/// C (32 x 32 f32 at `c`, row stride `ldc`) = A (32 rows, `k` columns, row stride `lda`) x B
-/// (two consecutive VNNI panels of depth `k` starting at `b`); `k` a multiple of [`KSTEP`].
-///
-/// # Safety
-/// A [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k` values at stride
-/// `lda`, `b` has `2 * k * PANEL` readable values, `c` 32 writable rows of 32 values at
-/// stride `ldc`.
-#[inline]
-pub unsafe fn block(k: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize) {
-    debug_assert_eq!(k % KSTEP, 0);
-    imp::zero();
-    imp::accumulate(k, a, lda, b, b.add(k * PANEL), 64, KSTEP * PANEL);
-    imp::store(c, ldc);
-}
-
-/// C (32 x 32 f32 at `c`, row stride `ldc`) += A (32 rows, `k` columns, row stride `lda`) x
-/// B, B's first panel read from `b` (any depth offset into a panel) and its second
-/// `panel_len` values further on; `k` a multiple of [`KSTEP`].
-///
-/// # Safety
-/// As [`block`], with `k * PANEL` readable values at `b` and at `b + panel_len`.
-#[inline]
-pub unsafe fn block_add(
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    b: *const u16,
-    panel_len: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    debug_assert_eq!(k % KSTEP, 0);
-    imp::load(c, ldc);
-    imp::accumulate(k, a, lda, b, b.add(panel_len), 64, KSTEP * PANEL);
-    imp::store(c, ldc);
-}
-
-/// As [`block_add`] for a C block of 32 x 16 (one panel of B at `b`).
-///
-/// # Safety
-/// As [`block_add`], with `k * PANEL` readable values at `b` and 32 rows of 16 values at `c`.
-#[inline]
-pub unsafe fn block_add_half(
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    b: *const u16,
-    c: *mut f32,
-    ldc: usize,
-) {
-    debug_assert_eq!(k % KSTEP, 0);
-    imp::block_add_half(k, a, lda, b, c, ldc);
-}
-
-/// C (32 x 32 f32 at `c`, row stride `ldc`) = the sum over taps t of A_t x B_t: the product
-/// of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row stride `lda`.
-/// B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for consecutive
-/// columns j, `ldb` values from one pair row to the next; B_t's first column at
-/// `b + b_taps[t]`. `k` a multiple of [`KSTEP`].
-///
-/// # Safety
-/// A [`TileGuard`] lives on this thread; for each tap, `a + t * a_tap` has 32 readable rows
-/// of `k` values at stride `lda`, `b + b_taps[t]` has k/2 readable rows of 64 values at
-/// stride `ldb`; `c` 32 writable rows of 32 values at stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-pub unsafe fn block_taps(
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    a_tap: usize,
-    b: *const u16,
-    ldb: usize,
-    b_taps: &[usize],
-    c: *mut f32,
-    ldc: usize,
-) {
-    debug_assert_eq!(k % KSTEP, 0);
-    imp::zero();
-    for (t, &bt) in b_taps.iter().enumerate() {
-        let b0 = b.add(bt);
-        // 16 pairs of 2 values per tile row: the second tile 32 values on
-        imp::accumulate(
-            k,
-            a.add(t * a_tap),
-            lda,
-            b0,
-            b0.add(2 * PANEL),
-            (ldb * 2) as isize,
-            KSTEP / 2 * ldb,
-        );
+impl Kernel {
+    /// The guard every thread that calls this kernel's blocks holds.
+    pub fn guard(self) -> TileGuard {
+        match self {
+            Kernel::Tiles => {
+                assert!(
+                    available(self),
+                    "AMX tiles used on a CPU or OS without them"
+                );
+                // SAFETY: AMX is supported and this process has the permission.
+                unsafe { imp::load_config() };
+                TileGuard(true)
+            }
+            Kernel::Dot => TileGuard(false),
+        }
     }
-    imp::store(c, ldc);
+
+    /// C (32 x 32 f32 at `c`, row stride `ldc`) = A (32 rows, `k` columns, row stride `lda`) x
+    /// B (two consecutive VNNI panels of depth `k` starting at `b`); `k` a multiple of
+    /// [`KSTEP`].
+    ///
+    /// # Safety
+    /// This kernel's [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k`
+    /// values at stride `lda`, `b` has `2 * k * PANEL` readable values, `c` 32 writable rows
+    /// of 32 values at stride `ldc`.
+    #[inline]
+    pub unsafe fn block(
+        self,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert_eq!(k % KSTEP, 0);
+        match self {
+            Kernel::Tiles => {
+                imp::zero();
+                imp::accumulate(k, a, lda, b, b.add(k * PANEL), 64, KSTEP * PANEL);
+                imp::store(c, ldc);
+            }
+            Kernel::Dot => dot::block(k, a, lda, b, k * PANEL, c, ldc, false),
+        }
+    }
+
+    /// C (32 x 32 f32 at `c`, row stride `ldc`) += A (32 rows, `k` columns, row stride `lda`)
+    /// x B, B's first panel read from `b` (any depth offset into a panel) and its second
+    /// `panel_len` values further on; `k` a multiple of [`KSTEP`].
+    ///
+    /// # Safety
+    /// As [`Kernel::block`], with `k * PANEL` readable values at `b` and at `b + panel_len`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub unsafe fn block_add(
+        self,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        panel_len: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert_eq!(k % KSTEP, 0);
+        match self {
+            Kernel::Tiles => {
+                imp::load(c, ldc);
+                imp::accumulate(k, a, lda, b, b.add(panel_len), 64, KSTEP * PANEL);
+                imp::store(c, ldc);
+            }
+            Kernel::Dot => dot::block(k, a, lda, b, panel_len, c, ldc, true),
+        }
+    }
+
+    /// As [`Kernel::block_add`] for a C block of 32 x 16 (one panel of B at `b`).
+    ///
+    /// # Safety
+    /// As [`Kernel::block_add`], with `k * PANEL` readable values at `b` and 32 rows of 16
+    /// values at `c`.
+    #[inline]
+    pub unsafe fn block_add_half(
+        self,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert_eq!(k % KSTEP, 0);
+        match self {
+            Kernel::Tiles => imp::block_add_half(k, a, lda, b, c, ldc),
+            Kernel::Dot => dot::block_add_half(k, a, lda, b, c, ldc),
+        }
+    }
+
+    /// C (32 x 32 f32 at `c`, row stride `ldc`) = the sum over taps t of A_t x B_t: the
+    /// product of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row
+    /// stride `lda`. B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for
+    /// consecutive columns j, `ldb` values from one pair row to the next; B_t's first column
+    /// at `b + b_taps[t]`. `k` a multiple of [`KSTEP`], at most 9 taps.
+    ///
+    /// # Safety
+    /// This kernel's [`TileGuard`] lives on this thread; for each tap, `a + t * a_tap` has 32
+    /// readable rows of `k` values at stride `lda`, `b + b_taps[t]` has k/2 readable rows of
+    /// 64 values at stride `ldb`; `c` 32 writable rows of 32 values at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub unsafe fn block_taps(
+        self,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        a_tap: usize,
+        b: *const u16,
+        ldb: usize,
+        b_taps: &[usize],
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        debug_assert_eq!(k % KSTEP, 0);
+        match self {
+            Kernel::Tiles => {
+                imp::zero();
+                for (t, &bt) in b_taps.iter().enumerate() {
+                    let b0 = b.add(bt);
+                    // 16 pairs of 2 values per tile row: the second tile 32 values on
+                    imp::accumulate(
+                        k,
+                        a.add(t * a_tap),
+                        lda,
+                        b0,
+                        b0.add(2 * PANEL),
+                        (ldb * 2) as isize,
+                        KSTEP / 2 * ldb,
+                    );
+                }
+                imp::store(c, ldc);
+            }
+            Kernel::Dot => dot::block_taps(k, a, lda, a_tap, b, ldb, b_taps, c, ldc),
+        }
+    }
+
+    /// The blocks of C's 32 rows and `n` columns (a multiple of [`BLOCK`]): [`Kernel::block`]
+    /// for the panels at `b` (row stride `ldc` in C).
+    ///
+    /// # Safety
+    /// As [`Kernel::block`] for each 32 columns: `b` has `k * n` values, `c` 32 rows of `n`
+    /// values.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub unsafe fn block_row(
+        self,
+        k: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        n: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        for n0 in (0..n).step_by(BLOCK) {
+            self.block(k, a, lda, b.add(n0 * k), c.add(n0), ldc);
+        }
+    }
 }
 
-/// The blocks of C's 32 rows and `n` columns (a multiple of [`BLOCK`]): [`block`] for the
-/// panels at `b` (row stride `ldc` in C).
-///
-/// # Safety
-/// As [`block`] for each 32 columns: `b` has `k * n` values, `c` 32 rows of `n` values.
-#[inline]
-pub unsafe fn block_row(
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    b: *const u16,
-    n: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    for n0 in (0..n).step_by(BLOCK) {
-        block(k, a, lda, b.add(n0 * k), c.add(n0), ldc);
+/// The dot-product blocks where they exist (x86_64); elsewhere [`Kernel::Dot`] is never
+/// [`available`].
+#[cfg(target_arch = "x86_64")]
+use crate::dpbf16 as dot;
+#[cfg(not(target_arch = "x86_64"))]
+mod dot {
+    pub unsafe fn block(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+    pub unsafe fn block_add_half(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block_taps(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: &[usize],
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
     }
 }
 
@@ -560,20 +718,32 @@ mod tests {
             .unwrap_or(false)
     }
 
+    /// Whether /proc/cpuinfo lists AVX512-BF16.
+    fn cpu_lists_avx512_bf16() -> bool {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|s| s.contains(" avx512_bf16"))
+            .unwrap_or(false)
+    }
+
     #[test]
-    fn amx_is_used_where_the_cpu_lists_it() {
-        if std::env::var_os("SDGEN_NO_AMX").is_none() {
-            assert_eq!(supported(), cpu_lists_amx());
+    fn kernels_are_available_where_the_cpu_lists_them() {
+        assert_eq!(available(Kernel::Tiles), cpu_lists_amx());
+        assert_eq!(available(Kernel::Dot), cpu_lists_avx512_bf16());
+        let env = |k| std::env::var_os(k).is_some();
+        if !env("SDGEN_NO_AMX") && !env("SDGEN_BF16_KERNEL") {
+            assert_eq!(kernel(), available_kernels().first().copied());
         }
     }
 
     #[test]
-    fn block_matches_a_direct_product() {
-        if !supported() {
-            // no AMX here (checked against /proc/cpuinfo above): nothing to run
-            assert!(!enabled());
-            return;
+    fn blocks_match_a_direct_product() {
+        // no kernel here (checked against /proc/cpuinfo above): nothing to run
+        for kernel in available_kernels() {
+            blocks_match_a_direct_product_on(kernel);
         }
+    }
+
+    fn blocks_match_a_direct_product_on(kernel: Kernel) {
         let (k, lda, n) = (96, 100, 32);
         let val = |i: usize| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 16.0);
         let a: Vec<bf16> = (0..32 * lda).map(val).collect();
@@ -584,9 +754,9 @@ mod tests {
         pack_b(&bb[5..], k, k, n, 40, 1, &mut packed);
         // C into a wider matrix (row stride 50) to check the stride
         let mut c = vec![f32::NAN; 32 * 50];
-        let _g = TileGuard::new();
+        let _g = kernel.guard();
         unsafe {
-            block(
+            kernel.block(
                 k,
                 bits(&a).as_ptr(),
                 lda,
@@ -601,7 +771,7 @@ mod tests {
                     .map(|kk| a[i * lda + kk].to_f64() * b[kk * 40 + 5 + j].to_f64())
                     .sum();
                 // inputs are multiples of 1/16 below 4: exact products, f32 sums exact too
-                assert_eq!(c[i * 50 + j] as f64, want, "({i}, {j})");
+                assert_eq!(c[i * 50 + j] as f64, want, "{kernel:?} ({i}, {j})");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! once, as torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep
 //! the f32 kernels (inputs widened) otherwise.
 
-use crate::amx::{self, interleave_pair, TileGuard, BLOCK, KSTEP, PANEL};
+use crate::amx::{self, interleave_pair, Kernel, BLOCK, KSTEP, PANEL};
 use crate::bf16_ops::{
     contiguous_bits, from_bits, narrow_biased_row, narrow_row, narrow_scaled_row,
     narrow_shifted_row, storage, widen,
@@ -29,17 +29,23 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     crate::kernels::scratch_in(&SCRATCH, len, f)
 }
 
-/// The three inputs of an AMX op as bf16 bits, once AMX is known to be there.
-fn amx_inputs<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [u16]; 3]> {
-    if !amx::supported() {
-        candle_core::bail!("{op}: this CPU or OS has no AMX-BF16");
-    }
+/// The kernel in use and the three inputs of an op as bf16 bits.
+fn amx_inputs<'a>(
+    op: &str,
+    inputs: [(&'a CpuStorage, &Layout); 3],
+) -> Result<(Kernel, [&'a [u16]; 3])> {
+    let Some(kernel) = amx::kernel() else {
+        candle_core::bail!("{op}: no bf16 kernel (AMX or AVX512-BF16) in use");
+    };
     let [a, b, c] = inputs;
-    Ok([
-        contiguous_bits(a.0, a.1, op)?,
-        contiguous_bits(b.0, b.1, op)?,
-        contiguous_bits(c.0, c.1, op)?,
-    ])
+    Ok((
+        kernel,
+        [
+            contiguous_bits(a.0, a.1, op)?,
+            contiguous_bits(b.0, b.1, op)?,
+            contiguous_bits(c.0, c.1, op)?,
+        ],
+    ))
 }
 
 /// Where the bias of a block comes from: one value per output row (convolution: channels are
@@ -95,7 +101,7 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [x, wp, bias] = amx_inputs("amx linear", [(xs, xl), (ps, pl), (bs, bl)])?;
+        let (kernel, [x, wp, bias]) = amx_inputs("amx linear", [(xs, xl), (ps, pl), (bs, bl)])?;
         let (np, k) = pl.shape().dims2()?;
         let n = self.n;
         let dims = xl.shape().dims();
@@ -115,9 +121,9 @@ impl CustomOp3 for LinearOp {
         let task_rows = row_blocks.div_ceil(4 * threads).max(1) * BLOCK;
         // columns per chunk: about 512 KiB of packed weights, reused by all the task's rows
         let chunk = ((256 << 10) / k).max(BLOCK) / BLOCK * BLOCK;
-        (0..m.div_ceil(task_rows))
-            .into_par_iter()
-            .for_each_init(TileGuard::new, |_, t| {
+        (0..m.div_ceil(task_rows)).into_par_iter().for_each_init(
+            || kernel.guard(),
+            |_, t| {
                 let dst = dst;
                 let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(m));
                 let mut c = [0f32; 1024];
@@ -144,7 +150,7 @@ impl CustomOp3 for LinearOp {
                                 // at n0 * k; the task owns output rows r0..r1 (for GEGLU
                                 // the block gives outputs n0 / 2..n0 / 2 + 16 of them).
                                 unsafe {
-                                    amx::block(
+                                    kernel.block(
                                         k,
                                         a.as_ptr(),
                                         k,
@@ -165,7 +171,8 @@ impl CustomOp3 for LinearOp {
                         }
                     }
                 });
-            });
+            },
+        );
         // SAFETY: the tasks wrote all m x n_out values.
         unsafe { out.set_len(m * n_out) };
         let mut out_dims = dims.to_vec();
@@ -314,7 +321,7 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, _, kh, kw) = wl.shape().dims4()?;
-        let [x, w, bias] = amx_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
+        let (kernel, [x, w, bias]) = amx_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
         let ConvGeometry { stride, padding } = self.g;
         let (ho, wo) = self.g.output_size(h, wd, kh, kw);
         let p = ho * wo;
@@ -337,9 +344,9 @@ impl CustomOp3 for Conv2dOp {
         let mut out: Vec<u16> = Vec::with_capacity(b * cout * p);
         let dst = SharedOut(out.as_mut_ptr());
         let a = &a[..];
-        (0..b * blocks)
-            .into_par_iter()
-            .for_each_init(TileGuard::new, |_, task| {
+        (0..b * blocks).into_par_iter().for_each_init(
+            || kernel.guard(),
+            |_, task| {
                 let dst = dst;
                 let (bi, p0) = (task / blocks, (task % blocks) * pb);
                 let n = pb.min(p - p0);
@@ -382,7 +389,7 @@ impl CustomOp3 for Conv2dOp {
                             // SAFETY: a has mp >= m0 + 32 rows of kp values, panels two panels
                             // at n0 * kp; this task owns out[bi, :, p0..p0+n].
                             unsafe {
-                                amx::block(
+                                kernel.block(
                                     kp,
                                     a[m0 * kp..].as_ptr(),
                                     kp,
@@ -402,7 +409,8 @@ impl CustomOp3 for Conv2dOp {
                         }
                     }
                 });
-            });
+            },
+        );
         // SAFETY: the tasks wrote all b x cout x p values.
         unsafe { out.set_len(b * cout * p) };
         Ok((storage(out), Shape::from((b, cout, ho, wo))))
@@ -484,7 +492,7 @@ impl CustomOp3 for Conv3x3Op {
         if ntaps != 9 || tcin != cin || cin % KSTEP != 0 || mp < cout || mp % BLOCK != 0 {
             candle_core::bail!("amx conv3x3: input {:?}, taps {:?}", xl.dims(), tl.dims());
         }
-        let [x, taps, bias] = amx_inputs("amx conv3x3", [(xs, xl), (ts, tl), (bs, bl)])?;
+        let (kernel, [x, taps, bias]) = amx_inputs("amx conv3x3", [(xs, xl), (ts, tl), (bs, bl)])?;
         let wp = wd + 2;
         let ncols = h * wp;
         let ncp = ncols.next_multiple_of(BLOCK);
@@ -518,9 +526,9 @@ impl CustomOp3 for Conv3x3Op {
         for (t, bt) in b_taps.iter_mut().enumerate() {
             *bt = 2 * ((t / 3) * wp + t % 3);
         }
-        (0..b * blocks * msplit)
-            .into_par_iter()
-            .for_each_init(TileGuard::new, |_, task| {
+        (0..b * blocks * msplit).into_par_iter().for_each_init(
+            || kernel.guard(),
+            |_, task| {
                 let dst = dst;
                 let (bi, blk, mc) = (
                     task / (blocks * msplit),
@@ -539,7 +547,7 @@ impl CustomOp3 for Conv3x3Op {
                         // largest tap offset is within a plane; this task owns output
                         // channels m_lo..m_hi of the pixels in columns q0..q1 of image bi.
                         unsafe {
-                            amx::block_taps(
+                            kernel.block_taps(
                                 cin,
                                 taps[m0 * cin..].as_ptr(),
                                 cin,
@@ -584,7 +592,8 @@ impl CustomOp3 for Conv3x3Op {
                         }
                     }
                 }
-            });
+            },
+        );
         // SAFETY: the tasks wrote all b x cout x p values.
         unsafe { out.set_len(b * cout * p) };
         Ok((storage(out), Shape::from((b, cout, h, wd))))
@@ -631,7 +640,7 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [q, k, v] = amx_inputs("amx attention", [(qs, ql), (ks, kl), (vs, vl)])?;
+        let (kernel, [q, k, v]) = amx_inputs("amx attention", [(qs, ql), (ks, kl), (vs, vl)])?;
         let (b, tq, hd) = ql.shape().dims3()?;
         let (_, tk, _) = kl.shape().dims3()?;
         let (_, _, hdv) = vl.shape().dims3()?;
@@ -653,9 +662,9 @@ impl CustomOp3 for AttentionOp {
         let u16_len = dp * tkp + tkp * dvp + BLOCK * dp + BLOCK * kc_max;
         let f32_len = BLOCK * kc_max + BLOCK * dvp;
         let scale = self.scale;
-        (0..b * h * chunks)
-            .into_par_iter()
-            .for_each_init(TileGuard::new, |_, task| {
+        (0..b * h * chunks).into_par_iter().for_each_init(
+            || kernel.guard(),
+            |_, task| {
                 let dst = dst;
                 let (bi, hi, ci) = (task / (h * chunks), task / chunks % h, task % chunks);
                 let (r0, r1) = (ci * chunk_rows, ((ci + 1) * chunk_rows).min(tq));
@@ -697,7 +706,7 @@ impl CustomOp3 for AttentionOp {
                                 // SAFETY: qblk is 32 x dp, kpan's panels from key kc0 on hold
                                 // kc columns of depth dp, s 32 x kc.
                                 unsafe {
-                                    amx::block_row(
+                                    kernel.block_row(
                                         dp,
                                         qblk.as_ptr(),
                                         dp,
@@ -740,9 +749,9 @@ impl CustomOp3 for AttentionOp {
                                         if dv - n0 <= PANEL {
                                             // one panel is enough (head dim 40: 48 columns
                                             // computed instead of 64)
-                                            amx::block_add_half(kc, p.as_ptr(), kc, b, c, dvp);
+                                            kernel.block_add_half(kc, p.as_ptr(), kc, b, c, dvp);
                                         } else {
-                                            amx::block_add(
+                                            kernel.block_add(
                                                 kc,
                                                 p.as_ptr(),
                                                 kc,
@@ -769,7 +778,8 @@ impl CustomOp3 for AttentionOp {
                         }
                     })
                 });
-            });
+            },
+        );
         // SAFETY: the tasks wrote all b x tq x heads x dv values.
         unsafe { out.set_len(b * tq * hdv) };
         Ok((storage(out), Shape::from((b, tq, hdv))))
@@ -831,61 +841,73 @@ mod tests {
         t.to_dtype(DType::F32).unwrap()
     }
 
-    #[test]
-    fn linear_matches_f32_on_the_same_bf16_inputs() {
-        if !amx::supported() {
-            // no AMX here: the layers must keep the f32 path
-            assert!(!handles(&[&rand(&[1], 0)]));
-            return;
+    /// Runs `check` with the layers on each bf16 kernel this CPU has (`check` compares with
+    /// f32 and names `amx::kernel()` when it fails); with none, checks that the layers keep
+    /// their f32 path.
+    fn on_each_kernel(check: impl Fn()) {
+        let kernels = amx::available_kernels();
+        if kernels.is_empty() {
+            amx::with_kernel(None, || assert!(!handles(&[&rand(&[1], 0)])));
         }
-        // rows not a multiple of 32, outputs not a multiple of 32, with and without bias
-        for &(m, k, n, bias) in &[
-            (77usize, 64usize, 40usize, true),
-            (200, 96, 70, false),
-            (64, 32, 32, true),
-        ] {
-            let x = rand(&[2, m, k], 1);
-            let w = rand(&[n, k], 2);
-            let b = rand(&[n], 3);
-            let got = linear(&x, &w, bias.then_some(&b)).unwrap();
-            let want = candle_nn::Linear::new(f32(&w), bias.then(|| f32(&b)))
-                .forward(&f32(&x))
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let d = rel_diff(&got, &want);
-            // one bf16 rounding of the result: 2^-8 relative
-            assert!(d < 1.0 / 256.0, "({m}, {k}, {n}): {d}");
+        for k in kernels {
+            amx::with_kernel(Some(k), &check);
         }
     }
 
     #[test]
+    fn linear_matches_f32_on_the_same_bf16_inputs() {
+        on_each_kernel(|| {
+            // rows not a multiple of 32, outputs not a multiple of 32, with and without bias
+            for &(m, k, n, bias) in &[
+                (77usize, 64usize, 40usize, true),
+                (200, 96, 70, false),
+                (64, 32, 32, true),
+            ] {
+                let x = rand(&[2, m, k], 1);
+                let w = rand(&[n, k], 2);
+                let b = rand(&[n], 3);
+                let got = linear(&x, &w, bias.then_some(&b)).unwrap();
+                let want = candle_nn::Linear::new(f32(&w), bias.then(|| f32(&b)))
+                    .forward(&f32(&x))
+                    .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let d = rel_diff(&got, &want);
+                // one bf16 rounding of the result: 2^-8 relative
+                assert!(d < 1.0 / 256.0, "{:?} ({m}, {k}, {n}): {d}", amx::kernel());
+            }
+        });
+    }
+
+    #[test]
     fn geglu_projection_matches_f32_on_the_same_bf16_inputs() {
-        if !amx::supported() {
-            assert!(!handles(&[&rand(&[1], 0)]));
-            return;
-        }
-        // (rows, k, inner): rows not a multiple of 32, two and three blocks of features
-        for &(m, k, inner) in &[(70usize, 64usize, 32usize), (33, 96, 48)] {
-            let x = rand(&[m, k], 11);
-            let w = rand(&[2 * inner, k], 12);
-            let b = rand(&[2 * inner], 13);
-            let panels = pack_linear_weight(&geglu_order(&w).unwrap()).unwrap();
-            let got = linear_geglu(&x, &panels, Some(&geglu_order(&b).unwrap())).unwrap();
-            let h = f32(&x)
-                .matmul(&f32(&w).t().unwrap())
-                .unwrap()
-                .broadcast_add(&f32(&b))
+        on_each_kernel(|| {
+            // (rows, k, inner): rows not a multiple of 32, two and three blocks of features
+            for &(m, k, inner) in &[(70usize, 64usize, 32usize), (33, 96, 48)] {
+                let x = rand(&[m, k], 11);
+                let w = rand(&[2 * inner, k], 12);
+                let b = rand(&[2 * inner], 13);
+                let panels = pack_linear_weight(&geglu_order(&w).unwrap()).unwrap();
+                let got = linear_geglu(&x, &panels, Some(&geglu_order(&b).unwrap())).unwrap();
+                let h = f32(&x)
+                    .matmul(&f32(&w).t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&f32(&b))
+                    .unwrap();
+                let want = (h.narrow(1, 0, inner).unwrap()
+                    * h.narrow(1, inner, inner).unwrap().gelu_erf().unwrap())
                 .unwrap();
-            let want = (h.narrow(1, 0, inner).unwrap()
-                * h.narrow(1, inner, inner).unwrap().gelu_erf().unwrap())
-            .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let d = rel_diff(&got, &want);
-            assert!(d < 1.0 / 256.0, "({m}, {k}, {inner}): {d}");
-            let back = geglu_order_undone(&geglu_order(&w).unwrap()).unwrap();
-            let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
-            assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
-        }
+                assert_eq!(got.dims(), want.dims());
+                let d = rel_diff(&got, &want);
+                assert!(
+                    d < 1.0 / 256.0,
+                    "{:?} ({m}, {k}, {inner}): {d}",
+                    amx::kernel()
+                );
+                let back = geglu_order_undone(&geglu_order(&w).unwrap()).unwrap();
+                let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+            }
+        });
     }
 
     #[test]
@@ -901,126 +923,126 @@ mod tests {
 
     #[test]
     fn conv2d_matches_f32_on_the_same_bf16_inputs() {
-        if !amx::supported() {
-            assert!(!handles(&[&rand(&[1], 0)]));
-            return;
-        }
-        // (b, cin, h, w, cout, kernel, stride, padding): padded k (4*9) and cout (3), strided,
-        // 1x1, pixel counts not a multiple of 32
-        for &(b, cin, h, wd, cout, kk, s, pad) in &[
-            (
-                2usize, 4usize, 9usize, 7usize, 32usize, 3usize, 1usize, 1usize,
-            ),
-            (1, 32, 10, 10, 3, 3, 1, 1),
-            (2, 32, 9, 9, 64, 3, 2, 1),
-            (1, 64, 6, 5, 32, 1, 1, 0),
-        ] {
-            let x = rand(&[b, cin, h, wd], 4);
-            let w = rand(&[cout, cin, kk, kk], 5);
-            let bias = rand(&[cout], 6);
-            let g = ConvGeometry {
-                stride: s,
-                padding: pad,
-            };
-            let got = conv2d(&x, &w, &bias, g).unwrap();
-            let want = f32(&x)
-                .conv2d(&f32(&w), pad, s, 1, 1)
-                .unwrap()
-                .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let d = rel_diff(&got, &want);
-            assert!(
-                d < 1.0 / 256.0,
-                "({b}, {cin}, {h}, {wd}, {cout}, {kk}): {d}"
-            );
-        }
+        on_each_kernel(|| {
+            // (b, cin, h, w, cout, kernel, stride, padding): padded k (4*9) and cout (3), strided,
+            // 1x1, pixel counts not a multiple of 32
+            for &(b, cin, h, wd, cout, kk, s, pad) in &[
+                (
+                    2usize, 4usize, 9usize, 7usize, 32usize, 3usize, 1usize, 1usize,
+                ),
+                (1, 32, 10, 10, 3, 3, 1, 1),
+                (2, 32, 9, 9, 64, 3, 2, 1),
+                (1, 64, 6, 5, 32, 1, 1, 0),
+            ] {
+                let x = rand(&[b, cin, h, wd], 4);
+                let w = rand(&[cout, cin, kk, kk], 5);
+                let bias = rand(&[cout], 6);
+                let g = ConvGeometry {
+                    stride: s,
+                    padding: pad,
+                };
+                let got = conv2d(&x, &w, &bias, g).unwrap();
+                let want = f32(&x)
+                    .conv2d(&f32(&w), pad, s, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let d = rel_diff(&got, &want);
+                assert!(
+                    d < 1.0 / 256.0,
+                    "{:?} ({b}, {cin}, {h}, {wd}, {cout}, {kk}): {d}",
+                    amx::kernel()
+                );
+            }
+        });
     }
 
     #[test]
     fn direct_conv3x3_matches_f32_on_the_same_bf16_inputs() {
-        if !amx::supported() {
-            assert!(!handles(&[&rand(&[1], 0)]));
-            return;
-        }
-        // (b, cin, h, w, cout): odd sizes, cout not a multiple of 32 (and below it), several
-        // column blocks and channel blocks, a row narrower than the padding's 2 columns
-        for &(b, cin, h, wd, cout) in &[
-            (2usize, 32usize, 9usize, 7usize, 40usize),
-            (1, 64, 5, 1, 3),
-            (2, 96, 16, 16, 64),
-            (1, 32, 40, 33, 32),
-        ] {
-            let x = rand(&[b, cin, h, wd], 7);
-            let w = rand(&[cout, cin, 3, 3], 8);
-            let bias = rand(&[cout], 9);
-            let g = ConvGeometry {
-                stride: 1,
-                padding: 1,
-            };
-            assert!(conv3x3_fits(&w, g));
-            let taps = conv3x3_taps(&w).unwrap();
-            let back = conv3x3_weight(&taps, cout).unwrap();
-            let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
-            assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
-            let got = conv2d_3x3(&x, &taps, &bias, cout).unwrap();
-            let want = f32(&x)
-                .conv2d(&f32(&w), 1, 1, 1, 1)
-                .unwrap()
-                .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            let d = rel_diff(&got, &want);
-            assert!(d < 1.0 / 256.0, "({b}, {cin}, {h}, {wd}, {cout}): {d}");
-        }
+        on_each_kernel(|| {
+            // (b, cin, h, w, cout): odd sizes, cout not a multiple of 32 (and below it), several
+            // column blocks and channel blocks, a row narrower than the padding's 2 columns
+            for &(b, cin, h, wd, cout) in &[
+                (2usize, 32usize, 9usize, 7usize, 40usize),
+                (1, 64, 5, 1, 3),
+                (2, 96, 16, 16, 64),
+                (1, 32, 40, 33, 32),
+            ] {
+                let x = rand(&[b, cin, h, wd], 7);
+                let w = rand(&[cout, cin, 3, 3], 8);
+                let bias = rand(&[cout], 9);
+                let g = ConvGeometry {
+                    stride: 1,
+                    padding: 1,
+                };
+                assert!(conv3x3_fits(&w, g));
+                let taps = conv3x3_taps(&w).unwrap();
+                let back = conv3x3_weight(&taps, cout).unwrap();
+                let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+                let got = conv2d_3x3(&x, &taps, &bias, cout).unwrap();
+                let want = f32(&x)
+                    .conv2d(&f32(&w), 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let d = rel_diff(&got, &want);
+                assert!(
+                    d < 1.0 / 256.0,
+                    "{:?} ({b}, {cin}, {h}, {wd}, {cout}): {d}",
+                    amx::kernel()
+                );
+            }
+        });
     }
 
     #[test]
     fn attention_matches_f32_on_the_same_bf16_inputs() {
-        if !amx::supported() {
-            assert!(!handles(&[&rand(&[1], 0)]));
-            return;
-        }
-        // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64), keys not a multiple of 32 (77),
-        // queries not a multiple of 32, one head of 64 (the VAE's shape), keys over three
-        // chunks of KEYS
-        for &(b, h, tq, tk, d, dv) in &[
-            (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
-            (1, 3, 33, 100, 8, 16),
-            (1, 1, 200, 200, 64, 64),
-            (1, 2, 40, 600, 40, 40),
-        ] {
-            // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
-            let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();
-            let k = rand(&[b, tk, h * d], 8);
-            let v = rand(&[b, tk, h * dv], 9);
-            let got = attention(&q, &k, &v, h).unwrap();
-            let split = |t: &Tensor, dim: usize| {
-                let (b, n, _) = t.dims3().unwrap();
-                f32(t)
-                    .reshape((b, n, h, dim))
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-            };
-            let want = crate::models::attention::plain_attention(
-                &split(&q, d),
-                &split(&k, d),
-                &split(&v, dv),
-            )
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, tq, h * dv))
-            .unwrap();
-            let d_rel = rel_diff(&got, &want);
-            // probabilities and result each rounded to bf16 once
-            assert!(
-                d_rel < 1.0 / 128.0,
-                "({b}, {h}, {tq}, {tk}, {d}, {dv}): {d_rel}"
-            );
-        }
+        on_each_kernel(|| {
+            // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64), keys not a multiple of 32 (77),
+            // queries not a multiple of 32, one head of 64 (the VAE's shape), keys over three
+            // chunks of KEYS
+            for &(b, h, tq, tk, d, dv) in &[
+                (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
+                (1, 3, 33, 100, 8, 16),
+                (1, 1, 200, 200, 64, 64),
+                (1, 2, 40, 600, 40, 40),
+            ] {
+                // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
+                let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();
+                let k = rand(&[b, tk, h * d], 8);
+                let v = rand(&[b, tk, h * dv], 9);
+                let got = attention(&q, &k, &v, h).unwrap();
+                let split = |t: &Tensor, dim: usize| {
+                    let (b, n, _) = t.dims3().unwrap();
+                    f32(t)
+                        .reshape((b, n, h, dim))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let want = crate::models::attention::plain_attention(
+                    &split(&q, d),
+                    &split(&k, d),
+                    &split(&v, dv),
+                )
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, tq, h * dv))
+                .unwrap();
+                let d_rel = rel_diff(&got, &want);
+                // probabilities and result each rounded to bf16 once
+                assert!(
+                    d_rel < 1.0 / 128.0,
+                    "{:?} ({b}, {h}, {tq}, {tk}, {d}, {dv}): {d_rel}",
+                    amx::kernel()
+                );
+            }
+        });
     }
 }

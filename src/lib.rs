@@ -11,6 +11,7 @@ pub mod bf16_ops;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod dpbf16;
 pub mod hub;
 pub mod interrupt;
 pub mod kernels;

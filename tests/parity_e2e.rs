@@ -4,6 +4,7 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
+use sdgen::amx::{self, Kernel};
 use sdgen::model_source::{ModelFiles, Precision};
 use sdgen::pipeline::{Pipeline, Request};
 use sdgen::schedulers::SCHEDULERS;
@@ -108,17 +109,22 @@ fn bf16_and_f16_images_stay_near_f32() {
             pipeline.generate_all(&request).unwrap()
         };
         let reference = generate(DType::F32);
-        // bf16 twice where the CPU has AMX: on the AMX kernels, then on the widening path the
-        // other CPUs take (AMX only ever serves bf16, so the f32 and f16 runs of the other
-        // tests in this binary are not affected by the switch)
-        let mut runs = vec![(DType::BF16, "", 24, 2.5), (DType::F16, "", 4, 0.3)];
-        if sdgen::amx::supported() {
-            runs.insert(1, (DType::BF16, " without AMX", 24, 2.5));
-        }
-        for (dtype, path, max_tol, mean_tol) in runs {
-            sdgen::amx::set_enabled(path.is_empty());
-            let images = generate(dtype);
-            sdgen::amx::set_enabled(true);
+        // bf16 on every kernel this CPU has (AMX tiles, AVX512-BF16 dot products), then on
+        // the widening path the other CPUs take (the kernels only ever serve bf16, so the f32
+        // and f16 runs of the other tests in this binary are not affected by the switch)
+        let mut runs: Vec<(DType, Option<Kernel>, u8, f64)> = amx::available_kernels()
+            .into_iter()
+            .map(|k| (DType::BF16, Some(k), 24, 2.5))
+            .collect();
+        runs.push((DType::BF16, None, 24, 2.5));
+        runs.push((DType::F16, None, 4, 0.3));
+        for (dtype, kernel, max_tol, mean_tol) in runs {
+            let path = match kernel {
+                Some(k) => format!(" on {k:?}"),
+                None if dtype == DType::BF16 => " widened to f32".into(),
+                None => String::new(),
+            };
+            let images = amx::with_kernel(kernel, || generate(dtype));
             for (img, want) in images.iter().zip(&reference) {
                 let (max, mean) = pixel_diff(&img.rgb, &want.rgb);
                 eprintln!(
