@@ -138,6 +138,15 @@ impl Drop for TileGuard {
 }
 
 impl Kernel {
+    /// The depth step of this kernel's blocks: `k` is a multiple of it ([`KSTEP`] on the
+    /// tiles, a pair of values for the dot products).
+    pub fn kstep(self) -> usize {
+        match self {
+            Kernel::Tiles => KSTEP,
+            Kernel::Dot => 2,
+        }
+    }
+
     /// The guard every thread that calls this kernel's blocks holds.
     pub fn guard(self) -> TileGuard {
         match self {
@@ -156,7 +165,7 @@ impl Kernel {
 
     /// C (32 x 32 f32 at `c`, row stride `ldc`) = A (32 rows, `k` columns, row stride `lda`) x
     /// B (two consecutive VNNI panels of depth `k` starting at `b`); `k` a multiple of
-    /// [`KSTEP`].
+    /// [`Kernel::kstep`].
     ///
     /// # Safety
     /// This kernel's [`TileGuard`] lives on this thread; `a` has 32 readable rows of `k`
@@ -172,7 +181,7 @@ impl Kernel {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert_eq!(k % KSTEP, 0);
+        debug_assert_eq!(k % self.kstep(), 0);
         match self {
             Kernel::Tiles => {
                 imp::zero();
@@ -185,7 +194,7 @@ impl Kernel {
 
     /// C (32 x 32 f32 at `c`, row stride `ldc`) += A (32 rows, `k` columns, row stride `lda`)
     /// x B, B's first panel read from `b` (any depth offset into a panel) and its second
-    /// `panel_len` values further on; `k` a multiple of [`KSTEP`].
+    /// `panel_len` values further on; `k` a multiple of [`Kernel::kstep`].
     ///
     /// # Safety
     /// As [`Kernel::block`], with `k * PANEL` readable values at `b` and at `b + panel_len`.
@@ -201,7 +210,7 @@ impl Kernel {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert_eq!(k % KSTEP, 0);
+        debug_assert_eq!(k % self.kstep(), 0);
         match self {
             Kernel::Tiles => {
                 imp::load(c, ldc);
@@ -227,7 +236,7 @@ impl Kernel {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert_eq!(k % KSTEP, 0);
+        debug_assert_eq!(k % self.kstep(), 0);
         match self {
             Kernel::Tiles => imp::block_add_half(k, a, lda, b, c, ldc),
             Kernel::Dot => dot::block_add_half(k, a, lda, b, c, ldc),
@@ -238,7 +247,7 @@ impl Kernel {
     /// product of a direct convolution. A_t: 32 rows of `k` values at `a + t * a_tap`, row
     /// stride `lda`. B_t: "pair planes", the k/2 rows of B pairs (B[2r][j], B[2r+1][j]) for
     /// consecutive columns j, `ldb` values from one pair row to the next; B_t's first column
-    /// at `b + b_taps[t]`. `k` a multiple of [`KSTEP`], at most 9 taps.
+    /// at `b + b_taps[t]`. `k` a multiple of [`Kernel::kstep`], at most 9 taps.
     ///
     /// # Safety
     /// This kernel's [`TileGuard`] lives on this thread; for each tap, `a + t * a_tap` has 32
@@ -258,7 +267,7 @@ impl Kernel {
         c: *mut f32,
         ldc: usize,
     ) {
-        debug_assert_eq!(k % KSTEP, 0);
+        debug_assert_eq!(k % self.kstep(), 0);
         match self {
             Kernel::Tiles => {
                 imp::zero();
@@ -350,9 +359,9 @@ mod dot {
 }
 
 /// Packs B (`kv` x `n`, element (r, j) at `src[r * rs + j * cs]`) into VNNI panels of depth
-/// `k` (a multiple of [`KSTEP`], at least `kv`), with zero rows from `kv` to `k` and zero
-/// columns up to `n` rounded up to [`BLOCK`]. `dst` must hold `k * n.next_multiple_of(BLOCK)`
-/// values.
+/// `k` (a multiple of the kernel's [`Kernel::kstep`], at least `kv`), with zero rows from `kv`
+/// to `k` and zero columns up to `n` rounded up to [`BLOCK`]. `dst` must hold
+/// `k * n.next_multiple_of(BLOCK)` values.
 pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, dst: &mut [u16]) {
     let np = n.next_multiple_of(BLOCK);
     assert!(dst.len() >= k * np && kv <= k && k % 2 == 0);

@@ -25,7 +25,7 @@ thread_local! {
 }
 
 /// `kernels::with_scratch` for bf16 values.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     crate::kernels::scratch_in(&SCRATCH, len, f)
 }
 
@@ -647,7 +647,9 @@ impl CustomOp3 for AttentionOp {
         let h = self.heads;
         let (d, dv) = (hd / h, hdv / h);
         let (dp, tkp, dvp) = (
-            d.next_multiple_of(KSTEP),
+            // the depth of the scores' product: the dot products take SD's head dim 40 as
+            // it is (the tiles pad it to 64)
+            d.next_multiple_of(kernel.kstep()),
             tk.next_multiple_of(BLOCK),
             dv.next_multiple_of(BLOCK),
         );
@@ -799,11 +801,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
+    /// Hash-spread values in [-0.5, 0.5) rounded to bf16.
+    pub(crate) fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n as u64)
             .map(|i| {
@@ -820,7 +823,7 @@ mod tests {
 
     /// Largest difference between a bf16 result and the f32 reference computed from the same
     /// bf16 inputs, in units of the reference's largest magnitude.
-    fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    pub(crate) fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
         let got = got
             .to_dtype(DType::F32)
             .unwrap()

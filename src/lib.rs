@@ -25,3 +25,4 @@ pub mod single_file;
 pub mod token_layout;
 pub mod tokenizer;
 pub mod winograd;
+pub mod winograd_bf16;

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 const P: usize = 16;
 
 /// U = G g G^T for every (cout, cin) filter, stored as 16 matrices of cout x cin.
-fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+pub(crate) fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; P * cout * cin];
     let dst = SharedOut(u.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
@@ -139,16 +139,30 @@ fn transform_input(
                 }
             }
             let base = (ty - ty0) * tw;
-            for c in 0..4 {
-                let row = |r: usize| &cols[(r * 4 + c) * tw..(r * 4 + c + 1) * tw];
-                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-                let at = |i: usize| ((i * 4 + c) * cin + ci) * tiles + base;
-                for t in 0..tw {
-                    v[at(0) + t] = r0[t] - r2[t];
-                    v[at(1) + t] = r1[t] + r2[t];
-                    v[at(2) + t] = r2[t] - r1[t];
-                    v[at(3) + t] = r1[t] - r3[t];
-                }
+            transform_rows(cols, tw, v, |p| (p * cin + ci) * tiles + base);
+        }
+    }
+}
+
+/// The row half of V = B^T d B for one tile row of one channel, from its column-transformed
+/// input rows `cols[r][c][tx]` (r, c < 4, tx < tw): tile position p = 4 i + c of tile tx to
+/// `v[at(p) + tx]`.
+#[inline]
+pub(crate) fn transform_rows(cols: &[f32], tw: usize, v: &mut [f32], at: impl Fn(usize) -> usize) {
+    let col = |r: usize, c: usize| &cols[(r * 4 + c) * tw..(r * 4 + c + 1) * tw];
+    for c in 0..4 {
+        let (r0, r1, r2, r3) = (col(0, c), col(1, c), col(2, c), col(3, c));
+        // slices and zips (indexed stores through `at` stayed scalar)
+        let rows = [
+            (r0, r2, -1.0),
+            (r1, r2, 1.0),
+            (r2, r1, -1.0),
+            (r1, r3, -1.0),
+        ];
+        for (i, (a, b, sign)) in rows.into_iter().enumerate() {
+            let dst = &mut v[at(i * 4 + c)..][..tw];
+            for ((o, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+                *o = a + sign * b;
             }
         }
     }

@@ -6,6 +6,7 @@
 use crate::amx_ops;
 use crate::bf16_ops::add;
 use crate::kernels::{self, ConvGeometry};
+use crate::winograd_bf16;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -170,21 +171,28 @@ pub struct Conv2d {
 }
 
 /// A convolution's weights: as loaded (cout, cin, kh, kw), or, for bf16 3x3 convolutions on a
-/// CPU with AMX, as the per-tap matrices the direct AMX convolution reads
-/// (`amx_ops::conv3x3_taps`), made once at load in place of the loaded ones so that the
-/// memory stays the same (rearranging them per call cost as much as the convolution on the
-/// deep layers).
+/// CPU with a bf16 kernel, as the per-tap matrices the direct convolution reads
+/// (`amx_ops::conv3x3_taps`, on AMX tiles) or the Winograd-transformed ones
+/// (`winograd_bf16::weights`, on AVX512-BF16 dot products: see `winograd_bf16::preferred`),
+/// made once at load in place of the loaded ones so that the memory stays about the same
+/// (rearranging them per call cost as much as the convolution on the deep layers).
 enum ConvWeight {
     Plain(Tensor),
     Taps { taps: Tensor, cout: usize },
+    Winograd { u: Tensor, cout: usize },
 }
 
 impl ConvWeight {
-    /// The weights as loaded (from the taps when the AMX kernels were turned off after load).
+    /// The weights as loaded (from the taps when the bf16 kernels were turned off after
+    /// load).
     fn plain(&self) -> Result<Tensor> {
         match self {
             ConvWeight::Plain(w) => Ok(w.clone()),
             ConvWeight::Taps { taps, cout } => amx_ops::conv3x3_weight(taps, *cout),
+            ConvWeight::Winograd { .. } => candle_core::bail!(
+                "a convolution's weights were transformed for the bf16 kernels at load, which \
+                 are now off: load the model again"
+            ),
         }
     }
 }
@@ -200,7 +208,14 @@ impl Conv2d {
     ) -> Result<Self> {
         let geometry = ConvGeometry { stride, padding };
         let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
-        let weight = if amx_ops::handles(&[&weight]) && amx_ops::conv3x3_fits(&weight, geometry) {
+        let weight = if !amx_ops::handles(&[&weight]) {
+            ConvWeight::Plain(weight)
+        } else if winograd_bf16::preferred() && winograd_bf16::fits(&weight, stride, padding) {
+            ConvWeight::Winograd {
+                u: winograd_bf16::weights(&weight)?,
+                cout,
+            }
+        } else if amx_ops::conv3x3_fits(&weight, geometry) {
             ConvWeight::Taps {
                 taps: amx_ops::conv3x3_taps(&weight)?,
                 cout,
@@ -218,10 +233,14 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let ConvWeight::Taps { taps, cout } = &self.weight {
-            if amx_ops::handles(&[x, taps, &self.bias]) {
+        match &self.weight {
+            ConvWeight::Taps { taps, cout } if amx_ops::handles(&[x, taps, &self.bias]) => {
                 return amx_ops::conv2d_3x3(x, taps, &self.bias, *cout);
             }
+            ConvWeight::Winograd { u, cout } if amx_ops::handles(&[x, u, &self.bias]) => {
+                return winograd_bf16::conv3x3(x, u, &self.bias, *cout);
+            }
+            _ => {}
         }
         let weight = self.weight.plain()?;
         if amx_ops::handles(&[x, &weight, &self.bias]) {

@@ -1,0 +1,375 @@
+//! 3x3 convolutions (stride 1, padding 1) of bf16 CPU tensors by Winograd's F(2x2, 3x3) on
+//! the bf16 block kernels (`amx::Kernel`: AMX tiles or AVX512-BF16 dot products).
+//!
+//! Why: the direct bf16 convolution (`amx_ops::conv2d_3x3`) does 36 multiply-adds per output
+//! pixel and input channel; F(2x2, 3x3) does 16 per 2 x 2 outputs, 2.25x fewer, as 16
+//! products of transformed weights (cout x cin) and transformed input tiles (cin x tiles),
+//! the same transforms as the f32 path (`winograd`). The transformed weights and inputs are
+//! rounded to bf16 for the kernels (sums stay f32), one rounding more than torch's direct
+//! bf16 convolution: the test below bounds the difference from f32 on the same bf16 inputs,
+//! and the image tests bound the images.
+//!
+//! Layouts: U, the transformed weights, (16, cout', cin) with cout' = cout rounded up to 32
+//! (made once at load, [`weights`]); per task, V (16 matrices of cin x tiles) in the kernels'
+//! VNNI panels, M (16 matrices of 32 x tiles, f32) per 32 output channels, then the output
+//! transform, bias and rounding into the output rows.
+
+use crate::amx::{self, BLOCK, KSTEP, PANEL};
+use crate::amx_ops::with_scratch;
+use crate::bf16_ops::{contiguous_bits, from_bits, narrow_row, narrow_shifted_row, storage, widen};
+use crate::kernels::SharedOut;
+use crate::winograd::{transform_rows, transform_weights};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Tile positions: 4 x 4.
+const P: usize = 16;
+
+/// Whether the bf16 3x3 convolutions take this path rather than the direct one: on the dot
+/// products, where it is 1.8-2.3x faster on every convolution shape of SD 1.5's U-Net and
+/// VAE; not on AMX tiles, where the direct convolution's products are fast enough that the
+/// transforms cost more than the products they save (0.5-1.3x, measured on one machine, 2
+/// threads; `examples`-style probe in BENCHMARKS.md).
+pub fn preferred() -> bool {
+    amx::kernel() == Some(amx::Kernel::Dot)
+}
+
+/// Whether [`conv3x3`] takes this convolution: 3x3, stride 1, padding 1, input channels a
+/// multiple of 32 (the kernels' depth step).
+pub fn fits(weight: &Tensor, stride: usize, padding: usize) -> bool {
+    matches!(weight.dims4(), Ok((_, cin, 3, 3)) if cin % KSTEP == 0) && (stride, padding) == (1, 1)
+}
+
+/// U = G g G^T of bf16 weights (cout, cin, 3, 3), rounded to bf16: (16, cout', cin), rows
+/// from cout to cout' (a multiple of 32) zero.
+pub fn weights(weight: &Tensor) -> Result<Tensor> {
+    let (cout, cin, _, _) = weight.dims4()?;
+    let w = weight
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let u = transform_weights(&w, cout, cin);
+    let mp = cout.next_multiple_of(BLOCK);
+    let mut bits = vec![0u16; P * mp * cin];
+    for p in 0..P {
+        narrow_row(
+            &u[p * cout * cin..(p + 1) * cout * cin],
+            &mut bits[p * mp * cin..][..cout * cin],
+        );
+    }
+    Tensor::from_vec(from_bits(bits), (P, mp, cin), weight.device())
+}
+
+/// conv3x3(x, weight) + bias with padding 1 for bf16 CPU tensors: x (b, cin, h, w), `u` from
+/// [`weights`], bias (cout).
+pub fn conv3x3(x: &Tensor, u: &Tensor, bias: &Tensor, cout: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &bias.contiguous()?, &Conv3x3Op { cout })
+}
+
+struct Conv3x3Op {
+    cout: usize,
+}
+
+impl CustomOp3 for Conv3x3Op {
+    fn name(&self) -> &'static str {
+        "sdgen-winograd-bf16"
+    }
+
+    /// Tasks take a chunk of tile rows (of the images one after the other, so that small
+    /// images share the weights' pass; about 512 KiB of V) and a range of output channels:
+    /// V transformed from the input (two channels at a time, the pairs the panels hold), then
+    /// per 32 output channels the 16 products on the kernel and the output transform.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, cin, h, w) = xl.shape().dims4()?;
+        let (np, mp, ucin) = ul.shape().dims3()?;
+        let cout = self.cout;
+        if np != P || ucin != cin || cin % KSTEP != 0 || mp < cout || mp % BLOCK != 0 {
+            candle_core::bail!(
+                "winograd bf16: input {:?}, weights {:?}",
+                xl.dims(),
+                ul.dims()
+            );
+        }
+        let Some(kernel) = amx::kernel() else {
+            candle_core::bail!("winograd bf16: no bf16 kernel (AMX or AVX512-BF16) in use");
+        };
+        let op = "winograd bf16";
+        let (x, u, bias) = (
+            contiguous_bits(xs, xl, op)?,
+            contiguous_bits(us, ul, op)?,
+            contiguous_bits(bs, bl, op)?,
+        );
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        // tile rows g = image x th + ty per chunk: about 512 KiB of V, and a whole number of
+        // 32-tile blocks where the tile rows allow it (tw dividing 32)
+        let grows = b * th;
+        let step = if BLOCK % tw == 0 { BLOCK / tw } else { 1 };
+        let want = ((256 << 10) / (P * cin)).max(1).div_ceil(tw);
+        let rows = want.next_multiple_of(step).min(grows);
+        let chunks = grows.div_ceil(rows);
+        let tp_max = (rows * tw).next_multiple_of(BLOCK);
+        let threads = rayon::current_num_threads();
+        let mblocks = mp / BLOCK;
+        let msplit = (4 * threads).div_ceil(chunks).min(mblocks);
+        let mchunk = mblocks.div_ceil(msplit) * BLOCK;
+        let p = h * w;
+        let mut out: Vec<u16> = Vec::with_capacity(b * cout * p);
+        let dst = SharedOut(out.as_mut_ptr());
+        // scratch: V and two rounded rows (u16); M, two channels' f32 V, the transforms' rows
+        let u16_len = P * cin * tp_max + 2 * tp_max;
+        let f32_len = P * BLOCK * tp_max + 2 * P * tp_max + (tw + 2) + 16 * tw + 10 * tw;
+        (0..chunks * msplit).into_par_iter().for_each_init(
+            || kernel.guard(),
+            |_, task| {
+                let dst = dst;
+                let (chunk, mc) = (task / msplit, task % msplit);
+                let (g0, g1) = (chunk * rows, ((chunk + 1) * rows).min(grows));
+                let tp = ((g1 - g0) * tw).next_multiple_of(BLOCK);
+                let (m_lo, m_hi) = (mc * mchunk, ((mc + 1) * mchunk).min(cout));
+                if m_lo >= m_hi {
+                    return;
+                }
+                with_scratch(u16_len, |ubuf| {
+                    crate::kernels::with_scratch(f32_len, |fbuf| {
+                        let (v, r01) = ubuf.split_at_mut(P * cin * tp);
+                        let (r0, r1) = r01[..2 * tp].split_at_mut(tp);
+                        let (m, rest) = fbuf.split_at_mut(P * BLOCK * tp);
+                        let (vf, rest) = rest.split_at_mut(2 * P * tp);
+                        let (words, rest) = rest.split_at_mut(tw + 2);
+                        let (cols, rest) = rest.split_at_mut(16 * tw);
+                        let (s, rest) = rest.split_at_mut(8 * tw);
+                        let yrow = &mut rest[..2 * tw];
+                        // the tiles past the chunk's are zero (their products are not used)
+                        vf.fill(0.0);
+                        for ci in (0..cin).step_by(2) {
+                            for (k, vk) in vf.chunks_exact_mut(P * tp).enumerate() {
+                                for g in g0..g1 {
+                                    let (bi, ty) = (g / th, g % th);
+                                    let plane = &x[(bi * cin + ci + k) * p..][..p];
+                                    let row = |iy: usize| (iy < h).then(|| &plane[iy * w..][..w]);
+                                    columns(row, w, ty, words, cols);
+                                    let base = (g - g0) * tw;
+                                    transform_rows(cols, tw, vk, |q| q * tp + base);
+                                }
+                            }
+                            for q in 0..P {
+                                narrow_row(&vf[q * tp..(q + 1) * tp], r0);
+                                narrow_row(&vf[(P + q) * tp..(P + q + 1) * tp], r1);
+                                amx::interleave_pair(
+                                    r0,
+                                    r1,
+                                    &mut v[q * cin * tp..],
+                                    cin * PANEL,
+                                    ci * PANEL,
+                                );
+                            }
+                        }
+                        for m0 in (m_lo..m_hi).step_by(BLOCK) {
+                            let nrows = BLOCK.min(cout - m0);
+                            for q in 0..P {
+                                for n0 in (0..tp).step_by(BLOCK) {
+                                    // SAFETY: u holds 16 x mp rows of cin values (m0 + 32 <=
+                                    // mp); V_q's panels cover tp columns of depth cin; M_q is
+                                    // 32 x tp.
+                                    unsafe {
+                                        kernel.block(
+                                            cin,
+                                            u[(q * mp + m0) * cin..].as_ptr(),
+                                            cin,
+                                            v[q * cin * tp + n0 * cin..].as_ptr(),
+                                            m[q * BLOCK * tp + n0..].as_mut_ptr(),
+                                            tp,
+                                        );
+                                    }
+                                }
+                            }
+                            for i in 0..nrows {
+                                let co = m0 + i;
+                                for g in g0..g1 {
+                                    let (bi, ty) = (g / th, g % th);
+                                    let base = (g - g0) * tw;
+                                    let mat = |q: usize| &m[(q * BLOCK + i) * tp + base..][..tw];
+                                    output_tile_row(mat, tw, s);
+                                    for r in 0..2 {
+                                        let oy = 2 * ty + r;
+                                        if oy >= h {
+                                            break;
+                                        }
+                                        // y = s A: columns 2 tx and 2 tx + 1
+                                        let si =
+                                            |j: usize| &s[(r * 4 + j) * tw..(r * 4 + j + 1) * tw];
+                                        let (a, b_, c, d) = (si(0), si(1), si(2), si(3));
+                                        let abcd = a.iter().zip(b_).zip(c.iter().zip(d));
+                                        for (y, ((&a, &b), (&c, &d))) in
+                                            yrow.chunks_exact_mut(2).zip(abcd)
+                                        {
+                                            y[0] = a + b + c;
+                                            y[1] = b - c - d;
+                                        }
+                                        // SAFETY: this task owns output channels m_lo..m_hi
+                                        // of tile rows g0..g1 (output rows 2 ty, 2 ty + 1 of
+                                        // image bi).
+                                        let d = unsafe {
+                                            std::slice::from_raw_parts_mut(
+                                                dst.0.add((bi * cout + co) * p + oy * w),
+                                                w,
+                                            )
+                                        };
+                                        narrow_shifted_row(&yrow[..w], widen(bias[co]), d);
+                                    }
+                                }
+                            }
+                        }
+                    })
+                });
+            },
+        );
+        // SAFETY: the tasks wrote every output row of every channel of every image.
+        unsafe { out.set_len(b * cout * p) };
+        Ok((storage(out), Shape::from((b, cout, h, w))))
+    }
+}
+
+/// The column half of V = B^T d B for tile row `ty` of one bf16 channel (`row(iy)` its input
+/// row iy, `None` below the image): `cols[r][c][tx]` for the tile's input rows r < 4 and
+/// columns c < 4, as `winograd::transform_input` makes them from f32. The row is copied with
+/// a zero either side into `words` (tw + 2 values), whose 32-bit word t is then the pair
+/// (x[2t - 1], x[2t]): a bf16 value is the top half of its f32, so each is one shift or
+/// mask, in vector code.
+fn columns<'a>(
+    row: impl Fn(usize) -> Option<&'a [u16]>,
+    w: usize,
+    ty: usize,
+    words: &mut [f32],
+    cols: &mut [f32],
+) {
+    let tw = w.div_ceil(2);
+    // SAFETY: f32 and u32 have the same size and alignment; the u16 view covers the same
+    // 2 (tw + 2) halves and is dropped before the words are read.
+    let words: &mut [u32] =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), tw + 2) };
+    for r in 0..4 {
+        let out = &mut cols[r * 4 * tw..(r + 1) * 4 * tw];
+        let Some(row) = (2 * ty + r).checked_sub(1).and_then(&row) else {
+            out.fill(0.0);
+            continue;
+        };
+        {
+            // SAFETY: as above.
+            let halves: &mut [u16] =
+                unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), 2 * (tw + 2)) };
+            halves[0] = 0;
+            halves[1..=w].copy_from_slice(row);
+            halves[w + 1..].fill(0);
+        }
+        let (c0, rest) = out.split_at_mut(tw);
+        let (c1, rest) = rest.split_at_mut(tw);
+        let (c2, c3) = rest.split_at_mut(tw);
+        let lo = |x: u32| f32::from_bits(x << 16);
+        let hi = |x: u32| f32::from_bits(x & 0xffff_0000);
+        let pairs = words.iter().zip(&words[1..]);
+        let outs = c0.iter_mut().zip(c1).zip(c2.iter_mut().zip(c3));
+        for ((&w0, &w1), ((c0, c1), (c2, c3))) in pairs.zip(outs) {
+            // d = [x[2t - 1], x[2t], x[2t + 1], x[2t + 2]]
+            let (d0, d1, d2, d3) = (lo(w0), hi(w0), lo(w1), hi(w1));
+            *c0 = d0 - d2;
+            *c1 = d1 + d2;
+            *c2 = d2 - d1;
+            *c3 = d1 - d3;
+        }
+    }
+}
+
+/// s = A^T m for one output channel's tile row, A^T = [1 1 1 0; 0 1 -1 -1]: s[i][j][tx]
+/// (2 x 4 rows of tw) from `mat(p)`, the tw products of tile position p.
+#[inline]
+fn output_tile_row<'a>(mat: impl Fn(usize) -> &'a [f32], tw: usize, s: &mut [f32]) {
+    let (s0, s1) = s.split_at_mut(4 * tw);
+    for j in 0..4 {
+        let (m0, m1, m2, m3) = (mat(j), mat(4 + j), mat(8 + j), mat(12 + j));
+        let (s0, s1) = (&mut s0[j * tw..(j + 1) * tw], &mut s1[j * tw..(j + 1) * tw]);
+        let m = m0.iter().zip(m1).zip(m2.iter().zip(m3));
+        for (((&a, &b), (&c, &d)), (s0, s1)) in m.zip(s0.iter_mut().zip(s1)) {
+            *s0 = a + b + c;
+            *s1 = b - c - d;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amx_ops::tests::{rand, rel_diff};
+
+    /// Integers -2..=2 (x) or halves -1..=1 (weights, bias): every transformed value, product
+    /// and sum exact in bf16 and f32, so that only the result's rounding is left.
+    fn small(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let t = rand(shape, seed).to_dtype(DType::F32).unwrap();
+        ((t * 5.0).unwrap().round().unwrap() * scale)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_f32_on_the_same_bf16_inputs() {
+        // no kernel here: nothing to run (the layers keep the f32 path; see amx's tests)
+        for kernel in amx::available_kernels() {
+            amx::with_kernel(Some(kernel), || {
+                // (b, cin, h, w, cout): odd sizes, tile rows of 1..32 tiles, chunks of
+                // several tile rows, cout not a multiple of 32 (and below it)
+                for &(b, cin, h, w, cout) in &[
+                    (2usize, 32usize, 9usize, 7usize, 40usize),
+                    (1, 64, 5, 1, 3),
+                    (2, 96, 16, 16, 64),
+                    (1, 32, 40, 33, 32),
+                    (1, 64, 64, 64, 32),
+                ] {
+                    let case = format!("{kernel:?} ({b}, {cin}, {h}, {w}, {cout})");
+                    // exact values: only the result rounded (2^-9, as the direct convolution)
+                    let (x, wt, bias) = (
+                        small(&[b, cin, h, w], 1, 1.0),
+                        small(&[cout, cin, 3, 3], 2, 0.5),
+                        small(&[cout], 3, 0.5),
+                    );
+                    let d = diff_from_f32(&x, &wt, &bias);
+                    assert!(d < 1.0 / 256.0, "{case} exact: {d}");
+                    // spread values: the transformed inputs and weights rounded to bf16 too
+                    // (measured 0.004-0.010 on these shapes, the direct convolution below
+                    // 0.004)
+                    let (x, wt, bias) = (
+                        rand(&[b, cin, h, w], 7),
+                        rand(&[cout, cin, 3, 3], 8),
+                        rand(&[cout], 9),
+                    );
+                    let d = diff_from_f32(&x, &wt, &bias);
+                    assert!(d < 1.0 / 64.0, "{case}: {d}");
+                }
+            });
+        }
+    }
+
+    /// [`conv3x3`]'s largest difference from candle's f32 convolution of the same values.
+    fn diff_from_f32(x: &Tensor, wt: &Tensor, bias: &Tensor) -> f32 {
+        let cout = wt.dim(0).unwrap();
+        assert!(fits(wt, 1, 1));
+        let got = conv3x3(x, &weights(wt).unwrap(), bias, cout).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = f32(x)
+            .conv2d(&f32(wt), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&f32(bias).reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        rel_diff(&got, &want)
+    }
+}
