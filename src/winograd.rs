@@ -18,37 +18,46 @@ use rayon::prelude::*;
 const P: usize = 16;
 
 /// U = G g G^T for every (cout, cin) filter, stored as 16 matrices of cout x cin.
-pub(crate) fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+fn transform_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; P * cout * cin];
     let dst = SharedOut(u.as_mut_ptr());
     (0..cout).into_par_iter().for_each(|co| {
         let dst = dst;
         for ci in 0..cin {
             let g = &w[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
-            // t = G g (4 x 3), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
-            let mut t = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                t[0][j] = g0;
-                t[1][j] = 0.5 * (g0 + g1 + g2);
-                t[2][j] = 0.5 * (g0 - g1 + g2);
-                t[3][j] = g2;
-            }
-            // u = t G^T (4 x 4)
-            for (i, row) in t.iter().enumerate() {
-                let vals = [
-                    row[0],
-                    0.5 * (row[0] + row[1] + row[2]),
-                    0.5 * (row[0] - row[1] + row[2]),
-                    row[2],
-                ];
-                for (j, v) in vals.into_iter().enumerate() {
-                    // SAFETY: filter co owns u[p][co][..] for every p.
-                    unsafe { *dst.0.add(((i * 4 + j) * cout + co) * cin + ci) = v };
-                }
+            for (p, v) in transform_filter(g.try_into().unwrap())
+                .into_iter()
+                .enumerate()
+            {
+                // SAFETY: filter co owns u[p][co][..] for every p.
+                unsafe { *dst.0.add((p * cout + co) * cin + ci) = v };
             }
         }
     });
+    u
+}
+
+/// U = G g G^T of one 3 x 3 filter g (row-major), G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]:
+/// the 16 values by tile position p = 4 i + j.
+#[inline]
+pub(crate) fn transform_filter(g: [f32; 9]) -> [f32; P] {
+    // t = G g (4 x 3)
+    let mut t = [[0f32; 3]; 4];
+    for j in 0..3 {
+        let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+        t[0][j] = g0;
+        t[1][j] = 0.5 * (g0 + g1 + g2);
+        t[2][j] = 0.5 * (g0 - g1 + g2);
+        t[3][j] = g2;
+    }
+    // u = t G^T (4 x 4)
+    let mut u = [0f32; P];
+    for (i, row) in t.iter().enumerate() {
+        u[i * 4] = row[0];
+        u[i * 4 + 1] = 0.5 * (row[0] + row[1] + row[2]);
+        u[i * 4 + 2] = 0.5 * (row[0] - row[1] + row[2]);
+        u[i * 4 + 3] = row[2];
+    }
     u
 }
 

@@ -18,7 +18,7 @@ use crate::amx::{self, BLOCK, KSTEP, PANEL};
 use crate::amx_ops::with_scratch;
 use crate::bf16_ops::{contiguous_bits, from_bits, narrow_row, narrow_shifted_row, storage, widen};
 use crate::kernels::SharedOut;
-use crate::winograd::{transform_rows, transform_weights};
+use crate::winograd::{transform_filter, transform_rows};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -45,18 +45,31 @@ pub fn fits(weight: &Tensor, stride: usize, padding: usize) -> bool {
 pub fn weights(weight: &Tensor) -> Result<Tensor> {
     let (cout, cin, _, _) = weight.dims4()?;
     let w = weight
-        .to_dtype(DType::F32)?
+        .to_dtype(DType::BF16)?
         .flatten_all()?
-        .to_vec1::<f32>()?;
-    let u = transform_weights(&w, cout, cin);
+        .to_vec1::<half::bf16>()?;
     let mp = cout.next_multiple_of(BLOCK);
     let mut bits = vec![0u16; P * mp * cin];
-    for p in 0..P {
-        narrow_row(
-            &u[p * cout * cin..(p + 1) * cout * cin],
-            &mut bits[p * mp * cin..][..cout * cin],
-        );
-    }
+    let dst = SharedOut(bits.as_mut_ptr());
+    (0..cout).into_par_iter().for_each_init(
+        || vec![0f32; P * cin],
+        |rows, co| {
+            let dst = dst;
+            // the filter's 16 rows of U (one per tile position), then rounded in place
+            for ci in 0..cin {
+                let g: [f32; 9] = std::array::from_fn(|k| w[(co * cin + ci) * 9 + k].to_f32());
+                for (q, u) in transform_filter(g).into_iter().enumerate() {
+                    rows[q * cin + ci] = u;
+                }
+            }
+            for q in 0..P {
+                // SAFETY: filter co owns row co of every U_q (co < cout <= mp).
+                let d =
+                    unsafe { std::slice::from_raw_parts_mut(dst.0.add((q * mp + co) * cin), cin) };
+                narrow_row(&rows[q * cin..(q + 1) * cin], d);
+            }
+        },
+    );
     Tensor::from_vec(from_bits(bits), (P, mp, cin), weight.device())
 }
 
