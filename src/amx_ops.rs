@@ -844,6 +844,17 @@ pub(crate) mod tests {
         t.to_dtype(DType::F32).unwrap()
     }
 
+    /// The reference for the bf16 convolutions: candle's f32 convolution of the same values
+    /// plus the bias.
+    pub(crate) fn conv_f32(x: &Tensor, w: &Tensor, bias: &Tensor, g: ConvGeometry) -> Tensor {
+        let cout = w.dim(0).unwrap();
+        f32(x)
+            .conv2d(&f32(w), g.padding, g.stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&f32(bias).reshape((1, cout, 1, 1)).unwrap())
+            .unwrap()
+    }
+
     /// Runs `check` with the layers on each bf16 kernel this CPU has (`check` compares with
     /// f32 and names `amx::kernel()` when it fails); with none, checks that the layers keep
     /// their f32 path.
@@ -945,11 +956,7 @@ pub(crate) mod tests {
                     padding: pad,
                 };
                 let got = conv2d(&x, &w, &bias, g).unwrap();
-                let want = f32(&x)
-                    .conv2d(&f32(&w), pad, s, 1, 1)
-                    .unwrap()
-                    .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
-                    .unwrap();
+                let want = conv_f32(&x, &w, &bias, g);
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
                 assert!(
@@ -985,11 +992,7 @@ pub(crate) mod tests {
                 let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
                 assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
                 let got = conv2d_3x3(&x, &taps, &bias, cout).unwrap();
-                let want = f32(&x)
-                    .conv2d(&f32(&w), 1, 1, 1, 1)
-                    .unwrap()
-                    .broadcast_add(&f32(&bias).reshape((1, cout, 1, 1)).unwrap())
-                    .unwrap();
+                let want = conv_f32(&x, &w, &bias, g);
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
                 assert!(

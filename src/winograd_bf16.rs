@@ -321,7 +321,7 @@ fn output_tile_row<'a>(mat: impl Fn(usize) -> &'a [f32], tw: usize, s: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::amx_ops::tests::{rand, rel_diff};
+    use crate::amx_ops::tests::{conv_f32, rand, rel_diff};
 
     /// Integers -2..=2 (x) or halves -1..=1 (weights, bias): every transformed value, product
     /// and sum exact in bf16 and f32, so that only the result's rounding is left.
@@ -376,12 +376,11 @@ mod tests {
         let cout = wt.dim(0).unwrap();
         assert!(fits(wt, 1, 1));
         let got = conv3x3(x, &weights(wt).unwrap(), bias, cout).unwrap();
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let want = f32(x)
-            .conv2d(&f32(wt), 1, 1, 1, 1)
-            .unwrap()
-            .broadcast_add(&f32(bias).reshape((1, cout, 1, 1)).unwrap())
-            .unwrap();
+        let g = crate::kernels::ConvGeometry {
+            stride: 1,
+            padding: 1,
+        };
+        let want = conv_f32(x, wt, bias, g);
         assert_eq!(got.dims(), want.dims());
         rel_diff(&got, &want)
     }
