@@ -434,16 +434,22 @@ pub fn conv3x3_fits(weight: &Tensor, g: ConvGeometry) -> bool {
 /// matrix per tap (ky, kx), rows padded with zeros to a multiple of 32: (9, cout', cin).
 pub fn conv3x3_taps(weight: &Tensor) -> Result<Tensor> {
     let (cout, cin, kh, kw) = weight.dims4()?;
-    let taps = weight
-        .permute((2, 3, 0, 1))?
-        .reshape((kh * kw, cout, cin))?;
+    let taps = kh * kw;
     let mp = cout.next_multiple_of(BLOCK);
-    let taps = if mp > cout {
-        taps.pad_with_zeros(1, 0, mp - cout)?
-    } else {
-        taps
-    };
-    taps.contiguous()
+    let w = weight.flatten_all()?.to_vec1::<half::bf16>()?;
+    // on all threads: candle's permute-then-copy ran on one (a quarter of a bf16 load)
+    let mut out = vec![half::bf16::ZERO; taps * mp * cin];
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..cout).into_par_iter().for_each(|co| {
+        let dst = dst;
+        for ci in 0..cin {
+            for t in 0..taps {
+                // SAFETY: output channel co owns row co of every tap (co < cout <= mp).
+                unsafe { *dst.0.add((t * mp + co) * cin + ci) = w[(co * cin + ci) * taps + t] };
+            }
+        }
+    });
+    Tensor::from_vec(out, (taps, mp, cin), weight.device())
 }
 
 /// The weights (cout, cin, 3, 3) back from [`conv3x3_taps`].
