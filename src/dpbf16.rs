@@ -7,9 +7,10 @@
 //! Why: without these, such CPUs widened bf16 to f32 for the f32 kernels, so `--dtype bf16`
 //! ran slower than f32, while torch (oneDNN's avx512_core_bf16 kernels, the same instruction)
 //! runs its bf16 U-Net 1.7x faster than f32 on Zen 4. One 512-bit `vdpbf16ps` does 32
-//! multiply-adds (16 f32 lanes, each summing a pair of products), an f32 FMA 16; Zen 4 issues
-//! one of either per cycle, Intel cores one `vdpbf16ps` against two FMAs (no gain there beyond
-//! the halved memory traffic).
+//! multiply-adds (16 f32 lanes, each summing a pair of products), an f32 FMA 16. On this
+//! project's Intel bench machine it issues only every other cycle (1.9 G/s against 7.5 G/s
+//! for `vfmadd231ps`, measured on one core): half the FMAs' flops there, where the tiles are
+//! used anyway.
 //!
 //! Each call computes its 32 rows in groups of [`ROWS`] (8 rows x 2 vectors of 16 columns =
 //! 16 accumulators, 19 of the 32 vector registers with B's two vectors and A's broadcast
