@@ -28,14 +28,14 @@ const P: usize = 16;
 /// Whether the bf16 3x3 convolutions take this path rather than the direct one: on the dot
 /// products, where it is 1.8-2.3x faster on every convolution shape of SD 1.5's U-Net and
 /// VAE; not on AMX tiles, where the direct convolution's products are fast enough that the
-/// transforms cost more than the products they save (0.5-1.3x, measured on one machine, 2
-/// threads; `examples`-style probe in BENCHMARKS.md).
+/// transforms cost more than the products they save (0.5-1.3x; one machine, 2 threads:
+/// BENCHMARKS.md, session 6).
 pub fn preferred() -> bool {
     amx::kernel() == Some(amx::Kernel::Dot)
 }
 
 /// Whether [`conv3x3`] takes this convolution: 3x3, stride 1, padding 1, input channels a
-/// multiple of 32 (the kernels' depth step).
+/// multiple of 32 (the tiles' depth step, so that either kernel takes the weights).
 pub fn fits(weight: &Tensor, stride: usize, padding: usize) -> bool {
     matches!(weight.dims4(), Ok((_, cin, 3, 3)) if cin % KSTEP == 0) && (stride, padding) == (1, 1)
 }
