@@ -30,7 +30,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R 
 }
 
 /// The kernel in use and the three inputs of an op as bf16 bits.
-fn amx_inputs<'a>(
+pub(crate) fn amx_inputs<'a>(
     op: &str,
     inputs: [(&'a CpuStorage, &Layout); 3],
 ) -> Result<(Kernel, [&'a [u16]; 3])> {
@@ -423,8 +423,9 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Re
     x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { g })
 }
 
-/// Whether [`conv2d_3x3`] takes this convolution: 3x3, stride 1, padding 1, input channels
-/// a multiple of 32.
+/// Whether [`conv2d_3x3`] (and `winograd_bf16::conv3x3`) takes this convolution: 3x3, stride
+/// 1, padding 1, input channels a multiple of 32 (the tiles' depth step, so that either
+/// kernel takes the weights).
 pub fn conv3x3_fits(weight: &Tensor, g: ConvGeometry) -> bool {
     matches!(weight.dims4(), Ok((_, cin, 3, 3)) if cin % KSTEP == 0)
         && (g.stride, g.padding) == (1, 1)

@@ -15,8 +15,8 @@
 //! transform, bias and rounding into the output rows.
 
 use crate::amx::{self, BLOCK, KSTEP, PANEL};
-use crate::amx_ops::with_scratch;
-use crate::bf16_ops::{contiguous_bits, from_bits, narrow_row, narrow_shifted_row, storage, widen};
+use crate::amx_ops::{amx_inputs, with_scratch};
+use crate::bf16_ops::{from_bits, narrow_row, narrow_shifted_row, storage, widen};
 use crate::kernels::SharedOut;
 use crate::winograd::{transform_filter, transform_rows};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -32,12 +32,6 @@ const P: usize = 16;
 /// BENCHMARKS.md, session 6).
 pub fn preferred() -> bool {
     amx::kernel() == Some(amx::Kernel::Dot)
-}
-
-/// Whether [`conv3x3`] takes this convolution: 3x3, stride 1, padding 1, input channels a
-/// multiple of 32 (the tiles' depth step, so that either kernel takes the weights).
-pub fn fits(weight: &Tensor, stride: usize, padding: usize) -> bool {
-    matches!(weight.dims4(), Ok((_, cin, 3, 3)) if cin % KSTEP == 0) && (stride, padding) == (1, 1)
 }
 
 /// U = G g G^T of bf16 weights (cout, cin, 3, 3), rounded to bf16: (16, cout', cin), rows
@@ -112,15 +106,7 @@ impl CustomOp3 for Conv3x3Op {
                 ul.dims()
             );
         }
-        let Some(kernel) = amx::kernel() else {
-            candle_core::bail!("winograd bf16: no bf16 kernel (AMX or AVX512-BF16) in use");
-        };
-        let op = "winograd bf16";
-        let (x, u, bias) = (
-            contiguous_bits(xs, xl, op)?,
-            contiguous_bits(us, ul, op)?,
-            contiguous_bits(bs, bl, op)?,
-        );
+        let (kernel, [x, u, bias]) = amx_inputs("winograd bf16", [(xs, xl), (us, ul), (bs, bl)])?;
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         // tile rows g = image x th + ty per chunk: about 512 KiB of V, and a whole number of
         // 32-tile blocks where the tile rows allow it (tw dividing 32)
@@ -374,12 +360,12 @@ mod tests {
     /// [`conv3x3`]'s largest difference from candle's f32 convolution of the same values.
     fn diff_from_f32(x: &Tensor, wt: &Tensor, bias: &Tensor) -> f32 {
         let cout = wt.dim(0).unwrap();
-        assert!(fits(wt, 1, 1));
-        let got = conv3x3(x, &weights(wt).unwrap(), bias, cout).unwrap();
         let g = crate::kernels::ConvGeometry {
             stride: 1,
             padding: 1,
         };
+        assert!(crate::amx_ops::conv3x3_fits(wt, g));
+        let got = conv3x3(x, &weights(wt).unwrap(), bias, cout).unwrap();
         let want = conv_f32(x, wt, bias, g);
         assert_eq!(got.dims(), want.dims());
         rel_diff(&got, &want)

@@ -210,15 +210,17 @@ impl Conv2d {
         let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
         let weight = if !amx_ops::handles(&[&weight]) {
             ConvWeight::Plain(weight)
-        } else if winograd_bf16::preferred() && winograd_bf16::fits(&weight, stride, padding) {
-            ConvWeight::Winograd {
-                u: winograd_bf16::weights(&weight)?,
-                cout,
-            }
         } else if amx_ops::conv3x3_fits(&weight, geometry) {
-            ConvWeight::Taps {
-                taps: amx_ops::conv3x3_taps(&weight)?,
-                cout,
+            if winograd_bf16::preferred() {
+                ConvWeight::Winograd {
+                    u: winograd_bf16::weights(&weight)?,
+                    cout,
+                }
+            } else {
+                ConvWeight::Taps {
+                    taps: amx_ops::conv3x3_taps(&weight)?,
+                    cout,
+                }
             }
         } else {
             ConvWeight::Plain(weight)
