@@ -140,17 +140,21 @@ fn transform_input(
                 let (c1, rest) = rest.split_at_mut(tw);
                 let (c2, c3) = rest.split_at_mut(tw);
                 for t in 0..tw {
-                    // d = [xe[t], xo[t], xe[t + 1], xo[t + 1]]
-                    c0[t] = xe[t] - xe[t + 1];
-                    c1[t] = xo[t] + xe[t + 1];
-                    c2[t] = xe[t + 1] - xo[t];
-                    c3[t] = xo[t] - xo[t + 1];
+                    [c0[t], c1[t], c2[t], c3[t]] =
+                        input_columns([xe[t], xo[t], xe[t + 1], xo[t + 1]]);
                 }
             }
             let base = (ty - ty0) * tw;
             transform_rows(cols, tw, v, |p| (p * cin + ci) * tiles + base);
         }
     }
+}
+
+/// The column half of V = B^T d B for one tile and input row: d B from the row's four
+/// values d = [x[2t - 1], x[2t], x[2t + 1], x[2t + 2]].
+#[inline(always)]
+pub(crate) fn input_columns(d: [f32; 4]) -> [f32; 4] {
+    [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 }
 
 /// The row half of V = B^T d B for one tile row of one channel, from its column-transformed
@@ -200,37 +204,53 @@ unsafe fn transform_output(
     for co in 0..cout {
         for ty in ty0..ty1 {
             let base = (ty - ty0) * tw;
-            let mat = |i: usize, j: usize| {
-                let at = ((i * 4 + j) * cout + co) * tiles + base;
-                &m[at..at + tw]
-            };
-            // s = A^T m: rows 0 and 1, for each column j
-            for j in 0..4 {
-                let (m0, m1, m2, m3) = (mat(0, j), mat(1, j), mat(2, j), mat(3, j));
-                let (s0, s1) = s.split_at_mut(4 * tw);
-                let (s0, s1) = (&mut s0[j * tw..(j + 1) * tw], &mut s1[j * tw..(j + 1) * tw]);
-                for t in 0..tw {
-                    s0[t] = m0[t] + m1[t] + m2[t];
-                    s1[t] = m1[t] - m2[t] - m3[t];
-                }
-            }
-            // y = s A: output rows 2 ty + i, columns 2 tx and 2 tx + 1
+            let mat = |p: usize| &m[(p * cout + co) * tiles + base..][..tw];
+            transform_output_columns(mat, tw, s);
             for i in 0..2 {
                 let oy = 2 * ty + i;
                 if oy >= h {
                     break;
                 }
-                let si = |j: usize| &s[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
-                let (a, b, c, d) = (si(0), si(1), si(2), si(3));
                 // SAFETY: row oy of channel co is inside out (caller's contract).
                 let row = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
-                for (t, pair) in row.chunks_mut(2).enumerate() {
-                    pair[0] = a[t] + b[t] + c[t] + bias[co];
-                    if pair.len() > 1 {
-                        pair[1] = b[t] - c[t] - d[t] + bias[co];
-                    }
-                }
+                output_row(s, tw, i, bias[co], row);
             }
+        }
+    }
+}
+
+/// The first half of Y = A^T m A for one output channel's tile row, A^T = [1 1 1 0; 0 1 -1
+/// -1]: s = A^T m, `s[i][j][tx]` (2 x 4 rows of tw) from `mat(p)`, the tw products of tile
+/// position p = 4 i + j.
+#[inline]
+pub(crate) fn transform_output_columns<'a>(
+    mat: impl Fn(usize) -> &'a [f32],
+    tw: usize,
+    s: &mut [f32],
+) {
+    let (s0, s1) = s.split_at_mut(4 * tw);
+    for j in 0..4 {
+        let (m0, m1, m2, m3) = (mat(j), mat(4 + j), mat(8 + j), mat(12 + j));
+        let (s0, s1) = (&mut s0[j * tw..(j + 1) * tw], &mut s1[j * tw..(j + 1) * tw]);
+        let m = m0.iter().zip(m1).zip(m2.iter().zip(m3));
+        for (((&a, &b), (&c, &d)), (s0, s1)) in m.zip(s0.iter_mut().zip(s1)) {
+            *s0 = a + b + c;
+            *s1 = b - c - d;
+        }
+    }
+}
+
+/// Output row i (0 or 1) of the tile row: y = s A + bias, tile tx's two values at `out[2 tx]`
+/// and `out[2 tx + 1]` (`out` is the image row: at an odd width the last tile's second value
+/// falls outside).
+#[inline]
+pub(crate) fn output_row(s: &[f32], tw: usize, i: usize, bias: f32, out: &mut [f32]) {
+    let si = |j: usize| &s[(i * 4 + j) * tw..(i * 4 + j + 1) * tw];
+    let abcd = si(0).iter().zip(si(1)).zip(si(2).iter().zip(si(3)));
+    for (pair, ((&a, &b), (&c, &d))) in out.chunks_mut(2).zip(abcd) {
+        pair[0] = a + b + c + bias;
+        if let Some(y1) = pair.get_mut(1) {
+            *y1 = b - c - d + bias;
         }
     }
 }

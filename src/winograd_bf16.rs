@@ -16,9 +16,11 @@
 
 use crate::amx::{self, BLOCK, KSTEP, PANEL};
 use crate::amx_ops::{amx_inputs, with_scratch};
-use crate::bf16_ops::{from_bits, narrow_row, narrow_shifted_row, storage, widen};
+use crate::bf16_ops::{from_bits, narrow_row, storage, widen};
 use crate::kernels::SharedOut;
-use crate::winograd::{transform_filter, transform_rows};
+use crate::winograd::{
+    input_columns, output_row, transform_filter, transform_output_columns, transform_rows,
+};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -197,23 +199,14 @@ impl CustomOp3 for Conv3x3Op {
                                     let (bi, ty) = (g / th, g % th);
                                     let base = (g - g0) * tw;
                                     let mat = |q: usize| &m[(q * BLOCK + i) * tp + base..][..tw];
-                                    output_tile_row(mat, tw, s);
+                                    transform_output_columns(mat, tw, s);
                                     for r in 0..2 {
                                         let oy = 2 * ty + r;
                                         if oy >= h {
                                             break;
                                         }
-                                        // y = s A: columns 2 tx and 2 tx + 1
-                                        let si =
-                                            |j: usize| &s[(r * 4 + j) * tw..(r * 4 + j + 1) * tw];
-                                        let (a, b_, c, d) = (si(0), si(1), si(2), si(3));
-                                        let abcd = a.iter().zip(b_).zip(c.iter().zip(d));
-                                        for (y, ((&a, &b), (&c, &d))) in
-                                            yrow.chunks_exact_mut(2).zip(abcd)
-                                        {
-                                            y[0] = a + b + c;
-                                            y[1] = b - c - d;
-                                        }
+                                        let y = &mut yrow[..w];
+                                        output_row(s, tw, r, widen(bias[co]), y);
                                         // SAFETY: this task owns output channels m_lo..m_hi
                                         // of tile rows g0..g1 (output rows 2 ty, 2 ty + 1 of
                                         // image bi).
@@ -223,7 +216,7 @@ impl CustomOp3 for Conv3x3Op {
                                                 w,
                                             )
                                         };
-                                        narrow_shifted_row(&yrow[..w], widen(bias[co]), d);
+                                        narrow_row(y, d);
                                     }
                                 }
                             }
@@ -278,28 +271,7 @@ fn columns<'a>(
         let pairs = words.iter().zip(&words[1..]);
         let outs = c0.iter_mut().zip(c1).zip(c2.iter_mut().zip(c3));
         for ((&w0, &w1), ((c0, c1), (c2, c3))) in pairs.zip(outs) {
-            // d = [x[2t - 1], x[2t], x[2t + 1], x[2t + 2]]
-            let (d0, d1, d2, d3) = (lo(w0), hi(w0), lo(w1), hi(w1));
-            *c0 = d0 - d2;
-            *c1 = d1 + d2;
-            *c2 = d2 - d1;
-            *c3 = d1 - d3;
-        }
-    }
-}
-
-/// s = A^T m for one output channel's tile row, A^T = [1 1 1 0; 0 1 -1 -1]: s[i][j][tx]
-/// (2 x 4 rows of tw) from `mat(p)`, the tw products of tile position p.
-#[inline]
-fn output_tile_row<'a>(mat: impl Fn(usize) -> &'a [f32], tw: usize, s: &mut [f32]) {
-    let (s0, s1) = s.split_at_mut(4 * tw);
-    for j in 0..4 {
-        let (m0, m1, m2, m3) = (mat(j), mat(4 + j), mat(8 + j), mat(12 + j));
-        let (s0, s1) = (&mut s0[j * tw..(j + 1) * tw], &mut s1[j * tw..(j + 1) * tw]);
-        let m = m0.iter().zip(m1).zip(m2.iter().zip(m3));
-        for (((&a, &b), (&c, &d)), (s0, s1)) in m.zip(s0.iter_mut().zip(s1)) {
-            *s0 = a + b + c;
-            *s1 = b - c - d;
+            [*c0, *c1, *c2, *c3] = input_columns([lo(w0), hi(w0), lo(w1), hi(w1)]);
         }
     }
 }
