@@ -115,7 +115,7 @@ fn narrow_biased_body(src: &[f32], bias: &[u16], dst: &mut [u16]) {
 
 simd_dispatch!(narrow_shifted_portable => narrow_shifted_body(src: &[f32], s: f32, dst: &mut [u16]) -> ());
 simd_dispatch!(narrow_biased_portable => narrow_biased_body(src: &[f32], bias: &[u16], dst: &mut [u16]) -> ());
-simd_dispatch!(pub(crate) narrow_portable => narrow_body(src: &[f32], dst: &mut [u16]) -> ());
+simd_dispatch!(narrow_portable => narrow_body(src: &[f32], dst: &mut [u16]) -> ());
 simd_dispatch!(narrow_scaled_portable => narrow_scaled_body(src: &[f32], s: f32, dst: &mut [u16]) -> ());
 
 // The row kernels that round to bf16 take `vcvtneps2bf16` on CPUs with AVX512-BF16 (all

@@ -97,7 +97,7 @@ impl SafetensorsReader {
         self.tensors.keys()
     }
 
-    /// The tensor `name` in `dtype`: float tensors are read and converted on all threads
+    /// The tensor `name` in `want`: float tensors are read and converted on all threads
     /// (loading the 3.4 GB f32 U-Net went through one core: 2.2 s of a 4.2 s load in the
     /// kernel's page zeroing and copying, then candle's one-thread conversion for bf16).
     fn read(&self, name: &str, want: DType) -> candle_core::Result<Tensor> {
@@ -111,51 +111,14 @@ impl SafetensorsReader {
         let offset = self.data_start + start;
         debug_assert_eq!((end - start) as usize, n * dtype.size_in_bytes());
         let shape = shape.as_slice();
-        let dev = &Device::Cpu;
-        match (*dtype, want) {
-            (DType::F32, DType::F32) => {
-                Tensor::from_vec(self.read_vec::<f32>(n, offset)?, shape, dev)
-            }
-            (DType::F32, DType::BF16) => Tensor::from_vec(
-                convert(&self.read_vec::<f32>(n, offset)?, half::bf16::from_f32),
-                shape,
-                dev,
-            ),
-            (DType::F32, DType::F16) => Tensor::from_vec(
-                convert(&self.read_vec::<f32>(n, offset)?, half::f16::from_f32),
-                shape,
-                dev,
-            ),
-            (DType::F16, DType::F16) => {
-                Tensor::from_vec(self.read_vec::<half::f16>(n, offset)?, shape, dev)
-            }
-            (DType::F16, DType::F32) => Tensor::from_vec(
-                convert(&self.read_vec::<half::f16>(n, offset)?, half::f16::to_f32),
-                shape,
-                dev,
-            ),
-            (DType::F16, DType::BF16) => Tensor::from_vec(
-                convert(&self.read_vec::<half::f16>(n, offset)?, |x| {
-                    half::bf16::from_f32(x.to_f32())
-                }),
-                shape,
-                dev,
-            ),
-            (DType::BF16, _) => {
-                Tensor::from_vec(self.read_vec::<half::bf16>(n, offset)?, shape, dev)?
-                    .to_dtype(want)
-            }
-            (DType::F16 | DType::F32, _) => {
-                let t = match dtype {
-                    DType::F32 => Tensor::from_vec(self.read_vec::<f32>(n, offset)?, shape, dev)?,
-                    _ => Tensor::from_vec(self.read_vec::<half::f16>(n, offset)?, shape, dev)?,
-                };
-                t.to_dtype(want)
-            }
+        match dtype {
+            DType::F32 => converted(self.read_vec::<f32>(n, offset)?, shape, want),
+            DType::F16 => converted(self.read_vec::<half::f16>(n, offset)?, shape, want),
+            DType::BF16 => converted(self.read_vec::<half::bf16>(n, offset)?, shape, want),
             _ => {
                 let mut buf = vec![0u8; (end - start) as usize];
                 self.file.read_exact_at(&mut buf, offset)?;
-                Tensor::from_raw_buffer(&buf, *dtype, shape, dev)?.to_dtype(want)
+                Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)?.to_dtype(want)
             }
         }
     }
@@ -190,13 +153,52 @@ impl SafetensorsReader {
     }
 }
 
-/// `f` of every value, on all threads for large slices.
-fn convert<S: Copy + Sync, D: Copy + Send>(src: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
+/// A float type the safetensors files store, widened exactly to f32.
+trait StoredFloat: candle_core::WithDType + Sync {
+    fn wide(self) -> f32;
+}
+
+impl StoredFloat for f32 {
+    fn wide(self) -> f32 {
+        self
+    }
+}
+
+impl StoredFloat for half::f16 {
+    fn wide(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl StoredFloat for half::bf16 {
+    fn wide(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `v` as a CPU tensor of `want`: as it is when the types agree, else converted on all
+/// threads through f32 (which holds f16 and bf16 exactly), rounding as candle's `to_dtype`
+/// does.
+fn converted<S: StoredFloat>(
+    v: Vec<S>,
+    shape: &[usize],
+    want: DType,
+) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
-    src.par_iter()
-        .with_min_len(1 << 16)
-        .map(|&x| f(x))
-        .collect()
+    fn map<S: StoredFloat, D: Send>(v: &[S], f: impl Fn(f32) -> D + Sync) -> Vec<D> {
+        v.par_iter()
+            .with_min_len(1 << 16)
+            .map(|&x| f(x.wide()))
+            .collect()
+    }
+    let dev = &Device::Cpu;
+    match want {
+        _ if want == S::DTYPE => Tensor::from_vec(v, shape, dev),
+        DType::F32 => Tensor::from_vec(map(&v, |x| x), shape, dev),
+        DType::F16 => Tensor::from_vec(map(&v, half::f16::from_f32), shape, dev),
+        DType::BF16 => Tensor::from_vec(map(&v, half::bf16::from_f32), shape, dev),
+        _ => Tensor::from_vec(v, shape, dev)?.to_dtype(want),
+    }
 }
 
 impl SimpleBackend for SafetensorsReader {
@@ -283,12 +285,14 @@ mod tests {
         let dev = Device::Cpu;
         let t32 = Tensor::from_vec(big, (3, 1_000_000), &dev).unwrap();
         let t16 = t32.to_dtype(DType::F16).unwrap();
+        let tb16 = t32.to_dtype(DType::BF16).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         candle_core::safetensors::save(
             &HashMap::from([
                 ("f32".to_string(), t32.clone()),
                 ("f16".to_string(), t16.clone()),
+                ("bf16".to_string(), tb16.clone()),
             ]),
             &path,
         )
@@ -322,7 +326,7 @@ mod tests {
                     .collect(),
             }
         };
-        for (name, src) in [("f32", &t32), ("f16", &t16)] {
+        for (name, src) in [("f32", &t32), ("f16", &t16), ("bf16", &tb16)] {
             for want in [DType::F32, DType::F16, DType::BF16] {
                 let got = r.read(name, want).unwrap();
                 assert_eq!(got.dims(), src.dims());
