@@ -31,6 +31,17 @@ pub const BLOCK: usize = 32;
 /// The depth (k) step of one tile multiply: 32 bf16 values per A row (64 bytes).
 pub const KSTEP: usize = 32;
 
+/// A C block on the stack, its rows on cache lines: the tiles store 64-byte rows, and a row
+/// across two lines costs both (see `allocator` for what misplaced rows cost).
+#[repr(C, align(64))]
+pub struct CBlock(pub [f32; BLOCK * BLOCK]);
+
+impl CBlock {
+    pub fn zeroed() -> Self {
+        CBlock([0.0; BLOCK * BLOCK])
+    }
+}
+
 /// The instructions the bf16 block products run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {

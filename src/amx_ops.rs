@@ -126,7 +126,8 @@ impl CustomOp3 for LinearOp {
             |_, t| {
                 let dst = dst;
                 let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(m));
-                let mut c = [0f32; 1024];
+                let mut c = amx::CBlock::zeroed();
+                let c = &mut c.0;
                 with_scratch(BLOCK * k, |pad| {
                     for c0 in (0..np).step_by(chunk) {
                         for m0 in (r0..r1).step_by(BLOCK) {
@@ -161,10 +162,10 @@ impl CustomOp3 for LinearOp {
                                     if self.geglu {
                                         let b = self.has_bias.then(|| &bias[n0..]);
                                         let d = dst.0.add(m0 * n_out + n0 / 2);
-                                        crate::kernels::geglu_block(&c, b, rows, d, n_out);
+                                        crate::kernels::geglu_block(c, b, rows, d, n_out);
                                     } else {
                                         let d = dst.0.add(m0 * n + n0);
-                                        store(&c, d, n, rows, cols, b);
+                                        store(c, d, n, rows, cols, b);
                                     }
                                 }
                             }
@@ -383,7 +384,8 @@ impl CustomOp3 for Conv2dOp {
                         }
                         interleave_pair(r0, r1, panels, kp * PANEL, r2 * 2 * PANEL);
                     }
-                    let mut c = [0f32; 1024];
+                    let mut c = amx::CBlock::zeroed();
+                    let c = &mut c.0;
                     for m0 in (0..cout).step_by(BLOCK) {
                         for n0 in (0..n).step_by(BLOCK) {
                             // SAFETY: a has mp >= m0 + 32 rows of kp values, panels two panels
@@ -545,7 +547,8 @@ impl CustomOp3 for Conv3x3Op {
                 let (q0, q1) = (blk * pb, ((blk + 1) * pb).min(ncp));
                 let (m_lo, m_hi) = (mc * mchunk, ((mc + 1) * mchunk).min(cout));
                 let planes = &pp[bi * pairs * ldb..(bi + 1) * pairs * ldb];
-                let mut c = [0f32; 1024];
+                let mut c = amx::CBlock::zeroed();
+                let c = &mut c.0;
                 for m0 in (m_lo..m_hi).step_by(BLOCK) {
                     let rows = BLOCK.min(cout - m0);
                     for n0 in (q0..q1).step_by(BLOCK) {
