@@ -66,10 +66,15 @@ impl LineAligned {
         layout.size() >= ALIGNED_FROM && layout.align() <= LINE
     }
 
-    /// The system layout behind a placed block of `size` bytes.
-    fn outer(size: usize) -> std::alloc::Layout {
-        // SAFETY: 16 is a power of two; a size near usize::MAX fails in the system allocator.
-        unsafe { std::alloc::Layout::from_size_align_unchecked(size.saturating_add(LINE), 16) }
+    /// The system layout behind a placed block of `size` bytes (none for a size within
+    /// [`LINE`] of the largest layout: such an allocation fails).
+    fn outer(size: usize) -> Option<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(size.checked_add(LINE)?, 16).ok()
+    }
+
+    /// [`LineAligned::outer`] of a block that was allocated.
+    fn outer_of_live(size: usize) -> std::alloc::Layout {
+        Self::outer(size).expect("a live placed block has an outer layout")
     }
 
     /// The aligned start in the system block at `raw` (null stays null), with `raw` recorded
@@ -101,7 +106,10 @@ impl LineAligned {
 unsafe impl std::alloc::GlobalAlloc for LineAligned {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::placed(layout) {
-            Self::place(std::alloc::System.alloc(Self::outer(layout.size())))
+            match Self::outer(layout.size()) {
+                Some(outer) => Self::place(std::alloc::System.alloc(outer)),
+                None => std::ptr::null_mut(),
+            }
         } else {
             std::alloc::System.alloc(layout)
         }
@@ -109,7 +117,10 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::placed(layout) {
-            Self::place(std::alloc::System.alloc_zeroed(Self::outer(layout.size())))
+            match Self::outer(layout.size()) {
+                Some(outer) => Self::place(std::alloc::System.alloc_zeroed(outer)),
+                None => std::ptr::null_mut(),
+            }
         } else {
             std::alloc::System.alloc_zeroed(layout)
         }
@@ -117,7 +128,7 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         if Self::placed(layout) {
-            std::alloc::System.dealloc(Self::raw(ptr), Self::outer(layout.size()))
+            std::alloc::System.dealloc(Self::raw(ptr), Self::outer_of_live(layout.size()))
         } else {
             std::alloc::System.dealloc(ptr, layout)
         }
@@ -130,8 +141,11 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
             (true, true) => {
                 let raw = Self::raw(ptr);
                 let offset = ptr as usize - raw as usize;
-                let outer = Self::outer(layout.size());
-                let new_raw = std::alloc::System.realloc(raw, outer, new_size.saturating_add(LINE));
+                let Some(new_outer) = Self::outer(new_size) else {
+                    return std::ptr::null_mut();
+                };
+                let outer = Self::outer_of_live(layout.size());
+                let new_raw = std::alloc::System.realloc(raw, outer, new_outer.size());
                 if new_raw.is_null() {
                     return new_raw;
                 }
@@ -191,6 +205,8 @@ mod tests {
             assert!(z.iter().all(|&b| b == 0));
             assert!(n < ALIGNED_FROM || on_line(&z));
         }
+        // a size the outer block cannot have fails as an allocation, no overflow
+        assert!(Vec::<u8>::new().try_reserve(isize::MAX as usize - 8).is_err());
         // an over-aligned type passes through with its own alignment
         #[repr(align(128))]
         struct Wide([u8; 128]);
