@@ -77,6 +77,15 @@ impl LineAligned {
         Self::outer(size).expect("a live placed block has an outer layout")
     }
 
+    /// The aligned start in the system block at `raw`: 16..=64 bytes in (raw is 16-aligned),
+    /// room for the 8-byte record before it.
+    ///
+    /// # Safety
+    /// `raw` is a system block of at least `LINE` bytes, 16-aligned.
+    unsafe fn start(raw: *mut u8) -> *mut u8 {
+        raw.add(LINE - (raw as usize % LINE))
+    }
+
     /// The aligned start in the system block at `raw` (null stays null), with `raw` recorded
     /// before it.
     ///
@@ -86,10 +95,27 @@ impl LineAligned {
         if raw.is_null() {
             return raw;
         }
-        // 16-aligned raw: the start is 16..=64 bytes in, room for the 8-byte record
-        let start = raw.add(LINE - (raw as usize % LINE));
+        let start = Self::start(raw);
         start.cast::<*mut u8>().sub(1).write(raw);
         start
+    }
+
+    /// A new block of `layout` from the system allocator's `system` call (`alloc` or
+    /// `alloc_zeroed`), placed if [`LineAligned::placed`].
+    ///
+    /// # Safety
+    /// As `GlobalAlloc::alloc`.
+    unsafe fn new_block(
+        layout: std::alloc::Layout,
+        system: unsafe fn(&std::alloc::System, std::alloc::Layout) -> *mut u8,
+    ) -> *mut u8 {
+        if !Self::placed(layout) {
+            return system(&std::alloc::System, layout);
+        }
+        match Self::outer(layout.size()) {
+            Some(outer) => Self::place(system(&std::alloc::System, outer)),
+            None => std::ptr::null_mut(),
+        }
     }
 
     /// The system block behind the placed block at `ptr`.
@@ -105,25 +131,17 @@ impl LineAligned {
 // `placed` decides the scheme from the layout alone, which the caller passes back unchanged.
 unsafe impl std::alloc::GlobalAlloc for LineAligned {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if Self::placed(layout) {
-            match Self::outer(layout.size()) {
-                Some(outer) => Self::place(std::alloc::System.alloc(outer)),
-                None => std::ptr::null_mut(),
-            }
-        } else {
-            std::alloc::System.alloc(layout)
-        }
+        Self::new_block(
+            layout,
+            <std::alloc::System as std::alloc::GlobalAlloc>::alloc,
+        )
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if Self::placed(layout) {
-            match Self::outer(layout.size()) {
-                Some(outer) => Self::place(std::alloc::System.alloc_zeroed(outer)),
-                None => std::ptr::null_mut(),
-            }
-        } else {
-            std::alloc::System.alloc_zeroed(layout)
-        }
+        Self::new_block(
+            layout,
+            <std::alloc::System as std::alloc::GlobalAlloc>::alloc_zeroed,
+        )
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
@@ -150,14 +168,13 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
                     return new_raw;
                 }
                 // the system block may have moved to another offset from a line boundary:
-                // the data moves to the new aligned start
-                let start = new_raw.add(LINE - (new_raw as usize % LINE));
+                // the data moves to the new aligned start before the record is written
+                let start = Self::start(new_raw);
                 let data = new_raw.add(offset);
                 if start != data {
                     std::ptr::copy(data, start, layout.size().min(new_size));
                 }
-                start.cast::<*mut u8>().sub(1).write(new_raw);
-                start
+                Self::place(new_raw)
             }
             _ => {
                 // across the threshold: a new block, the data copied, the old block freed
@@ -206,7 +223,9 @@ mod tests {
             assert!(n < ALIGNED_FROM || on_line(&z));
         }
         // a size the outer block cannot have fails as an allocation, no overflow
-        assert!(Vec::<u8>::new().try_reserve(isize::MAX as usize - 8).is_err());
+        assert!(Vec::<u8>::new()
+            .try_reserve(isize::MAX as usize - 8)
+            .is_err());
         // an over-aligned type passes through with its own alignment
         #[repr(align(128))]
         struct Wide([u8; 128]);
