@@ -11,8 +11,8 @@
 //! cuda`) times the same parts on the GPU, waiting for the device after each run.
 
 use candle_core::{DType, Device, Tensor};
-use sdgen::model_source::{ModelFiles, Precision};
 use sdgen::pipeline::Pipeline;
+use sdgen::source::{ModelFiles, Precision};
 use std::path::PathBuf;
 use std::time::Instant;
 

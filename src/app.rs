@@ -5,10 +5,10 @@ use crate::batch::{parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
-use crate::model_source::{self, offline_from_env, ModelRequest, Precision};
 use crate::output::{self, NameFields};
 use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
+use crate::source::{self, offline_from_env, ModelRequest, Precision};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<i32> {
         progress: messages,
     };
     if args.download_only {
-        let files = model_source::resolve(&model_request)?;
+        let files = source::resolve(&model_request)?;
         let root = files
             .model_index
             .parent()
@@ -251,7 +251,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
 
     // 3. the model, loaded once
-    let files = model_source::resolve(&model_request)?;
+    let files = source::resolve(&model_request)?;
     let spinner = messages.then(|| {
         let s = ProgressBar::new_spinner();
         s.set_message(format!("loading {}", files.name));

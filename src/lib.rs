@@ -1,28 +1,32 @@
 //! sdgen: Stable Diffusion text-to-image on candle, matching diffusers seed for seed.
 //!
-//! The binary is a thin shell over [`app::run`]; tests use the same library.
+//! The binary is a thin shell over [`app::run`]; tests use the same library. Layers, each
+//! importing only those below it:
+//! - `app`, `cli`, `batch`, `output`, `interrupt`: what the binary does.
+//! - `pipeline`: the denoising loop over the models; `schedulers`, `rng`, `tokenizer`.
+//! - `source` (where a model's files are: folder, cache, Hub) and `weights` (reading them);
+//!   `config` (the models' json files).
+//! - `models`: the architectures, calling `ops`.
+//! - `ops`: the operations, and the one place that chooses their implementation.
+//! - `cpu` (and `cuda` with the `cuda` feature): the kernels. `allocator`: the process's
+//!   allocator.
 
 pub mod allocator;
-pub mod amx;
-pub mod amx_ops;
 pub mod app;
 pub mod batch;
-pub mod bf16_ops;
 pub mod cli;
 pub mod config;
+pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod device;
-pub mod dpbf16;
-pub mod hub;
 pub mod interrupt;
-pub mod kernels;
-pub mod model_source;
 pub mod models;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
-pub mod single_file;
-pub mod token_layout;
+pub mod source;
 pub mod tokenizer;
-pub mod winograd;
-pub mod winograd_bf16;
+pub mod weights;

@@ -1,15 +1,15 @@
 //! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle.
 
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
-use crate::model_source::{ModelFiles, Weights};
-use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, var_builder};
+use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
+use crate::ops::Engine;
 use crate::rng::TorchGenerator;
 use crate::schedulers::{self, NoiseSource, SchedulerConfig};
-use crate::single_file::Checkpoint;
+use crate::source::{ModelFiles, WeightFiles};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::{single_file::Checkpoint, var_builder};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -59,10 +59,20 @@ pub enum Residency {
     Sequential,
 }
 
+/// The parts of a model that have weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    TextEncoder,
+    Unet,
+    Vae,
+}
+
 pub struct Pipeline {
     pub files: ModelFiles,
     pub device: Device,
     pub dtype: DType,
+    /// The implementations the components' operations run on (`ops`).
+    pub engine: Engine,
     pub residency: Residency,
     tokenizer: ClipTokenizer,
     clip_config: ClipTextConfig,
@@ -77,7 +87,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The model of `files` on `device` in `dtype`, on that device's engine
+    /// ([`Engine::for_device`]). Reads the configs and the tokenizer; each component's
+    /// weights are read when it is first used.
     pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
+        let engine = Engine::for_device(&device);
+        Self::load_on(files, device, dtype, engine)
+    }
+
+    /// [`Pipeline::load`] on a given engine (tests and benchmarks compare engines this way).
+    pub fn load_on(
+        files: ModelFiles,
+        device: Device,
+        dtype: DType,
+        engine: Engine,
+    ) -> Result<Self> {
         crate::allocator::keep_freed_blocks();
         let index = ModelIndex::load(&files.model_index)?;
         let unet_config = UNetConfig::load(&files.unet_config)?;
@@ -101,6 +125,7 @@ impl Pipeline {
             files,
             device,
             dtype,
+            engine,
             residency: Residency::KeepAll,
             tokenizer,
             clip_config,
@@ -122,41 +147,45 @@ impl Pipeline {
         Ok(())
     }
 
-    fn var_builder_for(&self, component: &str) -> Result<VarBuilder<'static>> {
+    /// The weights of `component`, for the model's engine.
+    fn loader(&self, component: Component) -> Result<Loader<'static>> {
         let (dtype, device) = (self.dtype, &self.device);
-        match &self.files.weights {
-            Weights::Diffusers {
+        let vb = match &self.files.weights {
+            WeightFiles::Diffusers {
                 text_encoder,
                 unet,
                 vae,
             } => {
                 let path = match component {
-                    "text_encoder" => text_encoder,
-                    "unet" => unet,
-                    _ => vae,
+                    Component::TextEncoder => text_encoder,
+                    Component::Unet => unet,
+                    Component::Vae => vae,
                 };
-                var_builder(path, dtype, device)
+                var_builder(path, dtype, device)?
             }
-            Weights::SingleFile(path) => {
+            WeightFiles::SingleFile(path) => {
                 let ckpt = Checkpoint::open(path)?;
                 match component {
-                    "text_encoder" => ckpt.text_encoder(&self.clip_config, dtype, device),
-                    "unet" => ckpt.unet(&self.unet_config, dtype, device),
-                    _ => ckpt.vae(&self.vae_config, dtype, device),
+                    Component::TextEncoder => {
+                        ckpt.text_encoder(&self.clip_config, dtype, device)?
+                    }
+                    Component::Unet => ckpt.unet(&self.unet_config, dtype, device)?,
+                    Component::Vae => ckpt.vae(&self.vae_config, dtype, device)?,
                 }
             }
-        }
+        };
+        Ok(Loader::new(vb, self.engine))
     }
 
     /// Builds a component, explaining a single-file checkpoint that does not fit its configs.
     fn build<T>(
         &self,
-        component: &str,
-        f: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+        component: Component,
+        f: impl FnOnce(Loader<'static>) -> Result<T>,
     ) -> Result<Rc<T>> {
-        let r = self.var_builder_for(component).and_then(f);
+        let r = self.loader(component).and_then(f);
         match (r, &self.files.weights) {
-            (Err(e), Weights::SingleFile(_)) => {
+            (Err(e), WeightFiles::SingleFile(_)) => {
                 let configs = self.files.model_index.parent().unwrap_or(Path::new("."));
                 Err(e.context(format!(
                     "the checkpoint does not fit the configs in {} (pass --config-from with the model's diffusers configs)",
@@ -171,7 +200,7 @@ impl Pipeline {
         if let Some(m) = self.text_encoder.borrow().as_ref() {
             return Ok(m.clone());
         }
-        let m = self.build("text_encoder", |vb| {
+        let m = self.build(Component::TextEncoder, |vb| {
             ClipTextModel::new(vb, &self.clip_config).context("loading the text encoder weights")
         })?;
         *self.text_encoder.borrow_mut() = Some(m.clone());
@@ -182,7 +211,7 @@ impl Pipeline {
         if let Some(m) = self.unet.borrow().as_ref() {
             return Ok(m.clone());
         }
-        let m = self.build("unet", |vb| {
+        let m = self.build(Component::Unet, |vb| {
             UNet2DConditionModel::new(vb, &self.unet_config)
         })?;
         *self.unet.borrow_mut() = Some(m.clone());
@@ -193,7 +222,7 @@ impl Pipeline {
         if let Some(m) = self.vae.borrow().as_ref() {
             return Ok(m.clone());
         }
-        let m = self.build("vae", |vb| Vae::new(vb, &self.vae_config))?;
+        let m = self.build(Component::Vae, |vb| Vae::new(vb, &self.vae_config))?;
         *self.vae.borrow_mut() = Some(m.clone());
         Ok(m)
     }

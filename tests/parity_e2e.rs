@@ -4,10 +4,10 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use sdgen::amx::{self, Kernel};
-use sdgen::model_source::{ModelFiles, Precision};
+use sdgen::ops::{self, Bf16Kernel, CpuEngine, Engine};
 use sdgen::pipeline::{Pipeline, Request};
 use sdgen::schedulers::SCHEDULERS;
+use sdgen::source::{ModelFiles, Precision};
 
 /// Max and mean absolute pixel difference, in 1/255 units.
 fn pixel_diff(got: &[u8], want: &[u8]) -> (u8, f64) {
@@ -80,20 +80,21 @@ fn sd2_tiny_every_scheduler_matches_diffusers_one_image_per_batch() {
     check_model("tiny2", 1);
 }
 
-/// `--dtype bf16` / `f16` on the CPU: bf16 on AMX tiles where the CPU has them (see `amx_ops`),
-/// otherwise each layer computes in f32 from narrow weights and activations (see
-/// `models::layers::in_f32`). The images must stay near the f32 ones.
+/// `--dtype bf16` / `f16` on the CPU: bf16 on each bf16 kernel the CPU has (AMX tiles,
+/// AVX512-BF16 dot products; `cpu::bf16`), and widened to f32 for the f32 kernels as on other
+/// CPUs (`ops::in_f32`). The images must stay near the f32 ones.
 #[test]
 fn bf16_and_f16_images_stay_near_f32() {
     for model in ["tiny", "tiny2"] {
-        let generate = |dtype: DType| {
+        let generate = |dtype: DType, bf16: Option<Bf16Kernel>| {
             let precision = if dtype == DType::F32 {
                 Precision::Full
             } else {
                 Precision::Half
             };
             let files = ModelFiles::from_folder(&model_dir(model), precision).unwrap();
-            let pipeline = Pipeline::load(files, Device::Cpu, dtype).unwrap();
+            let engine = Engine::Cpu(CpuEngine::with_bf16(bf16));
+            let pipeline = Pipeline::load_on(files, Device::Cpu, dtype, engine).unwrap();
             let size = pipeline.default_size();
             let request = Request {
                 prompt: "a red fox in the snow".into(),
@@ -108,11 +109,10 @@ fn bf16_and_f16_images_stay_near_f32() {
             };
             pipeline.generate_all(&request).unwrap()
         };
-        let reference = generate(DType::F32);
+        let reference = generate(DType::F32, None);
         // bf16 on every kernel this CPU has (AMX tiles, AVX512-BF16 dot products), then on
-        // the widening path the other CPUs take (the kernels only ever serve bf16, so the f32
-        // and f16 runs of the other tests in this binary are not affected by the switch)
-        let mut runs: Vec<(DType, Option<Kernel>, u8, f64)> = amx::available_kernels()
+        // the widening path the other CPUs take; each model loaded on its own engine
+        let mut runs: Vec<(DType, Option<Bf16Kernel>, u8, f64)> = ops::bf16_kernels()
             .into_iter()
             .map(|k| (DType::BF16, Some(k), 24, 2.5))
             .collect();
@@ -124,7 +124,7 @@ fn bf16_and_f16_images_stay_near_f32() {
                 None if dtype == DType::BF16 => " widened to f32".into(),
                 None => String::new(),
             };
-            let images = amx::with_kernel(kernel, || generate(dtype));
+            let images = generate(dtype, kernel);
             for (img, want) in images.iter().zip(&reference) {
                 let (max, mean) = pixel_diff(&img.rgb, &want.rgb);
                 eprintln!(

@@ -6,8 +6,8 @@ mod common;
 use candle_core::{DType, Device};
 use common::hub_server::{model_files, HubServer};
 use common::*;
-use sdgen::model_source::{ModelFiles, Precision};
 use sdgen::pipeline::{Pipeline, Request};
+use sdgen::source::{ModelFiles, Precision};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -104,10 +104,10 @@ fn the_family_is_detected_and_a_mismatched_config_is_a_clear_error() {
         err.contains("shape") || err.contains("cannot find"),
         "{err}"
     );
-    let c = sdgen::single_file::Checkpoint::open(&single("tiny2.safetensors")).unwrap();
-    assert_eq!(c.family, sdgen::single_file::Family::Sd2);
-    let c = sdgen::single_file::Checkpoint::open(&single("tiny.ckpt")).unwrap();
-    assert_eq!(c.family, sdgen::single_file::Family::Sd1);
+    let c = sdgen::weights::single_file::Checkpoint::open(&single("tiny2.safetensors")).unwrap();
+    assert_eq!(c.family, sdgen::weights::single_file::Family::Sd2);
+    let c = sdgen::weights::single_file::Checkpoint::open(&single("tiny.ckpt")).unwrap();
+    assert_eq!(c.family, sdgen::weights::single_file::Family::Sd1);
 }
 
 #[test]

@@ -6,9 +6,10 @@
 //! (SD 2.x) is the exact erf form. This module reads every size from the config instead.
 
 use super::layers::{linear, Linear};
+use super::Loader;
 use crate::config::ClipTextConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm};
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -35,7 +36,7 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: Loader, c: &ClipTextConfig) -> Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
             q_proj: linear(h, h, vb.pp("q_proj"))?,
@@ -88,14 +89,14 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig, activation: Activation) -> Result<Self> {
+    fn new(vb: Loader, c: &ClipTextConfig, activation: Activation) -> Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
             self_attn: ClipAttention::new(vb.pp("self_attn"), c)?,
-            layer_norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1").candle())?,
             fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
-            layer_norm2: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2").candle())?,
             activation,
         })
     }
@@ -123,7 +124,7 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    pub fn new(vb: Loader, c: &ClipTextConfig) -> Result<Self> {
         // Hub files keep the `text_model.` prefix; transformers 5 saves without it.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -139,17 +140,21 @@ impl ClipTextModel {
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), c, activation))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            token_embedding: embedding(
+                c.vocab_size,
+                c.hidden_size,
+                emb.pp("token_embedding").candle(),
+            )?,
             position_embedding: embedding(
                 c.max_position_embeddings,
                 c.hidden_size,
-                emb.pp("position_embedding"),
+                emb.pp("position_embedding").candle(),
             )?,
             layers,
             final_layer_norm: layer_norm(
                 c.hidden_size,
                 c.layer_norm_eps,
-                vb.pp("final_layer_norm"),
+                vb.pp("final_layer_norm").candle(),
             )?,
         })
     }

@@ -1,4 +1,6 @@
-//! Model code: the CLIP text encoder, the U-Net and the VAE, and weight loading.
+//! Model code: the architectures of the CLIP text encoder, the U-Net and the VAE decoder, with
+//! the parameter names of transformers and diffusers. Which kernels run is not decided here:
+//! layers prepare their weights for the model's [`Engine`] and call `ops`.
 
 pub mod attention;
 pub mod clip;
@@ -6,336 +8,48 @@ pub mod layers;
 pub mod unet;
 pub mod vae;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use crate::ops::Engine;
+use candle_core::{Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
-/// A safetensors file read tensor by tensor with positioned reads.
-///
-/// candle's memory-mapped reader keeps the whole file mapped while it copies each tensor out,
-/// so loading the 3.4 GB SD 1.5 U-Net briefly needs twice that in resident memory; reading
-/// each tensor into its own buffer needs the weights once.
-pub struct SafetensorsReader {
-    file: std::fs::File,
-    data_start: u64,
-    tensors: HashMap<String, (DType, Vec<usize>, u64, u64)>,
+/// A model's weights under a name prefix, and the engine its layers are prepared for: what
+/// each layer's constructor takes (candle's `VarBuilder`, which it wraps, has no room for the
+/// engine).
+#[derive(Clone)]
+pub struct Loader<'a> {
+    vb: VarBuilder<'a>,
+    engine: Engine,
 }
 
-impl SafetensorsReader {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let len = file.metadata()?.len();
-        let mut n = [0u8; 8];
-        file.read_exact_at(&mut n, 0)
-            .context("not a safetensors file (too short)")?;
-        let header_len = u64::from_le_bytes(n);
-        if header_len > 100_000_000 || 8 + header_len > len {
-            bail!("not a safetensors file (bad header length)");
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8)?;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).context("not a safetensors file (bad header)")?;
-        let data_start = 8 + header_len;
-        let mut tensors = HashMap::new();
-        for (name, info) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = match info["dtype"].as_str().unwrap_or("") {
-                "F32" => DType::F32,
-                "F16" => DType::F16,
-                "BF16" => DType::BF16,
-                "F64" => DType::F64,
-                "I64" => DType::I64,
-                "U32" => DType::U32,
-                "U8" => DType::U8,
-                // tensors of other types (e.g. int32 buffers) are never requested
-                _ => continue,
-            };
-            let shape: Vec<usize> = info["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|d| d.as_u64())
-                        .map(|d| d as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let offsets = info["data_offsets"]
-                .as_array()
-                .context("bad tensor entry")?;
-            let (start, end) = (
-                offsets[0].as_u64().unwrap_or(0),
-                offsets[1].as_u64().unwrap_or(0),
-            );
-            let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
-            if end < start || (end - start) as usize != want {
-                bail!("tensor {name}: its byte range does not match its shape");
-            }
-            if data_start + end > len {
-                bail!(
-                    "the file is truncated ({len} bytes, tensor {name} ends at {})",
-                    data_start + end
-                );
-            }
-            tensors.insert(name, (dtype, shape, start, end));
-        }
-        Ok(Self {
-            file,
-            data_start,
-            tensors,
-        })
+impl<'a> Loader<'a> {
+    pub fn new(vb: VarBuilder<'a>, engine: Engine) -> Self {
+        Self { vb, engine }
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
-    }
-
-    /// The tensor `name` in `want`: float tensors are read and converted on all threads
-    /// (loading the 3.4 GB f32 U-Net went through one core: 2.2 s of a 4.2 s load in the
-    /// kernel's page zeroing and copying, then candle's one-thread conversion for bf16).
-    fn read(&self, name: &str, want: DType) -> candle_core::Result<Tensor> {
-        let (dtype, shape, start, end) =
-            self.tensors
-                .get(name)
-                .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                    path: name.to_string(),
-                })?;
-        let n: usize = shape.iter().product();
-        let offset = self.data_start + start;
-        debug_assert_eq!((end - start) as usize, n * dtype.size_in_bytes());
-        let shape = shape.as_slice();
-        match dtype {
-            DType::F32 => converted(self.read_vec::<f32>(n, offset)?, shape, want),
-            DType::F16 => converted(self.read_vec::<half::f16>(n, offset)?, shape, want),
-            DType::BF16 => converted(self.read_vec::<half::bf16>(n, offset)?, shape, want),
-            _ => {
-                let mut buf = vec![0u8; (end - start) as usize];
-                self.file.read_exact_at(&mut buf, offset)?;
-                Tensor::from_raw_buffer(&buf, *dtype, shape, &Device::Cpu)?.to_dtype(want)
-            }
+    /// The weights under `prefix.`.
+    pub fn pp<S: ToString>(&self, prefix: S) -> Self {
+        Self {
+            vb: self.vb.pp(prefix),
+            engine: self.engine,
         }
     }
 
-    /// Reads `n` little-endian values straight into their final buffer (one copy, no zeroing),
-    /// large tensors in 4 MiB pieces on all threads.
-    fn read_vec<T: Copy + Send>(&self, n: usize, offset: u64) -> std::io::Result<Vec<T>> {
-        use rayon::prelude::*;
-        const PIECE: usize = 4 << 20;
-        let mut v: Vec<T> = Vec::with_capacity(n);
-        // SAFETY: the byte view covers exactly the capacity; the reads fill all of it or one
-        // fails (then the vector is dropped with length 0); T is a plain little-endian number
-        // type, as safetensors stores them, on a little-endian target.
-        unsafe {
-            let bytes = std::slice::from_raw_parts_mut(
-                v.as_mut_ptr() as *mut u8,
-                n * std::mem::size_of::<T>(),
-            );
-            if bytes.len() <= PIECE {
-                self.file.read_exact_at(bytes, offset)?;
-            } else {
-                bytes
-                    .par_chunks_mut(PIECE)
-                    .enumerate()
-                    .try_for_each(|(i, piece)| {
-                        self.file.read_exact_at(piece, offset + (i * PIECE) as u64)
-                    })?;
-            }
-            v.set_len(n);
-        }
-        Ok(v)
-    }
-}
-
-/// A float type the safetensors files store, widened exactly to f32.
-trait StoredFloat: candle_core::WithDType + Sync {
-    fn wide(self) -> f32;
-}
-
-impl StoredFloat for f32 {
-    fn wide(self) -> f32 {
-        self
-    }
-}
-
-impl StoredFloat for half::f16 {
-    fn wide(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-impl StoredFloat for half::bf16 {
-    fn wide(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-/// `v` as a CPU tensor of `want`: as it is when the types agree, else converted on all
-/// threads through f32 (which holds f16 and bf16 exactly), rounding as candle's `to_dtype`
-/// does.
-fn converted<S: StoredFloat>(
-    v: Vec<S>,
-    shape: &[usize],
-    want: DType,
-) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    fn map<S: StoredFloat, D: Send>(v: &[S], f: impl Fn(f32) -> D + Sync) -> Vec<D> {
-        v.par_iter()
-            .with_min_len(1 << 16)
-            .map(|&x| f(x.wide()))
-            .collect()
-    }
-    let dev = &Device::Cpu;
-    match want {
-        _ if want == S::DTYPE => Tensor::from_vec(v, shape, dev),
-        DType::F32 => Tensor::from_vec(map(&v, |x| x), shape, dev),
-        DType::F16 => Tensor::from_vec(map(&v, half::f16::from_f32), shape, dev),
-        DType::BF16 => Tensor::from_vec(map(&v, half::bf16::from_f32), shape, dev),
-        _ => Tensor::from_vec(v, shape, dev)?.to_dtype(want),
-    }
-}
-
-impl SimpleBackend for SafetensorsReader {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        crate::models::expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
+    /// The tensor `name` (under this prefix) of shape `shape`, in the model's type and device.
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        self.vb.get(shape, name)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.read(name, dtype)?.to_device(dev)
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
-}
 
-/// `t` if it has shape `s`, else the error candle's own backends give.
-pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> candle_core::Result<Tensor> {
-    if t.shape() != &s {
-        return Err(candle_core::Error::UnexpectedShape {
-            msg: format!("shape mismatch for {name}"),
-            expected: s,
-            got: t.shape().clone(),
-        });
-    }
-    Ok(t)
-}
-
-/// A `VarBuilder` over one weight file: safetensors (read tensor by tensor) or a PyTorch
-/// `.bin`, which candle reads with a pickle reader that only rebuilds tensors and never runs
-/// code.
-pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let vb = if is_safetensors {
-        SafetensorsReader::open(path)
-            .map(|r| VarBuilder::from_backend(Box::new(r), dtype, device.clone()))
-    } else {
-        VarBuilder::from_pth(path, dtype, device).map_err(anyhow::Error::from)
-    };
-    vb.with_context(|| {
-        format!(
-            "cannot read weights {} (corrupt or incomplete file? delete it and download again)",
-            path.display()
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The reader's conversions give what candle's `to_dtype` gives (NaN, infinities,
-    /// subnormals, rounding ties), also for a tensor read in several pieces.
-    #[test]
-    fn reads_and_converts_as_candle_does() {
-        let special = [
-            f32::NAN,
-            f32::INFINITY,
-            -f32::INFINITY,
-            1e-40,
-            -3e-39,
-            f32::from_bits(0x3f80_8000), // a tie between two bf16 values
-            f32::from_bits(0x3f81_8000),
-            65519.0,
-            1e-7,
-            -0.0,
-        ];
-        // 3M values: 12 MB of f32, read in 4 MiB pieces
-        let big: Vec<f32> = (0..3_000_000u32)
-            .map(|i| {
-                special
-                    .get(i as usize)
-                    .copied()
-                    .unwrap_or((i.wrapping_mul(7919) % 10007) as f32 / 313.0 - 16.0)
-            })
-            .collect();
-        let dev = Device::Cpu;
-        let t32 = Tensor::from_vec(big, (3, 1_000_000), &dev).unwrap();
-        let t16 = t32.to_dtype(DType::F16).unwrap();
-        let tb16 = t32.to_dtype(DType::BF16).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.safetensors");
-        candle_core::safetensors::save(
-            &HashMap::from([
-                ("f32".to_string(), t32.clone()),
-                ("f16".to_string(), t16.clone()),
-                ("bf16".to_string(), tb16.clone()),
-            ]),
-            &path,
-        )
-        .unwrap();
-        let r = SafetensorsReader::open(&path).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            match t.dtype() {
-                DType::F32 => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect(),
-                DType::F16 => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::f16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits() as u32)
-                    .collect(),
-                _ => t
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<half::bf16>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits() as u32)
-                    .collect(),
-            }
-        };
-        for (name, src) in [("f32", &t32), ("f16", &t16), ("bf16", &tb16)] {
-            for want in [DType::F32, DType::F16, DType::BF16] {
-                let got = r.read(name, want).unwrap();
-                assert_eq!(got.dims(), src.dims());
-                assert_eq!(got.dtype(), want);
-                assert!(
-                    bits(&got) == bits(&src.to_dtype(want).unwrap()),
-                    "{name} -> {want:?}"
-                );
-            }
-        }
+    /// candle's `VarBuilder` for this prefix, for candle's own layers (CLIP's embeddings and
+    /// LayerNorms).
+    pub fn candle(&self) -> VarBuilder<'a> {
+        self.vb.clone()
     }
 }

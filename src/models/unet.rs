@@ -7,12 +7,12 @@
 
 use super::attention::{Transformer2DConfig, Transformer2DModel};
 use super::layers::{linear, Conv2d, GroupNorm, Linear, ResnetBlock2D};
+use super::Loader;
 use crate::config::{UNetBlock, UNetConfig};
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
-fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<Conv2d> {
+fn conv3x3(vb: Loader, cin: usize, cout: usize, stride: usize) -> Result<Conv2d> {
     Conv2d::new(vb, cin, cout, 3, stride, 1)
 }
 
@@ -67,7 +67,7 @@ struct CrossAttnBlock {
 
 /// `ResnetBlock2D` settings shared by every U-Net block.
 fn resnet(
-    vb: VarBuilder,
+    vb: Loader,
     cin: usize,
     cout: usize,
     c: &UNetConfig,
@@ -86,7 +86,7 @@ fn resnet(
 }
 
 fn transformer(
-    vb: VarBuilder,
+    vb: Loader,
     channels: usize,
     block: &UNetBlock,
     layers: usize,
@@ -120,11 +120,11 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
-    pub fn new(vb: VarBuilder, c: &UNetConfig) -> anyhow::Result<Self> {
+    pub fn new(vb: Loader, c: &UNetConfig) -> anyhow::Result<Self> {
         Self::build(vb, c).context("loading the U-Net weights")
     }
 
-    fn build(vb: VarBuilder, c: &UNetConfig) -> anyhow::Result<Self> {
+    fn build(vb: Loader, c: &UNetConfig) -> anyhow::Result<Self> {
         let blocks = c.blocks()?;
         let n = blocks.len();
         let ch0 = c.block_out_channels[0];

@@ -6,23 +6,22 @@
 //! text-to-image run never uses), and runs on candle's generic convolution and GroupNorm,
 //! which made the 512x512 decode 4.5x slower than diffusers on CPU.
 
-use super::attention::multi_head_attention;
 use super::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D};
+use super::Loader;
 use crate::config::VaeConfig;
-use crate::token_layout::{to_image_add, to_tokens};
+use crate::ops::{self, Engine};
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor};
-use candle_nn::VarBuilder;
 
 /// A Linear of the VAE attention: `to_q` etc., or the old `query`/... names, stored either
 /// as (c, c) or as a 1x1 convolution (c, c, 1, 1).
-fn attn_linear(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<Linear> {
+fn attn_linear(vb: &Loader, name: &str, c: usize) -> candle_core::Result<Linear> {
     let vb = vb.pp(name);
     let weight = match vb.get((c, c), "weight") {
         Ok(w) => w,
         Err(_) => vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
     };
-    Linear::new(weight, Some(vb.get(c, "bias")?))
+    Linear::new(vb.engine(), weight, Some(vb.get(c, "bias")?))
 }
 
 /// The single-head self-attention of the VAE mid block.
@@ -32,10 +31,11 @@ struct VaeAttention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    engine: Engine,
 }
 
 impl VaeAttention {
-    fn new(vb: VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+    fn new(vb: Loader, c: usize, groups: usize) -> candle_core::Result<Self> {
         let new_names = vb.contains_tensor("to_q.weight");
         let (q, k, v, o) = if new_names {
             ("to_q", "to_k", "to_v", "to_out.0")
@@ -48,19 +48,21 @@ impl VaeAttention {
             to_k: attn_linear(&vb, k, c)?,
             to_v: attn_linear(&vb, v, c)?,
             to_out: attn_linear(&vb, o, c)?,
+            engine: vb.engine(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let t = to_tokens(&self.group_norm.forward(x)?)?;
+        let t = ops::to_tokens(self.engine, &self.group_norm.forward(x)?)?;
         // one head of dim c
-        let a = multi_head_attention(
+        let a = ops::attention(
+            self.engine,
             self.to_q.forward(&t)?,
             self.to_k.forward(&t)?,
             self.to_v.forward(&t)?,
             1,
         )?;
-        to_image_add(&self.to_out.forward(&a)?, x)
+        ops::to_image_add(self.engine, &self.to_out.forward(&a)?, x)
     }
 }
 
@@ -81,11 +83,11 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn new(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+    pub fn new(vb: Loader, c: &VaeConfig) -> Result<Self> {
         Self::build(vb, c).context("loading the VAE weights")
     }
 
-    fn build(vb: VarBuilder, c: &VaeConfig) -> candle_core::Result<Self> {
+    fn build(vb: Loader, c: &VaeConfig) -> candle_core::Result<Self> {
         let g = c.norm_num_groups;
         let eps = 1e-6;
         let boc = &c.block_out_channels;

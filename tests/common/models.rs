@@ -1,16 +1,22 @@
 //! The model-level parity checks (text encoder, U-Net, VAE against the recorded diffusers
-//! outputs), shared by `parity_models` and `parity_winograd`.
+//! outputs), for `parity_models`.
 
 use super::*;
 use candle_core::DType;
-use sdgen::model_source::{ModelFiles, Precision};
+use sdgen::ops::Engine;
 use sdgen::pipeline::Pipeline;
+use sdgen::source::{ModelFiles, Precision};
 
 pub const TOL: f32 = 1e-4;
 
 pub fn pipeline(model: &str) -> Pipeline {
+    pipeline_on(model, Engine::for_device(&Device::Cpu))
+}
+
+/// The model in f32 on the CPU, its operations on `engine`.
+pub fn pipeline_on(model: &str, engine: Engine) -> Pipeline {
     let files = ModelFiles::from_folder(&model_dir(model), Precision::Full).unwrap();
-    Pipeline::load(files, Device::Cpu, DType::F32).unwrap()
+    Pipeline::load_on(files, Device::Cpu, DType::F32, engine).unwrap()
 }
 
 pub fn text_encoder(model: &str) {
@@ -34,7 +40,11 @@ pub fn text_encoder(model: &str) {
 }
 
 pub fn unet(model: &str) {
-    let p = pipeline(model);
+    unet_on(model, Engine::for_device(&Device::Cpu));
+}
+
+pub fn unet_on(model: &str, engine: Engine) {
+    let p = pipeline_on(model, engine);
     let refs = load_tensors(&format!("{model}/tensors.safetensors"));
     let sample = &refs["unet_sample"];
     let context = &refs["unet_context"];
@@ -60,7 +70,11 @@ pub fn unet(model: &str) {
 }
 
 pub fn vae(model: &str) {
-    let p = pipeline(model);
+    vae_on(model, Engine::for_device(&Device::Cpu));
+}
+
+pub fn vae_on(model: &str, engine: Engine) {
+    let p = pipeline_on(model, engine);
     let refs = load_tensors(&format!("{model}/tensors.safetensors"));
     let got = p.vae_decode_raw(&refs["vae_latents"]).unwrap();
     assert_close(&format!("{model} vae"), &got, &refs["vae_decoded"], TOL);

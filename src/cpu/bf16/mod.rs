@@ -1,6 +1,8 @@
-//! bfloat16 matrix products on Intel AMX tiles (`tdpbf16ps`): f32 accumulators, bf16 inputs;
-//! on CPUs with AVX512-BF16 and no AMX (AMD Zen 4), the same blocks on vector dot products
-//! (`dpbf16`). [`Kernel`] is the one interface the bf16 layers (`amx_ops`) call.
+//! bfloat16 matrix products on the CPU, f32 accumulators and bf16 inputs, on one of two
+//! engines: Intel AMX tiles (`tdpbf16ps`, [`tiles`]) or, on CPUs with AVX512-BF16 and no AMX
+//! (AMD Zen 4), vector dot products (`vdpbf16ps`, [`dot`]). [`Kernel`] is the one interface
+//! the bf16 layers ([`layers`], [`winograd`]) call; the engine is chosen when a model's weights
+//! are prepared (`ops`) and handed to every call, never read from global state.
 //!
 //! Why: neither candle nor the `gemm` crate has a bf16 product on the CPU (candle stops with
 //! "unsupported dtype BF16 for op matmul"; `gemm` widens to f32), so `--dtype bf16` ran at f32
@@ -13,7 +15,8 @@
 //! The instructions are written as inline assembly (the AMX intrinsics are not stable Rust).
 //! Linux hands out the tile registers only to processes that ask (`arch_prctl`
 //! `ARCH_REQ_XCOMP_PERM`); [`available`] asks once and says no when the CPU or the kernel
-//! cannot, and [`kernel`] then picks the dot products, or none: callers keep their f32 path.
+//! cannot, and [`Kernel::from_env`] then picks the dot products, or none: callers keep their
+//! f32 path.
 //!
 //! Layouts (bf16 values as `u16` bits):
 //! - A: row-major, `lda` elements between rows, used 32 rows and 32 columns at a time.
@@ -21,8 +24,7 @@
 //!   pairs (B[2r][j], B[2r+1][j]) for its columns j. [`PANEL`] columns, `k * PANEL` elements.
 //! - C: f32, produced 32 x 32 at a time into a caller's block.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Columns per B panel (one tile is 16 rows of 16 f32 results).
 pub const PANEL: usize = 16;
@@ -52,48 +54,33 @@ pub enum Kernel {
     Dot,
 }
 
-/// The kernel choice: 0 not made yet, then 1 + the index in [`CHOICES`].
-static CHOICE: AtomicU8 = AtomicU8::new(0);
-const CHOICES: [Option<Kernel>; 3] = [Some(Kernel::Tiles), Some(Kernel::Dot), None];
-
-/// The kernel the bf16 layers use: `SDGEN_BF16_KERNEL=tiles|dot|f32` in the environment
-/// (`f32`: none, the layers widen to f32), else the fastest one this CPU and OS have: tiles,
-/// then dot products (`SDGEN_NO_AMX=1` leaves the tiles out). A kernel asked for that is not
-/// [`available`] falls back the same way.
-pub fn kernel() -> Option<Kernel> {
-    match CHOICE.load(Ordering::Relaxed) {
-        0 => {
-            let k = default_kernel();
-            store_choice(k);
-            k
+impl Kernel {
+    /// The kernel for bf16 layers: `SDGEN_BF16_KERNEL=tiles|dot|f32` in the environment
+    /// (`f32`: none, the layers widen to f32), else the fastest one this CPU and OS have:
+    /// tiles, then dot products (`SDGEN_NO_AMX=1` leaves the tiles out). A kernel asked for
+    /// that is not [`available`] falls back the same way.
+    pub fn from_env() -> Option<Kernel> {
+        let asked = std::env::var("SDGEN_BF16_KERNEL").unwrap_or_default();
+        match asked.as_str() {
+            "f32" => return None,
+            "tiles" if available(Kernel::Tiles) => return Some(Kernel::Tiles),
+            "dot" if available(Kernel::Dot) => return Some(Kernel::Dot),
+            _ => {}
         }
-        i => CHOICES[i as usize - 1],
+        let no_tiles = std::env::var_os("SDGEN_NO_AMX").is_some_and(|v| v != "0");
+        available_kernels()
+            .into_iter()
+            .find(|&k| !(no_tiles && k == Kernel::Tiles))
     }
-}
 
-fn store_choice(k: Option<Kernel>) {
-    let i = CHOICES.iter().position(|c| *c == k).unwrap();
-    CHOICE.store(i as u8 + 1, Ordering::Relaxed);
-}
-
-fn default_kernel() -> Option<Kernel> {
-    let asked = std::env::var("SDGEN_BF16_KERNEL").unwrap_or_default();
-    match asked.as_str() {
-        "f32" => return None,
-        "tiles" if available(Kernel::Tiles) => return Some(Kernel::Tiles),
-        "dot" if available(Kernel::Dot) => return Some(Kernel::Dot),
-        _ => {}
+    /// Whether 3x3 convolutions on this kernel go through Winograd ([`winograd`]) rather than
+    /// the direct product ([`layers::conv2d_3x3`]): on the dot products, where it is 1.8-2.3x
+    /// faster on every convolution shape of SD 1.5's U-Net and VAE; not on AMX tiles, where
+    /// the direct convolution's products are fast enough that the transforms cost more than
+    /// the products they save (0.5-1.3x; one machine, 2 threads: BENCHMARKS.md, session 6).
+    pub fn prefers_winograd(self) -> bool {
+        self == Kernel::Dot
     }
-    let no_tiles = std::env::var_os("SDGEN_NO_AMX").is_some_and(|v| v != "0");
-    [Kernel::Tiles, Kernel::Dot]
-        .into_iter()
-        .filter(|&k| !(no_tiles && k == Kernel::Tiles))
-        .find(|&k| available(k))
-}
-
-/// Whether the bf16 layers run on a [`Kernel`] (else they widen to f32).
-pub fn enabled() -> bool {
-    kernel().is_some()
 }
 
 /// Whether this CPU and OS can run `k` (asked once).
@@ -103,7 +90,7 @@ pub fn available(k: Kernel) -> bool {
             static TILES: OnceLock<bool> = OnceLock::new();
             *TILES.get_or_init(imp::request_permission)
         }
-        Kernel::Dot => crate::dpbf16::supported(),
+        Kernel::Dot => dot::supported(),
     }
 }
 
@@ -113,25 +100,6 @@ pub fn available_kernels() -> Vec<Kernel> {
         .into_iter()
         .filter(|&k| available(k))
         .collect()
-}
-
-/// Runs `f` with the bf16 layers on `k` (`None`: widened to f32), then restores the choice,
-/// so that tests and benchmarks can compare the kernels in one process; calls are serialised
-/// (each holds a lock for its duration). Panics when `k` is not [`available`].
-pub fn with_kernel<R>(k: Option<Kernel>, f: impl FnOnce() -> R) -> R {
-    static LOCK: Mutex<()> = Mutex::new(());
-    assert!(k.is_none_or(available), "{k:?} is not available here");
-    let _lock = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let before = kernel();
-    store_choice(k);
-    struct Restore(Option<Kernel>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            store_choice(self.0);
-        }
-    }
-    let _restore = Restore(before);
-    f()
 }
 
 /// What a thread needs before it calls a kernel's blocks: for the tiles, their configuration
@@ -325,49 +293,12 @@ impl Kernel {
     }
 }
 
-/// The dot-product blocks where they exist (x86_64); elsewhere [`Kernel::Dot`] is never
-/// [`available`].
-#[cfg(target_arch = "x86_64")]
-use crate::dpbf16 as dot;
-#[cfg(not(target_arch = "x86_64"))]
-mod dot {
-    pub unsafe fn block(
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *mut f32,
-        _: usize,
-        _: bool,
-    ) {
-        unreachable!("AVX512-BF16 is x86_64 only")
-    }
-    pub unsafe fn block_add_half(
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *const u16,
-        _: *mut f32,
-        _: usize,
-    ) {
-        unreachable!("AVX512-BF16 is x86_64 only")
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn block_taps(
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: &[usize],
-        _: *mut f32,
-        _: usize,
-    ) {
-        unreachable!("AVX512-BF16 is x86_64 only")
-    }
-}
+mod dot;
+pub(crate) mod layers;
+mod tiles;
+pub(crate) mod winograd;
+
+use tiles as imp;
 
 /// Packs B (`kv` x `n`, element (r, j) at `src[r * rs + j * cs]`) into VNNI panels of depth
 /// `k` (a multiple of the kernel's [`Kernel::kstep`], at least `kv`), with zero rows from `kv`
@@ -470,260 +401,9 @@ fn zip_body(r0: &[u16], r1: &[u16], out: &mut [u16]) {
     }
 }
 
-crate::kernels::simd_dispatch!(zip => zip_body(r0: &[u16], r1: &[u16], out: &mut [u16]) -> ());
+crate::cpu::common::simd_dispatch!(zip => zip_body(r0: &[u16], r1: &[u16], out: &mut [u16]) -> ());
 
-crate::kernels::simd_dispatch!(interleave => interleave_body(r0: &[u16], r1: &[u16], panels: &mut [u16], panel_len: usize, offset: usize) -> ());
-
-#[cfg(target_arch = "x86_64")]
-mod imp {
-    use std::arch::asm;
-
-    /// The 64-byte tile configuration (palette 1): tiles 0-3 hold C (16 rows x 16 f32),
-    /// 4-5 A (16 rows x 32 bf16), 6-7 B (16 rows x 16 bf16 pairs).
-    #[repr(C, align(64))]
-    struct TileConfig {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    static CONFIG: TileConfig = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-    };
-
-    pub fn request_permission() -> bool {
-        // CPUID.(EAX=7, ECX=0): EDX bit 22 AMX-BF16, bit 24 AMX-TILE
-        // SAFETY: cpuid is available on every x86_64 CPU.
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-        if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
-            return false;
-        }
-        #[cfg(target_os = "linux")]
-        {
-            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-            const XFEATURE_XTILEDATA: libc::c_long = 18;
-            // SAFETY: asks the kernel for permission to use the AMX tile state; no memory.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_arch_prctl,
-                    ARCH_REQ_XCOMP_PERM,
-                    XFEATURE_XTILEDATA,
-                ) == 0
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            false
-        }
-    }
-
-    pub unsafe fn load_config() {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
-    }
-
-    pub unsafe fn release() {
-        asm!("tilerelease", options(nostack, nomem));
-    }
-
-    /// How far ahead (in values along a row of A) the A rows are prefetched.
-    const PREFETCH: usize = 2 * super::KSTEP;
-
-    /// C tiles 0-3 <- 0.
-    #[inline]
-    pub unsafe fn zero() {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-    }
-
-    /// C tiles += A (32 rows at `a`, row stride `lda`, `k` columns) x B, B's two 16-column
-    /// tiles at `b0` and `b1` with `sb` bytes between tile rows, advancing `b_step` values per
-    /// depth step of 32.
-    #[inline]
-    pub unsafe fn accumulate(
-        k: usize,
-        a: *const u16,
-        lda: usize,
-        b0: *const u16,
-        b1: *const u16,
-        sb: isize,
-        b_step: usize,
-    ) {
-        let sa = (lda * 2) as isize;
-        let mut kk = 0;
-        let mut step = 0;
-        while kk < k {
-            if kk + PREFETCH < k {
-                // A's 32 rows are 32 streams too many for the hardware prefetchers (its tile
-                // loads waited on L2): fetch each row's line two steps ahead. Convolutions
-                // and linear layers 5-20% faster, measured; the same for B's rows was not.
-                for r in 0..32 {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        a.add(r * lda + kk + PREFETCH).cast(),
-                    );
-                }
-            }
-            asm!(
-                // loads interleaved with the products that need them (tiles are not
-                // renamed: 908 -> 1023 GFLOP/s on one core, measured)
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a.add(kk),
-                a1 = in(reg) a.add(16 * lda + kk),
-                b0 = in(reg) b0.add(step),
-                b1 = in(reg) b1.add(step),
-                sa = in(reg) sa,
-                sb = in(reg) sb,
-                options(nostack, readonly),
-            );
-            kk += super::KSTEP;
-            step += b_step;
-        }
-    }
-
-    /// C tiles 0 and 2 (a 32 x 16 block) += A (32 rows at `a`, row stride `lda`, `k`
-    /// columns) x one panel of B from `b` (64-byte rows), C loaded from and stored to `c`
-    /// (row stride `ldc`).
-    #[inline]
-    pub unsafe fn block_add_half(
-        k: usize,
-        a: *const u16,
-        lda: usize,
-        b: *const u16,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let sa = (lda * 2) as isize;
-        let sc = (ldc * 4) as isize;
-        let c2 = c.add(16 * ldc);
-        asm!(
-            "tileloadd tmm0, [{c0} + {sc}*1]",
-            "tileloadd tmm2, [{c2} + {sc}*1]",
-            c0 = in(reg) c,
-            c2 = in(reg) c2,
-            sc = in(reg) sc,
-            options(nostack, readonly),
-        );
-        let mut kk = 0;
-        while kk < k {
-            asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                a0 = in(reg) a.add(kk),
-                a1 = in(reg) a.add(16 * lda + kk),
-                b0 = in(reg) b.add(kk * super::PANEL),
-                sa = in(reg) sa,
-                sb = in(reg) 64isize,
-                options(nostack, readonly),
-            );
-            kk += super::KSTEP;
-        }
-        asm!(
-            "tilestored [{c0} + {sc}*1], tmm0",
-            "tilestored [{c2} + {sc}*1], tmm2",
-            c0 = in(reg) c,
-            c2 = in(reg) c2,
-            sc = in(reg) sc,
-            options(nostack),
-        );
-    }
-
-    /// C tiles <- 32 x 32 f32 at `c`, row stride `ldc`.
-    #[inline]
-    pub unsafe fn load(c: *const f32, ldc: usize) {
-        let sc = (ldc * 4) as isize;
-        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        asm!(
-            "tileloadd tmm0, [{c0} + {sc}*1]",
-            "tileloadd tmm1, [{c1} + {sc}*1]",
-            "tileloadd tmm2, [{c2} + {sc}*1]",
-            "tileloadd tmm3, [{c3} + {sc}*1]",
-            c0 = in(reg) c,
-            c1 = in(reg) c1,
-            c2 = in(reg) c2,
-            c3 = in(reg) c3,
-            sc = in(reg) sc,
-            options(nostack, readonly),
-        );
-    }
-
-    /// C tiles -> 32 x 32 f32 at `c`, row stride `ldc`.
-    #[inline]
-    pub unsafe fn store(c: *mut f32, ldc: usize) {
-        let sc = (ldc * 4) as isize;
-        let (c1, c2, c3) = (c.add(16), c.add(16 * ldc), c.add(16 * ldc + 16));
-        asm!(
-            "tilestored [{c0} + {sc}*1], tmm0",
-            "tilestored [{c1} + {sc}*1], tmm1",
-            "tilestored [{c2} + {sc}*1], tmm2",
-            "tilestored [{c3} + {sc}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c1,
-            c2 = in(reg) c2,
-            c3 = in(reg) c3,
-            sc = in(reg) sc,
-            options(nostack),
-        );
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod imp {
-    pub fn request_permission() -> bool {
-        false
-    }
-    pub unsafe fn load_config() {}
-    pub unsafe fn release() {}
-    pub unsafe fn zero() {
-        unreachable!("AMX is x86_64 only")
-    }
-    pub unsafe fn accumulate(
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *const u16,
-        _: *const u16,
-        _: isize,
-        _: usize,
-    ) {
-        unreachable!("AMX is x86_64 only")
-    }
-    pub unsafe fn store(_: *mut f32, _: usize) {
-        unreachable!("AMX is x86_64 only")
-    }
-    pub unsafe fn load(_: *const f32, _: usize) {
-        unreachable!("AMX is x86_64 only")
-    }
-    pub unsafe fn block_add_half(
-        _: usize,
-        _: *const u16,
-        _: usize,
-        _: *const u16,
-        _: *mut f32,
-        _: usize,
-    ) {
-        unreachable!("AMX is x86_64 only")
-    }
-}
+crate::cpu::common::simd_dispatch!(interleave => interleave_body(r0: &[u16], r1: &[u16], panels: &mut [u16], panel_len: usize, offset: usize) -> ());
 
 #[cfg(test)]
 mod tests {
@@ -751,7 +431,7 @@ mod tests {
         assert_eq!(available(Kernel::Dot), cpu_lists_avx512_bf16());
         let env = |k| std::env::var_os(k).is_some();
         if !env("SDGEN_NO_AMX") && !env("SDGEN_BF16_KERNEL") {
-            assert_eq!(kernel(), available_kernels().first().copied());
+            assert_eq!(Kernel::from_env(), available_kernels().first().copied());
         }
     }
 

@@ -1,6 +1,8 @@
-//! Where a model's files come from: a local diffusers folder or single-file checkpoint, the
-//! Hugging Face cache (offline), or the Hub through hf-hub into that same cache.
+//! A model's files as local paths, and the choice of files from what a folder, cache snapshot
+//! or repo holds: the diffusers layout (one weight file per component, safetensors before
+//! `.bin`, the fp16 variant for half precision) or a single-file checkpoint.
 
+use crate::weights::single_file;
 use anyhow::{bail, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,19 +27,19 @@ pub struct ModelFiles {
     pub text_encoder_config: PathBuf,
     pub unet_config: PathBuf,
     pub vae_config: PathBuf,
-    pub weights: Weights,
+    pub weights: WeightFiles,
 }
 
 /// Where the weights are.
 #[derive(Debug, Clone)]
-pub enum Weights {
+pub enum WeightFiles {
     /// One file per component, diffusers layout.
     Diffusers {
         text_encoder: PathBuf,
         unet: PathBuf,
         vae: PathBuf,
     },
-    /// One checkpoint in the original LDM naming (see `single_file`).
+    /// One checkpoint in the original LDM naming (see `weights::single_file`).
     SingleFile(PathBuf),
 }
 
@@ -81,7 +83,7 @@ pub fn plan_files(
     }
     let candidates: Vec<&String> = available
         .iter()
-        .filter(|f| !f.contains('/') && crate::single_file::is_checkpoint_file(f))
+        .filter(|f| !f.contains('/') && single_file::is_checkpoint_file(f))
         .collect();
     match candidates.as_slice() {
         [one] => Ok(Plan::SingleFile(one.to_string())),
@@ -141,7 +143,7 @@ pub fn needed_files(
     for f in &files {
         if !available.contains(f) {
             if f == "model_index.json" {
-                bail!("{source} has no model_index.json: it is not a diffusers pipeline (single-file checkpoints are not supported yet)");
+                bail!("{source} has no model_index.json: it is not a diffusers pipeline");
             }
             bail!("{source} is missing {f}");
         }
@@ -166,7 +168,7 @@ pub fn needed_files(
     Ok(files)
 }
 
-fn list_dir(root: &Path) -> BTreeSet<String> {
+pub(super) fn list_dir(root: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -203,7 +205,7 @@ impl ModelFiles {
             )
         };
         let mut m = Self::configs_from(name, revision, root);
-        m.weights = Weights::Diffusers {
+        m.weights = WeightFiles::Diffusers {
             text_encoder: weights("text_encoder"),
             unet: weights("unet"),
             vae: weights("vae"),
@@ -221,7 +223,7 @@ impl ModelFiles {
             text_encoder_config: root.join("text_encoder/config.json"),
             unet_config: root.join("unet/config.json"),
             vae_config: root.join("vae/config.json"),
-            weights: Weights::SingleFile(PathBuf::new()),
+            weights: WeightFiles::SingleFile(PathBuf::new()),
         }
     }
 
@@ -244,12 +246,12 @@ impl ModelFiles {
                 dir.to_path_buf()
             }
             None => {
-                let family = crate::single_file::Checkpoint::open(checkpoint)?.family;
-                crate::single_file::builtin_config_dir(family)?
+                let family = single_file::Checkpoint::open(checkpoint)?.family;
+                single_file::builtin_config_dir(family)?
             }
         };
         let mut m = Self::configs_from(name, revision, &root);
-        m.weights = Weights::SingleFile(checkpoint.to_path_buf());
+        m.weights = WeightFiles::SingleFile(checkpoint.to_path_buf());
         Ok(m)
     }
 
@@ -258,7 +260,7 @@ impl ModelFiles {
         Self::from_folder_with(dir, precision, None, None)
     }
 
-    fn from_folder_with(
+    pub(super) fn from_folder_with(
         dir: &Path,
         precision: Precision,
         checkpoint: Option<&str>,
@@ -284,113 +286,4 @@ impl ModelFiles {
             ),
         }
     }
-}
-
-/// The Hugging Face hub cache folder: HF_HUB_CACHE, else HF_HOME/hub, else
-/// ~/.cache/huggingface/hub (as Python's huggingface_hub resolves it).
-pub fn hub_cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
-        if !p.is_empty() {
-            return PathBuf::from(p);
-        }
-    }
-    if let Ok(p) = std::env::var("HF_HOME") {
-        if !p.is_empty() {
-            return PathBuf::from(p).join("hub");
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/huggingface/hub")
-}
-
-/// Whether HF_HUB_OFFLINE asks for cache-only operation.
-pub fn offline_from_env() -> bool {
-    matches!(
-        std::env::var("HF_HUB_OFFLINE")
-            .ok()
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
-        Some("1" | "true" | "yes" | "on")
-    )
-}
-
-/// The cache folder of a model repo: `models--ORG--NAME`.
-pub(crate) fn repo_folder(repo_id: &str) -> String {
-    format!("models--{}", repo_id.replace('/', "--"))
-}
-
-/// Resolves a repo from the cache alone.
-pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
-    let (repo_id, revision) = (req.model, req.revision);
-    let cache = hub_cache_dir();
-    let repo_dir = cache.join(repo_folder(repo_id));
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
-        revision.to_string()
-    } else {
-        let ref_path = repo_dir.join("refs").join(revision);
-        match std::fs::read_to_string(&ref_path) {
-            Ok(c) => c.trim().to_string(),
-            Err(_) => bail!(
-                "{repo_id} (revision {revision}) is not in the Hugging Face cache at {}; run once without --offline to download it",
-                cache.display()
-            ),
-        }
-    };
-    let snapshot = repo_dir.join("snapshots").join(&commit);
-    if !snapshot.is_dir() {
-        bail!(
-            "{repo_id}: the cache has no snapshot {commit} at {}; run once without --offline to download it",
-            snapshot.display()
-        );
-    }
-    let available = list_dir(&snapshot);
-    let plan = plan_files(
-        &available,
-        req.precision,
-        &format!("the cached copy of {repo_id}"),
-        req.checkpoint,
-    )
-    .map_err(|e| anyhow::anyhow!("{e} (offline: run once without --offline to download it)"))?;
-    match plan {
-        Plan::Diffusers(files) => Ok(ModelFiles::from_root(
-            repo_id.to_string(),
-            Some(commit),
-            &snapshot,
-            &files,
-        )),
-        Plan::SingleFile(f) => ModelFiles::single_file(
-            repo_id.to_string(),
-            Some(commit),
-            &snapshot.join(f),
-            req.config_from,
-        ),
-    }
-}
-
-/// Resolves a `--model` value: a checkpoint file, a folder, else a Hub repo id (cache only
-/// when offline).
-pub fn resolve(req: &ModelRequest) -> Result<ModelFiles> {
-    let path = Path::new(req.model);
-    if path.is_file() {
-        if !crate::single_file::is_checkpoint_file(req.model) {
-            bail!("{}: a model file must be a .safetensors or .ckpt checkpoint (or pass a diffusers folder)", req.model);
-        }
-        return ModelFiles::single_file(req.model.to_string(), None, path, req.config_from);
-    }
-    if path.is_dir() {
-        return ModelFiles::from_folder_with(path, req.precision, req.checkpoint, req.config_from);
-    }
-    let looks_like_path = req.model.starts_with('.')
-        || req.model.starts_with('/')
-        || req.model.contains('\\')
-        || req.model.split('/').count() > 2
-        || crate::single_file::is_checkpoint_file(req.model);
-    if looks_like_path {
-        bail!("model {} does not exist", req.model);
-    }
-    if req.offline {
-        return from_cache(req);
-    }
-    crate::hub::fetch(req)
 }

@@ -1,5 +1,5 @@
 //! 3x3 convolutions (stride 1, padding 1) of bf16 CPU tensors by Winograd's F(2x2, 3x3) on
-//! the bf16 block kernels (`amx::Kernel`: AMX tiles or AVX512-BF16 dot products).
+//! the bf16 block kernels (`super::Kernel`: AMX tiles or AVX512-BF16 dot products).
 //!
 //! Why: the direct bf16 convolution (`amx_ops::conv2d_3x3`) does 36 multiply-adds per output
 //! pixel and input channel; F(2x2, 3x3) does 16 per 2 x 2 outputs, 2.25x fewer, as 16
@@ -14,11 +14,12 @@
 //! VNNI panels, M (16 matrices of 32 x tiles, f32) per 32 output channels, then the output
 //! transform, bias and rounding into the output rows.
 
-use crate::amx::{self, BLOCK, KSTEP, PANEL};
-use crate::amx_ops::{amx_inputs, with_scratch};
-use crate::bf16_ops::{from_bits, narrow_row, storage, widen};
-use crate::kernels::SharedOut;
-use crate::winograd::{
+use super::layers::{bf16_inputs, with_scratch};
+use super::Kernel;
+use super::{BLOCK, KSTEP, PANEL};
+use crate::cpu::common::bf16::{from_bits, narrow_row, storage, widen};
+use crate::cpu::common::SharedOut;
+use crate::cpu::f32::winograd::{
     input_columns, output_row, transform_filter, transform_output_columns, transform_rows,
 };
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -26,15 +27,6 @@ use rayon::prelude::*;
 
 /// Tile positions: 4 x 4.
 const P: usize = 16;
-
-/// Whether the bf16 3x3 convolutions take this path rather than the direct one: on the dot
-/// products, where it is 1.8-2.3x faster on every convolution shape of SD 1.5's U-Net and
-/// VAE; not on AMX tiles, where the direct convolution's products are fast enough that the
-/// transforms cost more than the products they save (0.5-1.3x; one machine, 2 threads:
-/// BENCHMARKS.md, session 6).
-pub fn preferred() -> bool {
-    amx::kernel() == Some(amx::Kernel::Dot)
-}
 
 /// U = G g G^T of bf16 weights (cout, cin, 3, 3), rounded to bf16: (16, cout', cin), rows
 /// from cout to cout' (a multiple of 32) zero.
@@ -71,12 +63,22 @@ pub fn weights(weight: &Tensor) -> Result<Tensor> {
 
 /// conv3x3(x, weight) + bias with padding 1 for bf16 CPU tensors: x (b, cin, h, w), `u` from
 /// [`weights`], bias (cout).
-pub fn conv3x3(x: &Tensor, u: &Tensor, bias: &Tensor, cout: usize) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3_no_bwd(&u.contiguous()?, &bias.contiguous()?, &Conv3x3Op { cout })
+pub fn conv3x3(
+    kernel: Kernel,
+    x: &Tensor,
+    u: &Tensor,
+    bias: &Tensor,
+    cout: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &u.contiguous()?,
+        &bias.contiguous()?,
+        &Conv3x3Op { kernel, cout },
+    )
 }
 
 struct Conv3x3Op {
+    kernel: Kernel,
     cout: usize,
 }
 
@@ -108,7 +110,8 @@ impl CustomOp3 for Conv3x3Op {
                 ul.dims()
             );
         }
-        let (kernel, [x, u, bias]) = amx_inputs("winograd bf16", [(xs, xl), (us, ul), (bs, bl)])?;
+        let kernel = self.kernel;
+        let [x, u, bias] = bf16_inputs("winograd bf16", [(xs, xl), (us, ul), (bs, bl)])?;
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         // tile rows g = image x th + ty per chunk: about 512 KiB of V, and a whole number of
         // 32-tile blocks where the tile rows allow it (tw dividing 32)
@@ -140,7 +143,7 @@ impl CustomOp3 for Conv3x3Op {
                     return;
                 }
                 with_scratch(u16_len, |ubuf| {
-                    crate::kernels::with_scratch(f32_len, |fbuf| {
+                    crate::cpu::common::with_scratch(f32_len, |fbuf| {
                         let (v, r01) = ubuf.split_at_mut(P * cin * tp);
                         let (r0, r1) = r01[..2 * tp].split_at_mut(tp);
                         let (m, rest) = fbuf.split_at_mut(P * BLOCK * tp);
@@ -165,7 +168,7 @@ impl CustomOp3 for Conv3x3Op {
                             for q in 0..P {
                                 narrow_row(&vf[q * tp..(q + 1) * tp], r0);
                                 narrow_row(&vf[(P + q) * tp..(P + q + 1) * tp], r1);
-                                amx::interleave_pair(
+                                super::interleave_pair(
                                     r0,
                                     r1,
                                     &mut v[q * cin * tp..],
@@ -279,7 +282,7 @@ fn columns<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::amx_ops::tests::{conv_f32, rand, rel_diff};
+    use crate::cpu::bf16::layers::tests::{conv_f32, rand, rel_diff};
 
     /// Integers -2..=2 (x) or halves -1..=1 (weights, bias): every transformed value, product
     /// and sum exact in bf16 and f32, so that only the result's rounding is left.
@@ -293,9 +296,9 @@ mod tests {
 
     #[test]
     fn matches_f32_on_the_same_bf16_inputs() {
-        // no kernel here: nothing to run (the layers keep the f32 path; see amx's tests)
-        for kernel in amx::available_kernels() {
-            amx::with_kernel(Some(kernel), || {
+        // no kernel here (checked against /proc/cpuinfo in `bf16`'s tests): nothing to run
+        for kernel in crate::cpu::bf16::available_kernels() {
+            {
                 // (b, cin, h, w, cout): odd sizes, tile rows of 1..32 tiles, chunks of
                 // several tile rows, cout not a multiple of 32 (and below it)
                 for &(b, cin, h, w, cout) in &[
@@ -312,7 +315,7 @@ mod tests {
                         small(&[cout, cin, 3, 3], 2, 0.5),
                         small(&[cout], 3, 0.5),
                     );
-                    let d = diff_from_f32(&x, &wt, &bias);
+                    let d = diff_from_f32(kernel, &x, &wt, &bias);
                     assert!(d < 1.0 / 256.0, "{case} exact: {d}");
                     // spread values: the transformed inputs and weights rounded to bf16 too
                     // (measured 0.004-0.010 on these shapes, the direct convolution below
@@ -322,22 +325,22 @@ mod tests {
                         rand(&[cout, cin, 3, 3], 8),
                         rand(&[cout], 9),
                     );
-                    let d = diff_from_f32(&x, &wt, &bias);
+                    let d = diff_from_f32(kernel, &x, &wt, &bias);
                     assert!(d < 1.0 / 64.0, "{case}: {d}");
                 }
-            });
+            }
         }
     }
 
     /// [`conv3x3`]'s largest difference from candle's f32 convolution of the same values.
-    fn diff_from_f32(x: &Tensor, wt: &Tensor, bias: &Tensor) -> f32 {
+    fn diff_from_f32(kernel: Kernel, x: &Tensor, wt: &Tensor, bias: &Tensor) -> f32 {
         let cout = wt.dim(0).unwrap();
-        let g = crate::kernels::ConvGeometry {
+        let g = crate::cpu::common::conv::ConvGeometry {
             stride: 1,
             padding: 1,
         };
-        assert!(crate::amx_ops::conv3x3_fits(wt, g));
-        let got = conv3x3(x, &weights(wt).unwrap(), bias, cout).unwrap();
+        assert!(crate::cpu::bf16::layers::conv3x3_fits(wt, g));
+        let got = conv3x3(kernel, x, &weights(wt).unwrap(), bias, cout).unwrap();
         let want = conv_f32(x, wt, bias, g);
         assert_eq!(got.dims(), want.dims());
         rel_diff(&got, &want)

@@ -151,7 +151,7 @@ impl Checkpoint {
             let keys = t.tensor_infos().keys().cloned().collect();
             (Arc::new(t), keys)
         } else {
-            let t = crate::models::SafetensorsReader::open(path).with_context(|| {
+            let t = super::safetensors::SafetensorsReader::open(path).with_context(|| {
                 format!(
                     "cannot read {} (corrupt or incomplete file?)",
                     path.display()
@@ -309,7 +309,7 @@ impl SimpleBackend for Renamed {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        crate::models::expect_shape(self.load(name, dtype, dev)?, s, name)
+        super::expect_shape(self.load(name, dtype, dev)?, s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -536,12 +536,12 @@ pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
             [
                 (
                     "model_index.json",
-                    include_str!(concat!("../assets/configs/", $dir, "/model_index.json")),
+                    include_str!(concat!("../../assets/configs/", $dir, "/model_index.json")),
                 ),
                 (
                     "scheduler/scheduler_config.json",
                     include_str!(concat!(
-                        "../assets/configs/",
+                        "../../assets/configs/",
                         $dir,
                         "/scheduler/scheduler_config.json"
                     )),
@@ -549,34 +549,34 @@ pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
                 (
                     "text_encoder/config.json",
                     include_str!(concat!(
-                        "../assets/configs/",
+                        "../../assets/configs/",
                         $dir,
                         "/text_encoder/config.json"
                     )),
                 ),
                 (
                     "unet/config.json",
-                    include_str!(concat!("../assets/configs/", $dir, "/unet/config.json")),
+                    include_str!(concat!("../../assets/configs/", $dir, "/unet/config.json")),
                 ),
                 (
                     "vae/config.json",
-                    include_str!(concat!("../assets/configs/", $dir, "/vae/config.json")),
+                    include_str!(concat!("../../assets/configs/", $dir, "/vae/config.json")),
                 ),
                 (
                     "tokenizer/special_tokens_map.json",
                     include_str!(concat!(
-                        "../assets/configs/",
+                        "../../assets/configs/",
                         $dir,
                         "/tokenizer/special_tokens_map.json"
                     )),
                 ),
                 (
                     "tokenizer/vocab.json",
-                    include_str!("../assets/clip-tokenizer/vocab.json"),
+                    include_str!("../../assets/clip-tokenizer/vocab.json"),
                 ),
                 (
                     "tokenizer/merges.txt",
-                    include_str!("../assets/clip-tokenizer/merges.txt"),
+                    include_str!("../../assets/clip-tokenizer/merges.txt"),
                 ),
             ]
         };

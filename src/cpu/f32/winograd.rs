@@ -11,7 +11,7 @@
 //! Notation of Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015):
 //! Y = A^T [ (G g G^T) . (B^T d B) ] A.
 
-use crate::kernels::SharedOut;
+use crate::cpu::common::SharedOut;
 use rayon::prelude::*;
 
 /// Tile positions: 4 x 4.
@@ -291,7 +291,7 @@ pub fn conv3x3(
     let len = Scratch::len(cin, cout, rows * tw, tw);
     (0..workers).into_par_iter().for_each(|worker| {
         let dst = dst;
-        crate::kernels::with_scratch(len, |buf| {
+        crate::cpu::common::with_scratch(len, |buf| {
             for task in (worker..tasks).step_by(workers) {
                 let (bi, chunk) = (task / chunks, task % chunks);
                 let (ty0, ty1) = (chunk * rows, ((chunk + 1) * rows).min(th));
@@ -303,7 +303,7 @@ pub fn conv3x3(
                 for p in 0..P {
                     // SAFETY: all pointers cover the shapes and strides given.
                     unsafe {
-                        crate::kernels::matmul(
+                        crate::cpu::common::matmul(
                             cout,
                             tiles,
                             cin,

@@ -3,10 +3,9 @@
 //! sha256 the Hub announces, retrying and resuming dropped connections, and errors that say
 //! what to do.
 
+use super::cache::{from_cache, hub_cache_dir, repo_folder};
+use super::files::{plan_files, ModelFiles, ModelRequest, Plan};
 use crate::config::ModelIndex;
-use crate::model_source::{
-    from_cache, hub_cache_dir, plan_files, repo_folder, ModelFiles, ModelRequest, Plan,
-};
 use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};

@@ -3,22 +3,17 @@
 //! once, as torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep
 //! the f32 kernels (inputs widened) otherwise.
 
-use crate::amx::{self, interleave_pair, Kernel, BLOCK, KSTEP, PANEL};
-use crate::bf16_ops::{
+use super::{interleave_pair, Kernel, BLOCK, KSTEP, PANEL};
+use crate::cpu::common::bf16::{
     contiguous_bits, from_bits, narrow_biased_row, narrow_row, narrow_scaled_row,
     narrow_shifted_row, storage, widen,
 };
-use crate::kernels::{exp_row_bf16, patch_row, row_max_f32, ConvGeometry, SharedOut};
+use crate::cpu::common::conv::{patch_row, ConvGeometry};
+use crate::cpu::common::SharedOut;
+use crate::cpu::exp::{exp_row_bf16, row_max_f32};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
-
-/// Whether the AMX kernels take these CPU tensors (all bf16, AMX enabled).
-pub fn handles(xs: &[&Tensor]) -> bool {
-    xs.iter()
-        .all(|t| t.dtype() == DType::BF16 && t.device().is_cpu())
-        && amx::enabled()
-}
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -26,26 +21,20 @@ thread_local! {
 
 /// `kernels::with_scratch` for bf16 values.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
-    crate::kernels::scratch_in(&SCRATCH, len, f)
+    crate::cpu::common::scratch_in(&SCRATCH, len, f)
 }
 
-/// The kernel in use and the three inputs of an op as bf16 bits.
-pub(crate) fn amx_inputs<'a>(
+/// The three inputs of an op as bf16 bits.
+pub(crate) fn bf16_inputs<'a>(
     op: &str,
     inputs: [(&'a CpuStorage, &Layout); 3],
-) -> Result<(Kernel, [&'a [u16]; 3])> {
-    let Some(kernel) = amx::kernel() else {
-        candle_core::bail!("{op}: no bf16 kernel (AMX or AVX512-BF16) in use");
-    };
+) -> Result<[&'a [u16]; 3]> {
     let [a, b, c] = inputs;
-    Ok((
-        kernel,
-        [
-            contiguous_bits(a.0, a.1, op)?,
-            contiguous_bits(b.0, b.1, op)?,
-            contiguous_bits(c.0, c.1, op)?,
-        ],
-    ))
+    Ok([
+        contiguous_bits(a.0, a.1, op)?,
+        contiguous_bits(b.0, b.1, op)?,
+        contiguous_bits(c.0, c.1, op)?,
+    ])
 }
 
 /// Where the bias of a block comes from: one value per output row (convolution: channels are
@@ -76,6 +65,7 @@ unsafe fn store(c: &[f32; 1024], dst: *mut u16, ld: usize, rows: usize, cols: us
 }
 
 struct LinearOp {
+    kernel: Kernel,
     has_bias: bool,
     /// The weight's rows (output features); the panels hold them rounded up to 32.
     n: usize,
@@ -101,7 +91,8 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (kernel, [x, wp, bias]) = amx_inputs("amx linear", [(xs, xl), (ps, pl), (bs, bl)])?;
+        let kernel = self.kernel;
+        let [x, wp, bias] = bf16_inputs("amx linear", [(xs, xl), (ps, pl), (bs, bl)])?;
         let (np, k) = pl.shape().dims2()?;
         let n = self.n;
         let dims = xl.shape().dims();
@@ -126,7 +117,7 @@ impl CustomOp3 for LinearOp {
             |_, t| {
                 let dst = dst;
                 let (r0, r1) = (t * task_rows, ((t + 1) * task_rows).min(m));
-                let mut c = amx::CBlock::zeroed();
+                let mut c = super::CBlock::zeroed();
                 let c = &mut c.0;
                 with_scratch(BLOCK * k, |pad| {
                     for c0 in (0..np).step_by(chunk) {
@@ -162,7 +153,7 @@ impl CustomOp3 for LinearOp {
                                     if self.geglu {
                                         let b = self.has_bias.then(|| &bias[n0..]);
                                         let d = dst.0.add(m0 * n_out + n0 / 2);
-                                        crate::kernels::geglu_block(c, b, rows, d, n_out);
+                                        crate::cpu::geglu::geglu_block(c, b, rows, d, n_out);
                                     } else {
                                         let d = dst.0.add(m0 * n + n0);
                                         store(c, d, n, rows, cols, b);
@@ -199,7 +190,7 @@ pub fn pack_linear_weight(weight: &Tensor) -> Result<Tensor> {
         .par_chunks_mut(k * BLOCK)
         .enumerate()
         .for_each(|(i, dst)| {
-            amx::pack_b(
+            super::pack_b(
                 &w[i * BLOCK * k..],
                 k,
                 k,
@@ -213,13 +204,14 @@ pub fn pack_linear_weight(weight: &Tensor) -> Result<Tensor> {
 }
 
 /// The weight (n, k) back from [`pack_linear_weight`]'s panels.
+#[cfg(test)] // layers use the packed weights; the tests check the packing
 pub fn unpack_linear_weight(panels: &Tensor, n: usize) -> Result<Tensor> {
     let (np, k) = panels.dims2()?;
     let p = panels.flatten_all()?.to_vec1::<half::bf16>()?;
     let mut w = Vec::with_capacity(n * k);
     for col in 0..n.min(np) {
         for r in 0..k {
-            w.push(p[amx::packed_index(k, r, col)]);
+            w.push(p[super::packed_index(k, r, col)]);
         }
     }
     Tensor::from_vec(w, (n, k), panels.device())
@@ -228,16 +220,18 @@ pub fn unpack_linear_weight(panels: &Tensor, n: usize) -> Result<Tensor> {
 /// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), the weight (out, in) as
 /// [`pack_linear_weight`] gives it, bias (out).
 pub fn linear_packed(
+    kernel: Kernel,
     x: &Tensor,
     panels: &Tensor,
     bias: Option<&Tensor>,
     n: usize,
 ) -> Result<Tensor> {
-    apply_linear(x, panels, bias, n, false)
+    apply_linear(kernel, x, panels, bias, n, false)
 }
 
 /// Runs [`LinearOp`] (no bias: an empty tensor in its place).
 fn apply_linear(
+    kernel: Kernel,
     x: &Tensor,
     panels: &Tensor,
     bias: Option<&Tensor>,
@@ -247,6 +241,7 @@ fn apply_linear(
     let x = x.contiguous()?;
     let none = Tensor::zeros(0, DType::BF16, x.device())?;
     let op = LinearOp {
+        kernel,
         has_bias: bias.is_some(),
         n,
         geglu,
@@ -263,6 +258,7 @@ pub fn geglu_order(t: &Tensor) -> Result<Tensor> {
 }
 
 /// The inverse of [`geglu_order`].
+#[cfg(test)] // layers use the packed weights; the tests check the packing
 pub fn geglu_order_undone(t: &Tensor) -> Result<Tensor> {
     swap_row_groups(t, [t.dim(0)? / 32, 2])
 }
@@ -283,14 +279,31 @@ fn swap_row_groups(t: &Tensor, [outer, inner]: [usize; 2]) -> Result<Tensor> {
 /// taken from the f32 accumulators as each block is stored, so the 2 inner-wide projection
 /// is never written (for SD 1.5's 320 -> 2560 over 8192 tokens: 42 MB written and read
 /// again, and a separate pass).
-pub fn linear_geglu(x: &Tensor, panels: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    apply_linear(x, panels, bias, panels.dim(0)?, true)
+pub fn linear_geglu(
+    kernel: Kernel,
+    x: &Tensor,
+    panels: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    apply_linear(kernel, x, panels, bias, panels.dim(0)?, true)
 }
 
 /// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
 /// a multiple of 32 (see [`linear_fits`]). Packs the weight for this call.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_packed(x, &pack_linear_weight(weight)?, bias, weight.dim(0)?)
+#[cfg(test)] // layers use the packed weights; the tests check the packing
+pub fn linear(
+    kernel: Kernel,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    linear_packed(
+        kernel,
+        x,
+        &pack_linear_weight(weight)?,
+        bias,
+        weight.dim(0)?,
+    )
 }
 
 /// Whether [`linear`] takes a weight of this shape (input features a multiple of 32).
@@ -299,6 +312,7 @@ pub fn linear_fits(weight: &Tensor) -> bool {
 }
 
 struct Conv2dOp {
+    kernel: Kernel,
     g: ConvGeometry,
 }
 
@@ -322,7 +336,8 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, cin, h, wd) = xl.shape().dims4()?;
         let (cout, _, kh, kw) = wl.shape().dims4()?;
-        let (kernel, [x, w, bias]) = amx_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
+        let kernel = self.kernel;
+        let [x, w, bias] = bf16_inputs("amx conv2d", [(xs, xl), (ws, wl), (bs, bl)])?;
         let ConvGeometry { stride, padding } = self.g;
         let (ho, wo) = self.g.output_size(h, wd, kh, kw);
         let p = ho * wo;
@@ -384,7 +399,7 @@ impl CustomOp3 for Conv2dOp {
                         }
                         interleave_pair(r0, r1, panels, kp * PANEL, r2 * 2 * PANEL);
                     }
-                    let mut c = amx::CBlock::zeroed();
+                    let mut c = super::CBlock::zeroed();
                     let c = &mut c.0;
                     for m0 in (0..cout).step_by(BLOCK) {
                         for n0 in (0..n).step_by(BLOCK) {
@@ -420,9 +435,19 @@ impl CustomOp3 for Conv2dOp {
 }
 
 /// 2-D convolution (groups 1, dilation 1) of bf16 CPU tensors on AMX.
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+pub fn conv2d(
+    kernel: Kernel,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    g: ConvGeometry,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
-    x.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp { g })
+    x.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &Conv2dOp { kernel, g },
+    )
 }
 
 /// Whether [`conv2d_3x3`] (and `winograd_bf16::conv3x3`) takes this convolution: 3x3, stride
@@ -456,6 +481,7 @@ pub fn conv3x3_taps(weight: &Tensor) -> Result<Tensor> {
 }
 
 /// The weights (cout, cin, 3, 3) back from [`conv3x3_taps`].
+#[cfg(test)] // layers use the packed weights; the tests check the packing
 pub fn conv3x3_weight(taps: &Tensor, cout: usize) -> Result<Tensor> {
     let (ntaps, _, cin) = taps.dims3()?;
     if ntaps != 9 {
@@ -468,6 +494,7 @@ pub fn conv3x3_weight(taps: &Tensor, cout: usize) -> Result<Tensor> {
 }
 
 struct Conv3x3Op {
+    kernel: Kernel,
     cout: usize,
 }
 
@@ -501,7 +528,8 @@ impl CustomOp3 for Conv3x3Op {
         if ntaps != 9 || tcin != cin || cin % KSTEP != 0 || mp < cout || mp % BLOCK != 0 {
             candle_core::bail!("amx conv3x3: input {:?}, taps {:?}", xl.dims(), tl.dims());
         }
-        let (kernel, [x, taps, bias]) = amx_inputs("amx conv3x3", [(xs, xl), (ts, tl), (bs, bl)])?;
+        let kernel = self.kernel;
+        let [x, taps, bias] = bf16_inputs("amx conv3x3", [(xs, xl), (ts, tl), (bs, bl)])?;
         let wp = wd + 2;
         let ncols = h * wp;
         let ncp = ncols.next_multiple_of(BLOCK);
@@ -515,7 +543,7 @@ impl CustomOp3 for Conv3x3Op {
             let c1 = &x[(bi * cin + 2 * r + 1) * h * wd..][..h * wd];
             for y in 0..h {
                 let row = &mut dst[((y + 1) * wp + 1) * 2..][..2 * wd];
-                amx::zip_pairs(&c0[y * wd..][..wd], &c1[y * wd..][..wd], row);
+                super::zip_pairs(&c0[y * wd..][..wd], &c1[y * wd..][..wd], row);
             }
         });
         // column blocks of about 512 KiB of pair planes; the output channels split too when
@@ -547,7 +575,7 @@ impl CustomOp3 for Conv3x3Op {
                 let (q0, q1) = (blk * pb, ((blk + 1) * pb).min(ncp));
                 let (m_lo, m_hi) = (mc * mchunk, ((mc + 1) * mchunk).min(cout));
                 let planes = &pp[bi * pairs * ldb..(bi + 1) * pairs * ldb];
-                let mut c = amx::CBlock::zeroed();
+                let mut c = super::CBlock::zeroed();
                 let c = &mut c.0;
                 for m0 in (m_lo..m_hi).step_by(BLOCK) {
                     let rows = BLOCK.min(cout - m0);
@@ -612,12 +640,18 @@ impl CustomOp3 for Conv3x3Op {
 
 /// A 3x3 convolution, stride 1, padding 1, of bf16 CPU tensors on AMX, the weights given as
 /// [`conv3x3_taps`] makes them (see [`conv3x3_fits`]); `cout` the output channels.
-pub fn conv2d_3x3(x: &Tensor, taps: &Tensor, bias: &Tensor, cout: usize) -> Result<Tensor> {
+pub fn conv2d_3x3(
+    kernel: Kernel,
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    cout: usize,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op3_no_bwd(
         &taps.contiguous()?,
         &bias.contiguous()?,
-        &Conv3x3Op { cout },
+        &Conv3x3Op { kernel, cout },
     )
 }
 
@@ -626,6 +660,7 @@ pub fn conv2d_3x3(x: &Tensor, taps: &Tensor, bias: &Tensor, cout: usize) -> Resu
 const KEYS: usize = 256;
 
 struct AttentionOp {
+    kernel: Kernel,
     heads: usize,
     scale: f32,
 }
@@ -650,7 +685,8 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (kernel, [q, k, v]) = amx_inputs("amx attention", [(qs, ql), (ks, kl), (vs, vl)])?;
+        let kernel = self.kernel;
+        let [q, k, v] = bf16_inputs("amx attention", [(qs, ql), (ks, kl), (vs, vl)])?;
         let (b, tq, hd) = ql.shape().dims3()?;
         let (_, tk, _) = kl.shape().dims3()?;
         let (_, _, hdv) = vl.shape().dims3()?;
@@ -684,16 +720,16 @@ impl CustomOp3 for AttentionOp {
                     return;
                 }
                 with_scratch(u16_len, |buf| {
-                    crate::kernels::with_scratch(f32_len, |fbuf| {
+                    crate::cpu::common::with_scratch(f32_len, |fbuf| {
                         let (kpan, rest) = buf.split_at_mut(dp * tkp);
                         let (vpan, rest) = rest.split_at_mut(tkp * dvp);
                         let (qblk, pblk) = rest.split_at_mut(BLOCK * dp);
                         let (s, o) = fbuf.split_at_mut(BLOCK * kc_max);
                         // K^T: element (dim, key) of the head; V: element (key, j)
                         let kh = &k[bi * tk * hd + hi * d..];
-                        amx::pack_b(kh, dp, d, tk, 1, hd, kpan);
+                        super::pack_b(kh, dp, d, tk, 1, hd, kpan);
                         let vh = &v[bi * tk * hdv + hi * dv..];
-                        amx::pack_b(vh, tkp, tk, dv, hdv, 1, vpan);
+                        super::pack_b(vh, tkp, tk, dv, hdv, 1, vpan);
                         for m0 in (r0..r1).step_by(BLOCK) {
                             let rows = BLOCK.min(r1 - m0);
                             for (i, qrow) in qblk.chunks_exact_mut(dp).enumerate() {
@@ -800,9 +836,16 @@ impl CustomOp3 for AttentionOp {
 
 /// softmax(q k^T / sqrt(d)) v for bf16 CPU tensors on AMX, heads side by side in the last
 /// dim: q (b, tq, heads x d), k (b, tk, heads x d), v (b, tk, heads x dv) -> (b, tq, heads x dv).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+pub fn attention(
+    kernel: Kernel,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
     let d = q.dim(2)? / heads;
     let op = AttentionOp {
+        kernel,
         heads,
         scale: 1.0 / (d as f32).sqrt(),
     };
@@ -865,22 +908,17 @@ pub(crate) mod tests {
             .unwrap()
     }
 
-    /// Runs `check` with the layers on each bf16 kernel this CPU has (`check` compares with
-    /// f32 and names `amx::kernel()` when it fails); with none, checks that the layers keep
-    /// their f32 path.
-    fn on_each_kernel(check: impl Fn()) {
-        let kernels = amx::available_kernels();
-        if kernels.is_empty() {
-            amx::with_kernel(None, || assert!(!handles(&[&rand(&[1], 0)])));
-        }
-        for k in kernels {
-            amx::with_kernel(Some(k), &check);
+    /// Runs `check` on each bf16 kernel this CPU has (`bf16`'s tests check that list against
+    /// /proc/cpuinfo, so none of these can pass by not running a kernel the CPU has).
+    pub(crate) fn on_each_kernel(check: impl Fn(Kernel)) {
+        for k in crate::cpu::bf16::available_kernels() {
+            check(k);
         }
     }
 
     #[test]
     fn linear_matches_f32_on_the_same_bf16_inputs() {
-        on_each_kernel(|| {
+        on_each_kernel(|kernel| {
             // rows not a multiple of 32, outputs not a multiple of 32, with and without bias
             for &(m, k, n, bias) in &[
                 (77usize, 64usize, 40usize, true),
@@ -890,28 +928,29 @@ pub(crate) mod tests {
                 let x = rand(&[2, m, k], 1);
                 let w = rand(&[n, k], 2);
                 let b = rand(&[n], 3);
-                let got = linear(&x, &w, bias.then_some(&b)).unwrap();
+                let got = linear(kernel, &x, &w, bias.then_some(&b)).unwrap();
                 let want = candle_nn::Linear::new(f32(&w), bias.then(|| f32(&b)))
                     .forward(&f32(&x))
                     .unwrap();
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
                 // one bf16 rounding of the result: 2^-8 relative
-                assert!(d < 1.0 / 256.0, "{:?} ({m}, {k}, {n}): {d}", amx::kernel());
+                assert!(d < 1.0 / 256.0, "{:?} ({m}, {k}, {n}): {d}", kernel);
             }
         });
     }
 
     #[test]
     fn geglu_projection_matches_f32_on_the_same_bf16_inputs() {
-        on_each_kernel(|| {
+        on_each_kernel(|kernel| {
             // (rows, k, inner): rows not a multiple of 32, two and three blocks of features
             for &(m, k, inner) in &[(70usize, 64usize, 32usize), (33, 96, 48)] {
                 let x = rand(&[m, k], 11);
                 let w = rand(&[2 * inner, k], 12);
                 let b = rand(&[2 * inner], 13);
                 let panels = pack_linear_weight(&geglu_order(&w).unwrap()).unwrap();
-                let got = linear_geglu(&x, &panels, Some(&geglu_order(&b).unwrap())).unwrap();
+                let got =
+                    linear_geglu(kernel, &x, &panels, Some(&geglu_order(&b).unwrap())).unwrap();
                 let h = f32(&x)
                     .matmul(&f32(&w).t().unwrap())
                     .unwrap()
@@ -922,11 +961,7 @@ pub(crate) mod tests {
                 .unwrap();
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
-                assert!(
-                    d < 1.0 / 256.0,
-                    "{:?} ({m}, {k}, {inner}): {d}",
-                    amx::kernel()
-                );
+                assert!(d < 1.0 / 256.0, "{:?} ({m}, {k}, {inner}): {d}", kernel);
                 let back = geglu_order_undone(&geglu_order(&w).unwrap()).unwrap();
                 let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
                 assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
@@ -947,7 +982,7 @@ pub(crate) mod tests {
 
     #[test]
     fn conv2d_matches_f32_on_the_same_bf16_inputs() {
-        on_each_kernel(|| {
+        on_each_kernel(|kernel| {
             // (b, cin, h, w, cout, kernel, stride, padding): padded k (4*9) and cout (3), strided,
             // 1x1, pixel counts not a multiple of 32
             for &(b, cin, h, wd, cout, kk, s, pad) in &[
@@ -965,14 +1000,14 @@ pub(crate) mod tests {
                     stride: s,
                     padding: pad,
                 };
-                let got = conv2d(&x, &w, &bias, g).unwrap();
+                let got = conv2d(kernel, &x, &w, &bias, g).unwrap();
                 let want = conv_f32(&x, &w, &bias, g);
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
                 assert!(
                     d < 1.0 / 256.0,
                     "{:?} ({b}, {cin}, {h}, {wd}, {cout}, {kk}): {d}",
-                    amx::kernel()
+                    kernel
                 );
             }
         });
@@ -980,7 +1015,7 @@ pub(crate) mod tests {
 
     #[test]
     fn direct_conv3x3_matches_f32_on_the_same_bf16_inputs() {
-        on_each_kernel(|| {
+        on_each_kernel(|kernel| {
             // (b, cin, h, w, cout): odd sizes, cout not a multiple of 32 (and below it), several
             // column blocks and channel blocks, a row narrower than the padding's 2 columns
             for &(b, cin, h, wd, cout) in &[
@@ -1001,62 +1036,14 @@ pub(crate) mod tests {
                 let back = conv3x3_weight(&taps, cout).unwrap();
                 let same = back.eq(&w).unwrap().to_dtype(DType::F32).unwrap();
                 assert_eq!(same.mean_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
-                let got = conv2d_3x3(&x, &taps, &bias, cout).unwrap();
+                let got = conv2d_3x3(kernel, &x, &taps, &bias, cout).unwrap();
                 let want = conv_f32(&x, &w, &bias, g);
                 assert_eq!(got.dims(), want.dims());
                 let d = rel_diff(&got, &want);
                 assert!(
                     d < 1.0 / 256.0,
                     "{:?} ({b}, {cin}, {h}, {wd}, {cout}): {d}",
-                    amx::kernel()
-                );
-            }
-        });
-    }
-
-    #[test]
-    fn attention_matches_f32_on_the_same_bf16_inputs() {
-        on_each_kernel(|| {
-            // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64), keys not a multiple of 32 (77),
-            // queries not a multiple of 32, one head of 64 (the VAE's shape), keys over three
-            // chunks of KEYS
-            for &(b, h, tq, tk, d, dv) in &[
-                (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
-                (1, 3, 33, 100, 8, 16),
-                (1, 1, 200, 200, 64, 64),
-                (1, 2, 40, 600, 40, 40),
-            ] {
-                // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
-                let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();
-                let k = rand(&[b, tk, h * d], 8);
-                let v = rand(&[b, tk, h * dv], 9);
-                let got = attention(&q, &k, &v, h).unwrap();
-                let split = |t: &Tensor, dim: usize| {
-                    let (b, n, _) = t.dims3().unwrap();
-                    f32(t)
-                        .reshape((b, n, h, dim))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
-                let want = crate::models::attention::plain_attention(
-                    &split(&q, d),
-                    &split(&k, d),
-                    &split(&v, dv),
-                )
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, tq, h * dv))
-                .unwrap();
-                let d_rel = rel_diff(&got, &want);
-                // probabilities and result each rounded to bf16 once
-                assert!(
-                    d_rel < 1.0 / 128.0,
-                    "{:?} ({b}, {h}, {tq}, {tk}, {d}, {dv}): {d_rel}",
-                    amx::kernel()
+                    kernel
                 );
             }
         });

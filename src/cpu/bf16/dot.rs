@@ -181,3 +181,46 @@ pub unsafe fn block_taps(
         );
     }
 }
+
+// Elsewhere [`super::Kernel::Dot`] is never available: stand-ins that are never called.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) use other::*;
+#[cfg(not(target_arch = "x86_64"))]
+mod other {
+    pub unsafe fn block(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+    pub unsafe fn block_add_half(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: *const u16,
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block_taps(
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: usize,
+        _: *const u16,
+        _: usize,
+        _: &[usize],
+        _: *mut f32,
+        _: usize,
+    ) {
+        unreachable!("AVX512-BF16 is x86_64 only")
+    }
+}

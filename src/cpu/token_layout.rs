@@ -7,8 +7,8 @@
 //! lines used whole) on all threads. The addition rounds as candle's and torch's do: exact
 //! in f32, once to bf16 for bf16 values.
 
-use crate::bf16_ops::{from_bits, Element};
-use crate::kernels::contiguous;
+use crate::cpu::common::bf16::{from_bits, Element};
+use crate::cpu::common::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -17,16 +17,15 @@ use rayon::prelude::*;
 /// Side of the square blocks the transposes go through.
 const TILE: usize = 32;
 
-/// (b, c, h, w) -> (b, h w, c): the tokens of an image's pixels, channels last.
+/// (b, c, h, w) -> (b, h w, c): the tokens of an image's pixels, channels last; `x` one that
+/// [`takes`].
 pub fn to_tokens(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    if !fits(x) {
-        return x.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-    }
+    x.dims4()?;
     x.apply_op1_no_bwd(&ToTokens)
 }
 
-/// residual (b, c, h, w) + tokens (b, h w, c) seen as an image: the transformer's output.
+/// residual (b, c, h, w) + tokens (b, h w, c) seen as an image: the transformer's output; both
+/// of one type that [`takes`].
 pub fn to_image_add(tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = residual.dims4()?;
     if tokens.dims() != [b, h * w, c] {
@@ -36,15 +35,11 @@ pub fn to_image_add(tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
             residual.dims()
         );
     }
-    if !fits(tokens) || tokens.dtype() != residual.dtype() {
-        let image = tokens.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        return crate::bf16_ops::add(&image.contiguous()?, residual);
-    }
     tokens.apply_op2_no_bwd(residual, &ToImageAdd)
 }
 
-/// f32 and bf16 on the CPU go through the kernels here; the rest through candle.
-fn fits(x: &Tensor) -> bool {
+/// Whether the kernels here take `x`: f32 and bf16 on the CPU.
+pub fn takes(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
@@ -155,7 +150,7 @@ impl CustomOp2 for ToImageAdd {
                 c,
             )),
             (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                let bits = |s, l| crate::bf16_ops::contiguous_bits(s, l, "to_image_add");
+                let bits = |s, l| crate::cpu::common::bf16::contiguous_bits(s, l, "to_image_add");
                 CpuStorage::BF16(from_bits(run(bits(ts, tl)?, bits(rs, rl)?, b, p, c)))
             }
             _ => candle_core::bail!("to_image_add: {:?} and {:?}", ts.dtype(), rs.dtype()),

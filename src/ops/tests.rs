@@ -1,0 +1,197 @@
+//! The engines against each other: each CPU kernel, reached through the dispatch here, against
+//! the reference composition on the same inputs; and which kernel each prepared weight names.
+
+use super::*;
+use crate::cpu::bf16::layers::tests::{on_each_kernel, rand, rel_diff};
+
+fn f32(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32).unwrap()
+}
+
+fn cpu(bf16: Option<Bf16Kernel>) -> Engine {
+    Engine::Cpu(CpuEngine::with_bf16(bf16))
+}
+
+/// max |got - want| / max |want|.
+fn rel(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let d = (f32(got) - f32(want))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = f32(want)
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / scale
+}
+
+#[test]
+fn f32_attention_matches_the_reference() {
+    let dev = Device::Cpu;
+    // self-attention at 64x64 latents (8 heads of 40 over batch 1... as SD 1.5's first
+    // block), an odd token count, and cross-attention over 77 tokens
+    for (heads, tq, tk, d) in [(2, 4096, 4096, 40), (3, 81, 81, 8), (4, 256, 77, 16)] {
+        let q = Tensor::randn(0f32, 1.0, (1, tq, heads * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, tk, heads * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, tk, heads * d), &dev).unwrap();
+        let got = attention(cpu(None), q.clone(), k.clone(), v.clone(), heads).unwrap();
+        let want = attention(Engine::Reference, q, k, v, heads).unwrap();
+        let r = rel(&got, &want);
+        assert!(r <= 1e-5, "fused attention {heads}x{tq}x{tk}x{d}: {r:e}");
+    }
+}
+
+#[test]
+fn bf16_attention_matches_f32_on_the_same_bf16_inputs() {
+    on_each_kernel(|kernel| {
+        // (b, heads, tq, tk, d, dv): SD's 40 (padded to 64 on the tiles), keys not a multiple
+        // of 32 (77), queries not a multiple of 32, one head of 64 (the VAE's shape), keys
+        // over three chunks of the kernel's 256
+        for &(b, h, tq, tk, d, dv) in &[
+            (2usize, 2usize, 70usize, 77usize, 40usize, 40usize),
+            (1, 3, 33, 100, 8, 16),
+            (1, 1, 200, 200, 64, 64),
+            (1, 2, 40, 600, 40, 40),
+        ] {
+            // scores spread wider than +-0.5 inputs give: q times 8 (exact in bf16)
+            let q = (rand(&[b, tq, h * d], 7) * 8.0).unwrap();
+            let k = rand(&[b, tk, h * d], 8);
+            let v = rand(&[b, tk, h * dv], 9);
+            let want = attention(Engine::Reference, f32(&q), f32(&k), f32(&v), h).unwrap();
+            let got = attention(cpu(Some(kernel)), q, k, v, h).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let d_rel = rel_diff(&got, &want);
+            // probabilities and result each rounded to bf16 once
+            assert!(
+                d_rel < 1.0 / 128.0,
+                "{kernel:?} ({b}, {h}, {tq}, {tk}, {d}, {dv}): {d_rel}"
+            );
+        }
+    });
+}
+
+/// The layers of the CPU engine against the reference, f32 and bf16 (on every bf16 kernel
+/// this CPU has, and widened to f32), through the dispatch.
+#[test]
+fn cpu_layers_match_the_reference() {
+    let mut engines = vec![cpu(None)];
+    engines.extend(bf16_kernels().into_iter().map(|k| cpu(Some(k))));
+    for engine in engines {
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |shape: &[usize], seed| rand(shape, seed).to_dtype(dtype).unwrap();
+            // bf16 results are rounded once: 2^-8 relative; f32 within the kernels' sums
+            let tol = if dtype == DType::BF16 {
+                1.0 / 128.0
+            } else {
+                1e-5
+            };
+            let case = format!("{engine:?} {dtype:?}");
+            let x = t(&[2, 50, 64], 1);
+            let (w, b) = (t(&[96, 64], 2), t(&[96], 3));
+            let lin = LinearWeights::prepare(engine, w.clone(), Some(b.clone())).unwrap();
+            let want = reference::linear(&f32(&x), &f32(&w), Some(&f32(&b))).unwrap();
+            assert!(
+                rel(&linear(&x, &lin).unwrap(), &want) < tol,
+                "{case} linear"
+            );
+            let gg = LinearWeights::prepare_geglu(engine, w.clone(), Some(b.clone())).unwrap();
+            let want = reference::geglu(&want).unwrap();
+            assert!(rel(&geglu(&x, &gg).unwrap(), &want) < tol, "{case} geglu");
+            let img = t(&[2, 32, 9, 7], 4);
+            for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+                let (w, b) = (t(&[40, 32, k, k], 5), t(&[40], 6));
+                let g = ConvGeometry { stride, padding };
+                let conv = ConvWeights::prepare(engine, w.clone(), b.clone(), g).unwrap();
+                let want = reference::conv2d(&f32(&img), &f32(&w), &f32(&b), g).unwrap();
+                let got = conv2d(&img, &conv).unwrap();
+                assert!(rel(&got, &want) < tol, "{case} conv {k}x{k} s{stride}");
+            }
+            let (w, b) = (t(&[32], 7), t(&[32], 8));
+            let gn = NormWeights::group_norm(engine, w.clone(), b.clone()).unwrap();
+            let want =
+                reference::group_norm(&f32(&img), &f32(&w), &f32(&b), 8, 1e-6, true).unwrap();
+            let got = group_norm(&img, &gn, 8, 1e-6, true).unwrap();
+            assert!(rel(&got, &want) < tol, "{case} group norm");
+            let (w, b) = (t(&[64], 9), t(&[64], 10));
+            let ln = NormWeights::layer_norm(engine, w.clone(), b.clone()).unwrap();
+            let want = reference::layer_norm(&f32(&x), &f32(&w), &f32(&b), 1e-5).unwrap();
+            let got = layer_norm(&x, &ln, 1e-5).unwrap();
+            assert!(rel(&got, &want) < tol, "{case} layer norm");
+            let tokens = to_tokens(engine, &img).unwrap();
+            assert_eq!(
+                rel(&tokens, &reference::to_tokens(&img).unwrap()),
+                0.0,
+                "{case} to_tokens"
+            );
+            let back = to_image_add(engine, &tokens, &img).unwrap();
+            assert!(
+                rel(&back, &(f32(&img) * 2.0).unwrap()) < tol,
+                "{case} to_image_add"
+            );
+        }
+    }
+}
+
+/// Each prepared weight names the kernel its engine and type call for, so that `forward`
+/// needs nothing else to choose.
+#[test]
+fn prepared_weights_name_their_kernel() {
+    let bf16 = |shape: &[usize]| rand(shape, 1);
+    let g1 = ConvGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let g2 = ConvGeometry {
+        stride: 2,
+        padding: 1,
+    };
+    let conv = |engine, w: Tensor, g| {
+        let b = bf16(&[w.dim(0).unwrap()]);
+        ConvWeights::prepare(engine, w, b, g).unwrap().weight
+    };
+    for kernel in bf16_kernels() {
+        let e = cpu(Some(kernel));
+        let lin = LinearWeights::prepare(e, bf16(&[40, 64]), None).unwrap();
+        assert!(
+            matches!(lin.weight, LinearWeight::Bf16Panels { kernel: k, out: 40, .. } if k == kernel)
+        );
+        // input features not a multiple of 32: widened to the f32 kernel
+        let lin = LinearWeights::prepare(e, bf16(&[40, 40]), None).unwrap();
+        assert!(matches!(lin.weight, LinearWeight::CpuF32(_)));
+        let gg = LinearWeights::prepare_geglu(e, bf16(&[64, 64]), None).unwrap();
+        assert!(gg.geglu_fused());
+        let w = conv(e, bf16(&[40, 32, 3, 3]), g1);
+        match kernel {
+            Bf16Kernel::Tiles => assert!(matches!(w, ConvWeight::Bf16Taps { cout: 40, .. })),
+            Bf16Kernel::Dot => assert!(matches!(w, ConvWeight::Bf16Winograd { cout: 40, .. })),
+        }
+        assert!(matches!(
+            conv(e, bf16(&[40, 32, 3, 3]), g2),
+            ConvWeight::Bf16Im2col { .. }
+        ));
+        // f32 weights on a bf16 engine: the f32 kernels
+        let w = conv(e, f32(&bf16(&[40, 32, 3, 3])), g1);
+        assert!(matches!(w, ConvWeight::CpuF32 { .. }));
+    }
+    let lin = LinearWeights::prepare(cpu(None), bf16(&[40, 64]), None).unwrap();
+    assert!(matches!(lin.weight, LinearWeight::CpuF32(_)));
+    assert!(
+        !LinearWeights::prepare_geglu(cpu(None), bf16(&[64, 64]), None)
+            .unwrap()
+            .geglu_fused()
+    );
+    let lin = LinearWeights::prepare(Engine::Reference, bf16(&[40, 64]), None).unwrap();
+    assert!(matches!(lin.weight, LinearWeight::Reference(_)));
+    assert!(matches!(
+        conv(Engine::Reference, bf16(&[40, 32, 3, 3]), g1),
+        ConvWeight::Reference(_)
+    ));
+}

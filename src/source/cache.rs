@@ -1,0 +1,88 @@
+//! The Hugging Face cache shared with Python's `huggingface_hub`: where it is, and a model
+//! resolved from it alone (offline).
+
+use super::files::{list_dir, plan_files, ModelFiles, ModelRequest, Plan};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+/// The Hugging Face hub cache folder: HF_HUB_CACHE, else HF_HOME/hub, else
+/// ~/.cache/huggingface/hub (as Python's huggingface_hub resolves it).
+pub fn hub_cache_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        if !p.is_empty() {
+            return PathBuf::from(p).join("hub");
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/huggingface/hub")
+}
+
+/// Whether HF_HUB_OFFLINE asks for cache-only operation.
+pub fn offline_from_env() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE")
+            .ok()
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
+}
+
+/// The cache folder of a model repo: `models--ORG--NAME`.
+pub(crate) fn repo_folder(repo_id: &str) -> String {
+    format!("models--{}", repo_id.replace('/', "--"))
+}
+
+/// Resolves a repo from the cache alone.
+pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
+    let (repo_id, revision) = (req.model, req.revision);
+    let cache = hub_cache_dir();
+    let repo_dir = cache.join(repo_folder(repo_id));
+    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
+        revision.to_string()
+    } else {
+        let ref_path = repo_dir.join("refs").join(revision);
+        match std::fs::read_to_string(&ref_path) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => bail!(
+                "{repo_id} (revision {revision}) is not in the Hugging Face cache at {}; run once without --offline to download it",
+                cache.display()
+            ),
+        }
+    };
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    if !snapshot.is_dir() {
+        bail!(
+            "{repo_id}: the cache has no snapshot {commit} at {}; run once without --offline to download it",
+            snapshot.display()
+        );
+    }
+    let available = list_dir(&snapshot);
+    let plan = plan_files(
+        &available,
+        req.precision,
+        &format!("the cached copy of {repo_id}"),
+        req.checkpoint,
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (offline: run once without --offline to download it)"))?;
+    match plan {
+        Plan::Diffusers(files) => Ok(ModelFiles::from_root(
+            repo_id.to_string(),
+            Some(commit),
+            &snapshot,
+            &files,
+        )),
+        Plan::SingleFile(f) => ModelFiles::single_file(
+            repo_id.to_string(),
+            Some(commit),
+            &snapshot.join(f),
+            req.config_from,
+        ),
+    }
+}
