@@ -10,7 +10,7 @@ use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
 use crate::source::{self, offline_from_env, ModelRequest, Precision};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::io::Write;
@@ -56,41 +56,68 @@ pub fn run(args: Args) -> Result<i32> {
         print_schedulers();
         return Ok(EXIT_OK);
     }
-    let messages = !args.quiet;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let precision = if dtype == DType::F32 {
-        Precision::Full
-    } else {
-        Precision::Half
-    };
-    let offline = args.offline || offline_from_env();
-    let model_request = ModelRequest {
+    let model = model_request(&args, dtype);
+    if args.download_only {
+        return download_only(&model, args.json);
+    }
+    let grid = check_flags(&args)?;
+    let jobs = read_jobs(&args)?;
+    let plan = plan_images(&args, &jobs.list, grid)?;
+    if plan.images.is_empty() {
+        if !args.quiet {
+            eprintln!(
+                "nothing to do: {} image(s) already exist, {} bad line(s)",
+                plan.skipped, jobs.bad_lines
+            );
+        }
+        return Ok(exit_code(jobs.bad_lines));
+    }
+    let pipeline = load_model(&args, &model, device, dtype)?;
+    interrupt::install();
+    let done = generate(&args, &pipeline, &jobs.list, &plan);
+    report(&args, &jobs, &plan, done)
+}
+
+/// What `--model`, `--revision`, `--checkpoint`, `--config-from` and `--offline` ask for.
+fn model_request(args: &Args, dtype: DType) -> ModelRequest<'_> {
+    ModelRequest {
         model: &args.model,
         revision: &args.revision,
         checkpoint: args.checkpoint.as_deref(),
         config_from: args.config_from.as_deref(),
-        precision,
-        offline,
-        progress: messages,
-    };
-    if args.download_only {
-        let files = source::resolve(&model_request)?;
-        let root = files
-            .model_index
-            .parent()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        if args.json {
-            println!(
-                "{}",
-                json!({"model": files.name, "revision": files.revision, "path": root})
-            );
+        precision: if dtype == DType::F32 {
+            Precision::Full
         } else {
-            println!("{root}");
-        }
-        return Ok(EXIT_OK);
+            Precision::Half
+        },
+        offline: args.offline || offline_from_env(),
+        progress: !args.quiet,
     }
+}
+
+/// `--download-only`: fills the cache and prints where the model is.
+fn download_only(model: &ModelRequest, json: bool) -> Result<i32> {
+    let files = source::resolve(model)?;
+    let root = files
+        .model_index
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            json!({"model": files.name, "revision": files.revision, "path": root})
+        );
+    } else {
+        println!("{root}");
+    }
+    Ok(EXIT_OK)
+}
+
+/// The checks of the flags that need no model; the grid's rows and columns.
+fn check_flags(args: &Args) -> Result<Option<(usize, usize)>> {
     if let Some(s) = &args.scheduler {
         if !SCHEDULERS.iter().any(|x| x.0 == s) {
             bail!(
@@ -105,18 +132,26 @@ pub fn run(args: Args) -> Result<i32> {
     if args.num_images == 0 || args.batch_size == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
-    let batch_mode = args.prompts.is_some();
     let grid = args.grid.as_deref().map(output::parse_grid).transpose()?;
     if let Some((r, c)) = grid {
-        if batch_mode {
+        if args.prompts.is_some() {
             bail!("--grid cannot be combined with --prompts");
         }
         if r * c != args.num_images {
             bail!("--grid {r}x{c} needs --num-images {}", r * c);
         }
     }
+    Ok(grid)
+}
 
-    // 1. the jobs: the command-line prompt, or this shard's lines of the prompts file
+/// The jobs of a run, and how many lines of the prompts file could not be used.
+struct Jobs {
+    list: Vec<Job>,
+    bad_lines: usize,
+}
+
+/// The command-line prompt, or this shard's lines of the prompts file.
+fn read_jobs(args: &Args) -> Result<Jobs> {
     let defaults = Job {
         line: None,
         prompt: args.prompt.clone().unwrap_or_default(),
@@ -130,56 +165,71 @@ pub fn run(args: Args) -> Result<i32> {
         num_images: args.num_images,
         output: None,
     };
-    let mut failed_lines = 0usize;
-    let jobs: Vec<Job> = match &args.prompts {
-        None => vec![defaults.clone()],
-        Some(file) => {
-            let text = if file == "-" {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                    .context("cannot read prompts from stdin")?;
-                s
-            } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read the prompts file {file}"))?
-            };
-            let (jobs, bad) = parse_prompts(&text, &defaults);
-            for b in &bad {
-                eprintln!("error: {file} line {}: {}", b.line, b.message);
-            }
-            if !bad.is_empty() && args.strict {
-                bail!("{} bad line(s) in {file} (--strict)", bad.len());
-            }
-            failed_lines += bad.len();
-            let shard = match &args.shard {
-                Some(s) => Some(Shard::parse(s)?),
-                None => Shard::from_env(|k| std::env::var(k).ok())?,
-            };
-            match shard {
-                Some(s) => {
-                    if messages {
-                        eprintln!(
-                            "shard {}/{}: every {}th prompt line from #{}",
-                            s.index,
-                            s.count,
-                            s.count,
-                            s.index + 1
-                        );
-                    }
-                    jobs.into_iter()
-                        .enumerate()
-                        .filter(|(k, _)| s.takes(*k))
-                        .map(|(_, j)| j)
-                        .collect()
-                }
-                None => jobs,
-            }
-        }
+    let Some(file) = &args.prompts else {
+        return Ok(Jobs {
+            list: vec![defaults],
+            bad_lines: 0,
+        });
     };
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("cannot read prompts from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the prompts file {file}"))?
+    };
+    let (jobs, bad) = parse_prompts(&text, &defaults);
+    for b in &bad {
+        eprintln!("error: {file} line {}: {}", b.line, b.message);
+    }
+    if !bad.is_empty() && args.strict {
+        bail!("{} bad line(s) in {file} (--strict)", bad.len());
+    }
+    let shard = match &args.shard {
+        Some(s) => Some(Shard::parse(s)?),
+        None => Shard::from_env(|k| std::env::var(k).ok())?,
+    };
+    let list = match shard {
+        Some(s) => {
+            if !args.quiet {
+                eprintln!(
+                    "shard {}/{}: every {}th prompt line from #{}",
+                    s.index,
+                    s.count,
+                    s.count,
+                    s.index + 1
+                );
+            }
+            jobs.into_iter()
+                .enumerate()
+                .filter(|(k, _)| s.takes(*k))
+                .map(|(_, j)| j)
+                .collect()
+        }
+        None => jobs,
+    };
+    Ok(Jobs {
+        list,
+        bad_lines: bad.len(),
+    })
+}
 
-    // 2. seeds and file names, settled (and checked) before any model work
+/// Every image of a run with its seed and file, settled (and checked) before any model work.
+struct ImagePlan {
+    images: Vec<Planned>,
+    /// The jobs whose seed was drawn at random (printed, so that they can be reproduced).
+    seeds_random: Vec<usize>,
+    /// Images a previous run already wrote (batches resume).
+    skipped: usize,
+    grid: Option<((usize, usize), PathBuf)>,
+}
+
+fn plan_images(args: &Args, jobs: &[Job], grid: Option<(usize, usize)>) -> Result<ImagePlan> {
+    let batch_mode = args.prompts.is_some();
     let mut seeds_random = Vec::new();
-    let mut plan: Vec<Planned> = Vec::new();
+    let mut images: Vec<Planned> = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let base = job.seed.unwrap_or_else(|| {
             let s = random_seed();
@@ -201,7 +251,7 @@ pub fn run(args: Args) -> Result<i32> {
                 prompt: &job.prompt,
                 line: job.line,
             };
-            plan.push(Planned {
+            images.push(Planned {
                 job: j,
                 index: i,
                 seed,
@@ -209,57 +259,55 @@ pub fn run(args: Args) -> Result<i32> {
             });
         }
     }
-    for (k, p) in plan.iter().enumerate() {
-        if plan[..k].iter().any(|q| q.path == p.path) {
+    for (k, p) in images.iter().enumerate() {
+        if images[..k].iter().any(|q| q.path == p.path) {
             bail!("two images would be written to {}; put {{seed}}, {{index}} or {{line}} in --output", p.path.display());
         }
     }
     let mut skipped = 0usize;
     if batch_mode && !args.overwrite {
         // resumable: what a previous run wrote is kept
-        plan.retain(|p| {
+        images.retain(|p| {
             let exists = p.path.exists();
             if exists {
                 skipped += 1;
-                if messages {
+                if !args.quiet {
                     eprintln!("skip: {} exists", p.path.display());
                 }
             }
             !exists
         });
     } else {
-        for p in &plan {
+        for p in &images {
             output::check_writable(&p.path, args.overwrite)?;
         }
     }
-    let grid_path =
-        grid.map(|_| PathBuf::from(output::with_suffix(&plan[0].path.to_string_lossy(), "grid")));
-    if let Some(g) = &grid_path {
-        output::check_writable(g, args.overwrite)?;
+    let grid = grid.map(|g| {
+        let path = output::with_suffix(&images[0].path.to_string_lossy(), "grid");
+        (g, PathBuf::from(path))
+    });
+    if let Some((_, path)) = &grid {
+        output::check_writable(path, args.overwrite)?;
     }
-    if plan.is_empty() {
-        if messages {
-            eprintln!(
-                "nothing to do: {skipped} image(s) already exist, {failed_lines} bad line(s)"
-            );
-        }
-        return Ok(if failed_lines > 0 {
-            EXIT_FAILED
-        } else {
-            EXIT_OK
-        });
-    }
+    Ok(ImagePlan {
+        images,
+        seeds_random,
+        skipped,
+        grid,
+    })
+}
 
-    // 3. the model, loaded once
-    let files = source::resolve(&model_request)?;
-    let spinner = messages.then(|| {
+/// The model, loaded once, with the scheduler overrides applied.
+fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -> Result<Pipeline> {
+    let files = source::resolve(model)?;
+    let spinner = (!args.quiet).then(|| {
         let s = ProgressBar::new_spinner();
         s.set_message(format!("loading {}", files.name));
         s.enable_steady_tick(std::time::Duration::from_millis(120));
         s
     });
     let mut pipeline = Pipeline::load(files, device, dtype)?;
-    if batch_mode {
+    if args.prompts.is_some() {
         // many prompts: load once, keep everything, find bad weights before any work
         pipeline.preload()?;
     } else {
@@ -268,16 +316,33 @@ pub fn run(args: Args) -> Result<i32> {
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
-    apply_scheduler_overrides(&mut pipeline, &args);
-    interrupt::install();
+    apply_scheduler_overrides(&mut pipeline, args);
+    Ok(pipeline)
+}
 
-    // 4. generation, image by image as each is decoded
-    let bars = Bars::new(messages, plan.len());
-    let mut written = 0usize;
-    let mut grid_images: Vec<GeneratedImage> = Vec::new();
-    let mut outcome: Result<()> = Ok(());
+/// What the generation phase did.
+struct Done {
+    /// `Err` when something stopped the run (an interruption among them).
+    outcome: Result<()>,
+    written: usize,
+    /// Jobs that failed their checks and were skipped (batches without --strict).
+    bad_jobs: usize,
+    grid_images: Vec<GeneratedImage>,
+}
+
+/// Generates the planned images job by job, writing each as soon as it is decoded.
+fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) -> Done {
+    let messages = !args.quiet;
+    let batch_mode = args.prompts.is_some();
+    let bars = Bars::new(messages, plan.images.len());
+    let mut done = Done {
+        outcome: Ok(()),
+        written: 0,
+        bad_jobs: 0,
+        grid_images: Vec::new(),
+    };
     for (j, job) in jobs.iter().enumerate() {
-        let todo: Vec<&Planned> = plan.iter().filter(|p| p.job == j).collect();
+        let todo: Vec<&Planned> = plan.images.iter().filter(|p| p.job == j).collect();
         if todo.is_empty() {
             continue;
         }
@@ -296,23 +361,19 @@ pub fn run(args: Args) -> Result<i32> {
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {
             if !batch_mode || args.strict {
-                outcome = Err(e);
+                done.outcome = Err(e);
                 break;
             }
             bars.println(&format!("error: {where_}{e:#}"));
-            failed_lines += 1;
+            done.bad_jobs += 1;
             continue;
         }
         if messages {
-            for (what, text) in [
-                ("prompt", &request.prompt),
-                ("negative prompt", &request.negative_prompt),
-            ] {
-                if pipeline.tokenize(text)?.1 {
-                    bars.println(&format!("warning: {where_}the {what} is longer than 77 CLIP tokens and was truncated"));
-                }
+            if let Err(e) = warn_about(pipeline, &request, &bars, &where_) {
+                done.outcome = Err(e);
+                break;
             }
-            if seeds_random.contains(&j) {
+            if plan.seeds_random.contains(&j) {
                 bars.println(&format!(
                     "{where_}seed: {} (pass --seed {} to reproduce)",
                     request.seeds[0], request.seeds[0]
@@ -327,42 +388,62 @@ pub fn run(args: Args) -> Result<i32> {
         let mut k = 0;
         let result = pipeline.generate(
             &request,
-            &mut |done, total| bars.step(done, total),
+            &mut |steps, total| bars.step(steps, total),
             &mut |img| {
                 let p = todo[k];
                 k += 1;
-                let meta = metadata(&pipeline, &request, job, &scheduler_name, &img);
+                let meta = metadata(pipeline, &request, job, &scheduler_name, &img);
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
                 output::write_atomic(&p.path, &png, args.overwrite)?;
-                written += 1;
+                done.written += 1;
                 bars.image_done();
                 if args.json {
                     let mut out = std::io::stdout().lock();
                     writeln!(
                         out,
                         "{}",
-                        image_json(&pipeline, &request, job, &scheduler_name, &img, p)
+                        image_json(pipeline, &request, job, &scheduler_name, &img, p)
                     )?;
                     out.flush()?;
                 } else if messages {
                     bars.println(&format!("wrote {}", p.path.display()));
                 }
-                if grid.is_some() {
-                    grid_images.push(img);
+                if plan.grid.is_some() {
+                    done.grid_images.push(img);
                 }
                 Ok(())
             },
         );
         if let Err(e) = result {
-            outcome = Err(e);
+            done.outcome = Err(e);
             break;
         }
     }
     bars.finish();
+    done
+}
 
-    if let Err(e) = outcome {
+/// Warns about prompts that were cut at CLIP's 77 tokens.
+fn warn_about(pipeline: &Pipeline, request: &Request, bars: &Bars, where_: &str) -> Result<()> {
+    for (what, text) in [
+        ("prompt", &request.prompt),
+        ("negative prompt", &request.negative_prompt),
+    ] {
+        if pipeline.tokenize(text)?.1 {
+            bars.println(&format!(
+                "warning: {where_}the {what} is longer than 77 CLIP tokens and was truncated"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The end of a run: the interruption or error, the grid, the summary; the exit code.
+fn report(args: &Args, jobs: &Jobs, plan: &ImagePlan, done: Done) -> Result<i32> {
+    let (written, skipped) = (done.written, plan.skipped);
+    if let Err(e) = done.outcome {
         if e.downcast_ref::<interrupt::Interrupted>().is_some() {
-            eprintln!("interrupted: {written} image(s) written, {} not generated; run the same command again to continue", plan.len() - written);
+            eprintln!("interrupted: {written} image(s) written, {} not generated; run the same command again to continue", plan.images.len() - written);
             return Ok(EXIT_INTERRUPTED);
         }
         if written > 0 || skipped > 0 {
@@ -370,33 +451,49 @@ pub fn run(args: Args) -> Result<i32> {
         }
         return Err(e);
     }
-    if let (Some((rows, cols)), Some(gpath)) = (grid, grid_path) {
-        let cells: Vec<(usize, usize, &[u8])> = grid_images
-            .iter()
-            .map(|i| (i.width, i.height, i.rgb.as_slice()))
-            .collect();
-        let (w, h, px) = output::grid(&cells, rows, cols)?;
-        let first = &grid_images[0];
-        let mut meta = vec![("grid".to_string(), format!("{rows}x{cols}"))];
-        meta.push(("prompt".into(), jobs[0].prompt.clone()));
-        meta.push(("seed".into(), first.seed.to_string()));
-        output::write_atomic(
-            &gpath,
-            &output::encode_png(w, h, &px, &meta)?,
-            args.overwrite,
-        )?;
-        if messages && !args.json {
-            eprintln!("wrote {}", gpath.display());
-        }
+    if let Some(((rows, cols), path)) = &plan.grid {
+        write_grid(args, &jobs.list[0], &done.grid_images, (*rows, *cols), path)?;
     }
-    if batch_mode && messages {
-        eprintln!("done: {written} written, {skipped} skipped (already there), {failed_lines} bad line(s)");
+    let bad_lines = jobs.bad_lines + done.bad_jobs;
+    if args.prompts.is_some() && !args.quiet {
+        eprintln!(
+            "done: {written} written, {skipped} skipped (already there), {bad_lines} bad line(s)"
+        );
     }
-    Ok(if failed_lines > 0 {
+    Ok(exit_code(bad_lines))
+}
+
+fn exit_code(bad_lines: usize) -> i32 {
+    if bad_lines > 0 {
         EXIT_FAILED
     } else {
         EXIT_OK
-    })
+    }
+}
+
+/// `--grid`: all images of the run in one PNG.
+fn write_grid(
+    args: &Args,
+    job: &Job,
+    images: &[GeneratedImage],
+    (rows, cols): (usize, usize),
+    path: &std::path::Path,
+) -> Result<()> {
+    let cells: Vec<(usize, usize, &[u8])> = images
+        .iter()
+        .map(|i| (i.width, i.height, i.rgb.as_slice()))
+        .collect();
+    let (w, h, px) = output::grid(&cells, rows, cols)?;
+    let meta = vec![
+        ("grid".to_string(), format!("{rows}x{cols}")),
+        ("prompt".into(), job.prompt.clone()),
+        ("seed".into(), images[0].seed.to_string()),
+    ];
+    output::write_atomic(path, &output::encode_png(w, h, &px, &meta)?, args.overwrite)?;
+    if !args.quiet && !args.json {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// The overall bar (images) above the per-image step bar; hidden with --quiet or without a
