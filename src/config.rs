@@ -378,10 +378,9 @@ impl ClipTextConfig {
     }
 }
 
-/// `model_index.json`: which pipeline this is and which classes fill each slot.
+/// `model_index.json`, checked to name a pipeline sdgen runs: its scheduler's class.
 #[derive(Debug, Clone)]
 pub struct ModelIndex {
-    pub class_name: String,
     pub scheduler_class: Option<String>,
 }
 
@@ -411,9 +410,6 @@ impl ModelIndex {
             .and_then(|s| s.get(1))
             .and_then(Value::as_str)
             .map(str::to_string);
-        Ok(Self {
-            class_name,
-            scheduler_class,
-        })
+        Ok(Self { scheduler_class })
     }
 }

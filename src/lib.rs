@@ -11,19 +11,19 @@
 //! - `cpu` (and `cuda` with the `cuda` feature): the kernels. `allocator`: the process's
 //!   allocator.
 
-pub mod allocator;
+pub(crate) mod allocator;
 pub mod app;
-pub mod batch;
+pub(crate) mod batch;
 pub mod cli;
-pub mod config;
+pub(crate) mod config;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod device;
-pub mod interrupt;
-pub mod models;
+pub(crate) mod interrupt;
+pub(crate) mod models;
 pub mod ops;
-pub mod output;
+pub(crate) mod output;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;

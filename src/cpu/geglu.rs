@@ -49,7 +49,7 @@ fn geglu_body_bf16(h: &[u16], out: &mut [u16], inner: usize) {
 
 /// The GEGLU of one 32 x 32 block of a projection's f32 accumulators whose columns 0..16
 /// are hidden features and 16..32 the gate features of the same 16 outputs (see
-/// `amx_ops::linear_geglu`): dst row i <- (h + bh) * gelu(g + bg) rounded to bf16, biases
+/// `bf16::layers::linear_geglu`): dst row i <- (h + bh) * gelu(g + bg) rounded to bf16, biases
 /// given as 32 bf16 values in the block's column order.
 ///
 /// # Safety

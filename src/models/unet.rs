@@ -1,9 +1,9 @@
 //! diffusers' `UNet2DConditionModel` for SD 1.x/2.x, built from the model's own
 //! `unet/config.json` and named like diffusers' modules (down_blocks.N.attentions.M...).
 //!
-//! The ResNet blocks are candle-transformers' `ResnetBlock2D`, which matches diffusers'. The
-//! rest is owned here: candle's U-Net takes its per-block settings from presets shaped like a
-//! few known checkpoints, and its attention blocks use an approximate GELU (see attention.rs).
+//! Owned here rather than taken from candle-transformers: candle's U-Net takes its per-block
+//! settings from presets shaped like a few known checkpoints, and its attention blocks use an
+//! approximate GELU (see attention.rs).
 
 use super::attention::{Transformer2DConfig, Transformer2DModel};
 use super::layers::{linear, Conv2d, GroupNorm, Linear, ResnetBlock2D};
@@ -116,7 +116,6 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     center_input_sample: bool,
-    pub in_channels: usize,
 }
 
 impl UNet2DConditionModel {
@@ -278,7 +277,6 @@ impl UNet2DConditionModel {
             )?,
             conv_out: conv3x3(vb.pp("conv_out"), ch0, c.out_channels, 1)?,
             center_input_sample: c.center_input_sample,
-            in_channels: c.in_channels,
         })
     }
 

@@ -1,8 +1,8 @@
 //! bfloat16 block products with AVX512-BF16 vector dot products (`vdpbf16ps`), for CPUs that
 //! have AVX512-BF16 but no AMX tiles: AMD Zen 4 and Zen 5, Intel Cooper Lake. The blocks and
-//! layouts are those of the tile kernels in `amx` (A row-major; B in VNNI pair rows, the
+//! layouts are those of the tile kernels in `tiles` (A row-major; B in VNNI pair rows, the
 //! operand `vdpbf16ps` takes as it is; C f32, 32 x 32 per call), so the bf16 layers of
-//! `amx_ops` run on either, chosen by `amx::Kernel`.
+//! `layers` and `winograd` run on either, chosen by `super::Kernel`.
 //!
 //! Why: without these, such CPUs widened bf16 to f32 for the f32 kernels, so `--dtype bf16`
 //! ran slower than f32, while torch (oneDNN's avx512_core_bf16 kernels, the same instruction)
@@ -86,12 +86,12 @@ unsafe fn rows<const R: usize, const W: usize>(
     }
 }
 
-/// `amx::Kernel::block` and `block_add` on vectors: C (32 x 32) = or += A (32 rows of `k`) x
+/// `Kernel::block` and `block_add` on vectors: C (32 x 32) = or += A (32 rows of `k`) x
 /// two panels of B, the first at `b`, the second `panel_len` values on (pair rows of 32
 /// values).
 ///
 /// # Safety
-/// As `amx::Kernel::block_add`, on a CPU with AVX512-BF16.
+/// As `Kernel::block_add`, on a CPU with AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block(
@@ -118,10 +118,10 @@ pub unsafe fn block(
     }
 }
 
-/// `amx::Kernel::block_add_half` on vectors: C (32 x 16) += A (32 rows of `k`) x one panel at `b`.
+/// `Kernel::block_add_half` on vectors: C (32 x 16) += A (32 rows of `k`) x one panel at `b`.
 ///
 /// # Safety
-/// As `amx::Kernel::block_add_half`, on a CPU with AVX512-BF16.
+/// As `Kernel::block_add_half`, on a CPU with AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn block_add_half(
     k: usize,
@@ -145,11 +145,11 @@ pub unsafe fn block_add_half(
     }
 }
 
-/// `amx::Kernel::block_taps` on vectors: C (32 x 32) = the sum over taps t of A_t x B_t, A_t at
+/// `Kernel::block_taps` on vectors: C (32 x 32) = the sum over taps t of A_t x B_t, A_t at
 /// `a + t * a_tap`, B_t's pair rows at `b + b_taps[t]`, `ldb` values apart (at most 9 taps).
 ///
 /// # Safety
-/// As `amx::Kernel::block_taps`, on a CPU with AVX512-BF16.
+/// As `Kernel::block_taps`, on a CPU with AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_taps(

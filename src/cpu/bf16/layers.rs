@@ -1,7 +1,8 @@
-//! The linear layer, the convolution and the attention for bf16 CPU tensors on AMX tiles (see
-//! `amx`): bf16 inputs and weights, f32 accumulation, bias added in f32, result rounded to bf16
-//! once, as torch's bf16 CPU layers do. The layers call these when [`handles`] says so and keep
-//! the f32 kernels (inputs widened) otherwise.
+//! The linear layer (with the fused GEGLU projection), the convolutions and the attention for
+//! bf16 CPU tensors on a bf16 [`Kernel`] (AMX tiles or AVX512-BF16 dot products, given by the
+//! caller): bf16 inputs and weights, f32 accumulation, bias added in f32, result rounded to
+//! bf16 once, as torch's bf16 CPU layers do. `ops` calls these for the weights it prepared
+//! for them (packed panels, per-tap matrices).
 
 use super::{interleave_pair, Kernel, BLOCK, KSTEP, PANEL};
 use crate::cpu::common::bf16::{
@@ -19,7 +20,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `kernels::with_scratch` for bf16 values.
+/// `common::with_scratch` for bf16 values.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
     crate::cpu::common::scratch_in(&SCRATCH, len, f)
 }
@@ -217,7 +218,7 @@ pub fn unpack_linear_weight(panels: &Tensor, n: usize) -> Result<Tensor> {
     Tensor::from_vec(w, (n, k), panels.device())
 }
 
-/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), the weight (out, in) as
+/// `nn.Linear` of bf16 CPU tensors on `kernel`: x (..., in), the weight (out, in) as
 /// [`pack_linear_weight`] gives it, bias (out).
 pub fn linear_packed(
     kernel: Kernel,
@@ -274,7 +275,7 @@ fn swap_row_groups(t: &Tensor, [outer, inner]: [usize; 2]) -> Result<Tensor> {
 }
 
 /// diffusers' `GEGLU` (projection to [hidden | gate], then hidden * gelu(gate), exact erf)
-/// of bf16 CPU tensors on AMX in one pass: the weight (2 inner, in) as
+/// of bf16 CPU tensors on `kernel` in one pass: the weight (2 inner, in) as
 /// `pack_linear_weight(geglu_order(weight))`, the bias as `geglu_order(bias)`. The GELU is
 /// taken from the f32 accumulators as each block is stored, so the 2 inner-wide projection
 /// is never written (for SD 1.5's 320 -> 2560 over 8192 tokens: 42 MB written and read
@@ -288,7 +289,7 @@ pub fn linear_geglu(
     apply_linear(kernel, x, panels, bias, panels.dim(0)?, true)
 }
 
-/// `nn.Linear` of bf16 CPU tensors on AMX: x (..., in), weight (out, in), bias (out); `in`
+/// `nn.Linear` of bf16 CPU tensors on `kernel`: x (..., in), weight (out, in), bias (out); `in`
 /// a multiple of 32 (see [`linear_fits`]). Packs the weight for this call.
 #[cfg(test)] // layers use the packed weights; the tests check the packing
 pub fn linear(
@@ -434,7 +435,7 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
-/// 2-D convolution (groups 1, dilation 1) of bf16 CPU tensors on AMX.
+/// 2-D convolution (groups 1, dilation 1) of bf16 CPU tensors on `kernel`.
 pub fn conv2d(
     kernel: Kernel,
     x: &Tensor,
@@ -450,7 +451,7 @@ pub fn conv2d(
     )
 }
 
-/// Whether [`conv2d_3x3`] (and `winograd_bf16::conv3x3`) takes this convolution: 3x3, stride
+/// Whether [`conv2d_3x3`] (and `winograd::conv3x3`) takes this convolution: 3x3, stride
 /// 1, padding 1, input channels a multiple of 32 (the tiles' depth step, so that either
 /// kernel takes the weights).
 pub fn conv3x3_fits(weight: &Tensor, g: ConvGeometry) -> bool {
@@ -638,7 +639,7 @@ impl CustomOp3 for Conv3x3Op {
     }
 }
 
-/// A 3x3 convolution, stride 1, padding 1, of bf16 CPU tensors on AMX, the weights given as
+/// A 3x3 convolution, stride 1, padding 1, of bf16 CPU tensors on `kernel`, the weights given as
 /// [`conv3x3_taps`] makes them (see [`conv3x3_fits`]); `cout` the output channels.
 pub fn conv2d_3x3(
     kernel: Kernel,
@@ -834,7 +835,7 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// softmax(q k^T / sqrt(d)) v for bf16 CPU tensors on AMX, heads side by side in the last
+/// softmax(q k^T / sqrt(d)) v for bf16 CPU tensors on `kernel`, heads side by side in the last
 /// dim: q (b, tq, heads x d), k (b, tk, heads x d), v (b, tk, heads x dv) -> (b, tq, heads x dv).
 pub fn attention(
     kernel: Kernel,

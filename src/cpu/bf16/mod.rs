@@ -49,7 +49,7 @@ impl CBlock {
 pub enum Kernel {
     /// AMX tiles (`tdpbf16ps`): Intel Xeon, Sapphire Rapids and later.
     Tiles,
-    /// AVX512-BF16 vector dot products (`vdpbf16ps`, see `dpbf16`): AMD Zen 4 and later,
+    /// AVX512-BF16 vector dot products (`vdpbf16ps`, see `dot`): AMD Zen 4 and later,
     /// Intel Cooper Lake.
     Dot,
 }

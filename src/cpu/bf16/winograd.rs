@@ -1,10 +1,10 @@
 //! 3x3 convolutions (stride 1, padding 1) of bf16 CPU tensors by Winograd's F(2x2, 3x3) on
 //! the bf16 block kernels (`super::Kernel`: AMX tiles or AVX512-BF16 dot products).
 //!
-//! Why: the direct bf16 convolution (`amx_ops::conv2d_3x3`) does 36 multiply-adds per output
+//! Why: the direct bf16 convolution (`layers::conv2d_3x3`) does 36 multiply-adds per output
 //! pixel and input channel; F(2x2, 3x3) does 16 per 2 x 2 outputs, 2.25x fewer, as 16
 //! products of transformed weights (cout x cin) and transformed input tiles (cin x tiles),
-//! the same transforms as the f32 path (`winograd`). The transformed weights and inputs are
+//! the same transforms as the f32 path (`f32::winograd`). The transformed weights and inputs are
 //! rounded to bf16 for the kernels (sums stay f32), one rounding more than torch's direct
 //! bf16 convolution: the test below bounds the difference from f32 on the same bf16 inputs,
 //! and the image tests bound the images.

@@ -147,7 +147,7 @@ pub(crate) fn narrow_biased_row(src: &[f32], bias: &[u16], dst: &mut [u16]) {
 }
 
 /// Whether the CPU has AVX512F/BW/VL and AVX512-BF16 (all those with AMX do): what the
-/// intrinsics here and in `kernels` need.
+/// intrinsics here and in the kernels need.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512_bf16() -> bool {
     use std::sync::OnceLock;

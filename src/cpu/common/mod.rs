@@ -131,7 +131,7 @@ pub(crate) fn contiguous<'a, T: candle_core::WithDType>(
 }
 
 /// A raw output pointer shared by workers that write disjoint regions (the kernels here, in
-/// `winograd` and in `amx_ops`).
+/// `f32/` and in `bf16/`).
 pub(crate) struct SharedOut<T>(pub(crate) *mut T);
 // derived Clone/Copy would require T: Copy; the pointer is always copyable
 impl<T> Clone for SharedOut<T> {

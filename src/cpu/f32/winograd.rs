@@ -277,7 +277,7 @@ pub fn conv3x3(
     // and at most ~12 MB of scratch per thread (16 x (cin + cout) x tiles values), which the
     // thread keeps: 512 tiles of the 960 -> 320 convolution at 64x64 took 42 MB per thread.
     // Measured on the f32 512x512 generation: peak RSS 3600 -> 3518 MiB with this cap and
-    // the im2col one in `kernels`, U-Net step and VAE decode no slower.
+    // the im2col one in `conv`, U-Net step and VAE decode no slower.
     let max_tiles = (12 << 20) / (4 * P * (cin + cout));
     let rows = 512usize.min(max_tiles).div_ceil(tw).clamp(1, th);
     let chunks = th.div_ceil(rows);
