@@ -5,10 +5,10 @@ use crate::batch::{parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
-use crate::output::{self, NameFields};
+use crate::output::{self, NameFields, Written};
 use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
-use crate::source::{self, offline_from_env, ModelRequest, Precision};
+use crate::source::{self, offline_from_env, ModelRequest, Precision, WeightFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -100,11 +100,14 @@ fn model_request(args: &Args, dtype: DType) -> ModelRequest<'_> {
 /// `--download-only`: fills the cache and prints where the model is.
 fn download_only(model: &ModelRequest, json: bool) -> Result<i32> {
     let files = source::resolve(model)?;
-    let root = files
-        .model_index
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    // the folder the download went to: the snapshot, or the checkpoint's (a single file's
+    // configs are built in, in a folder that lives only as long as this process)
+    let root = match &files.weights {
+        WeightFiles::SingleFile(ckpt) => ckpt.parent(),
+        WeightFiles::Diffusers { .. } => files.model_index.parent(),
+    }
+    .map(|p| p.display().to_string())
+    .unwrap_or_default();
     if json {
         println!(
             "{}",
@@ -325,6 +328,8 @@ struct Done {
     /// `Err` when something stopped the run (an interruption among them).
     outcome: Result<()>,
     written: usize,
+    /// Images another run wrote while this one generated them (batches: left as they are).
+    written_meanwhile: usize,
     /// Jobs that failed their checks and were skipped (batches without --strict).
     bad_jobs: usize,
     grid_images: Vec<GeneratedImage>,
@@ -338,6 +343,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
     let mut done = Done {
         outcome: Ok(()),
         written: 0,
+        written_meanwhile: 0,
         bad_jobs: 0,
         grid_images: Vec::new(),
     };
@@ -394,8 +400,20 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
                 k += 1;
                 let meta = metadata(pipeline, &request, job, &scheduler_name, &img);
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
-                output::write_atomic(&p.path, &png, args.overwrite)?;
-                done.written += 1;
+                match output::write_atomic(&p.path, &png, args.overwrite)? {
+                    Written::New => done.written += 1,
+                    Written::AlreadyThere if batch_mode => {
+                        // another worker of the same batch made it first
+                        done.written_meanwhile += 1;
+                        bars.image_done();
+                        bars.println(&format!("skip: {} was written meanwhile", p.path.display()));
+                        return Ok(());
+                    }
+                    Written::AlreadyThere => bail!(
+                        "{} appeared while generating; not overwriting it",
+                        p.path.display()
+                    ),
+                }
                 bars.image_done();
                 if args.json {
                     let mut out = std::io::stdout().lock();
@@ -440,10 +458,11 @@ fn warn_about(pipeline: &Pipeline, request: &Request, bars: &Bars, where_: &str)
 
 /// The end of a run: the interruption or error, the grid, the summary; the exit code.
 fn report(args: &Args, jobs: &Jobs, plan: &ImagePlan, done: Done) -> Result<i32> {
-    let (written, skipped) = (done.written, plan.skipped);
+    let (written, skipped) = (done.written, plan.skipped + done.written_meanwhile);
     if let Err(e) = done.outcome {
         if e.downcast_ref::<interrupt::Interrupted>().is_some() {
-            eprintln!("interrupted: {written} image(s) written, {} not generated; run the same command again to continue", plan.images.len() - written);
+            let left = plan.images.len() - written - done.written_meanwhile;
+            eprintln!("interrupted: {written} image(s) written, {left} not generated; run the same command again to continue");
             return Ok(EXIT_INTERRUPTED);
         }
         if written > 0 || skipped > 0 {
@@ -489,7 +508,13 @@ fn write_grid(
         ("prompt".into(), job.prompt.clone()),
         ("seed".into(), images[0].seed.to_string()),
     ];
-    output::write_atomic(path, &output::encode_png(w, h, &px, &meta)?, args.overwrite)?;
+    let png = output::encode_png(w, h, &px, &meta)?;
+    if output::write_atomic(path, &png, args.overwrite)? == Written::AlreadyThere {
+        bail!(
+            "{} appeared while generating; not overwriting it",
+            path.display()
+        );
+    }
     if !args.quiet && !args.json {
         eprintln!("wrote {}", path.display());
     }

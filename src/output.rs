@@ -105,23 +105,41 @@ pub fn encode_png(width: usize, height: usize, rgb: &[u8], metadata: &Metadata) 
     Ok(buf)
 }
 
-/// Refuses to go on when `path` exists and overwriting was not asked for.
+/// Whether an image may be written to `path`: nothing there, or, with `overwrite`, a regular
+/// file. Nothing else is ever replaced: a folder, or a device node, pipe, socket or link (as
+/// root, `-o /dev/null --overwrite` replaced the device with a PNG).
 pub fn check_writable(path: &Path, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        bail!(
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot check {}", path.display())),
+        Ok(m) if m.is_dir() => bail!("{} is a directory; choose a file name", path.display()),
+        Ok(m) if !m.file_type().is_file() => bail!(
+            "{} is not a regular file (a device, pipe, socket or link); sdgen only replaces regular files",
+            path.display()
+        ),
+        Ok(_) if !overwrite => bail!(
             "{} already exists; pass --overwrite to replace it or choose another --output",
             path.display()
-        );
+        ),
+        Ok(_) => Ok(()),
     }
-    if path.is_dir() {
-        bail!("{} is a directory", path.display());
-    }
-    Ok(())
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
-/// Missing folders are created. Without `overwrite` an existing file is an error.
-pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+/// What [`write_atomic`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The image is at its path.
+    New,
+    /// Without `overwrite`: another process wrote the path while this one generated (a second
+    /// batch worker, say); its file was left as it is.
+    AlreadyThere,
+}
+
+/// Writes `bytes` to `path` atomically: a new temporary file in the same folder (never an
+/// existing one, so a planted link is not followed), then moved into place. Missing folders
+/// are created. Without `overwrite` an existing file is an error, and the move itself refuses
+/// to replace a file that appeared meanwhile ([`Written::AlreadyThere`]).
+pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<Written> {
     check_writable(path, overwrite)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -130,30 +148,82 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)
+    let (tmp, mut f) = create_temp(&dir, &name.to_string_lossy())?;
+    let result = (|| -> Result<Written> {
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
         drop(f);
-        if !overwrite && path.exists() {
-            bail!(
-                "{} appeared while generating; not overwriting it",
-                path.display()
-            );
+        if overwrite {
+            check_writable(path, true)?;
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("cannot move the image to {}", path.display()))?;
+            return Ok(Written::New);
         }
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move the image to {}", path.display()))
+        match move_no_replace(&tmp, path) {
+            Ok(()) => Ok(Written::New),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Written::AlreadyThere),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot move the image to {}", path.display()))
+            }
+        }
     })();
-    if result.is_err() {
+    if !matches!(result, Ok(Written::New)) {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A new file `.NAME.PID.N.tmp` in `dir`, created exclusively (`O_EXCL`: an existing file or
+/// link of that name is never opened).
+fn create_temp(dir: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
+    let pid = std::process::id();
+    for n in 0.. {
+        let tmp = dir.join(format!(".{name}.{pid}.{n}.tmp"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", tmp.display())),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Moves `from` to `to` unless `to` exists (then `AlreadyExists`), in one step: the check and
+/// the move cannot be split by another writer. `renameat2(RENAME_NOREPLACE)` on Linux; where
+/// the file system lacks it, a hard link (which refuses an existing name too), then `from`
+/// removed.
+fn move_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes());
+        let (cfrom, cto) = (c(from)?, c(to)?);
+        // SAFETY: two NUL-terminated paths that live across the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                cfrom.as_ptr(),
+                libc::AT_FDCWD,
+                cto.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 /// diffusers' `make_image_grid`: images placed row by row, `rows` x `cols`.
@@ -234,5 +304,58 @@ mod tests {
         assert_eq!((w, h), (4, 2));
         assert_eq!(&px[0..12], &[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]);
         assert!(grid(&[(2, 2, &a)], 2, 2).is_err());
+    }
+
+    #[test]
+    fn only_regular_files_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.png");
+        std::fs::write(&file, b"old").unwrap();
+        assert!(check_writable(&file, false).is_err());
+        check_writable(&file, true).unwrap();
+        check_writable(&dir.path().join("new.png"), false).unwrap();
+        let link = dir.path().join("link.png");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        for (path, what) in [
+            (Path::new("/dev/null"), "not a regular file"),
+            (link.as_path(), "not a regular file"),
+            (dir.path(), "is a directory"),
+        ] {
+            for overwrite in [false, true] {
+                let e = write_atomic(path, b"png", overwrite)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(what), "{}: {e}", path.display());
+            }
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"old");
+        assert_eq!(write_atomic(&file, b"new", true).unwrap(), Written::New);
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+    }
+
+    #[test]
+    fn the_final_move_never_replaces_and_links_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"victim").unwrap();
+        // a link planted where the temporary file would go is not opened
+        let pid = std::process::id();
+        let planted = dir.path().join(format!(".x.png.{pid}.0.tmp"));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let out = dir.path().join("x.png");
+        assert_eq!(write_atomic(&out, b"png", false).unwrap(), Written::New);
+        assert_eq!(std::fs::read(&out).unwrap(), b"png");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        // a file that appears between the check and the move is kept, and the temporary
+        // file does not stay behind
+        let (tmp, _) = create_temp(dir.path(), "y.png").unwrap();
+        std::fs::write(&tmp, b"mine").unwrap();
+        let other = dir.path().join("y.png");
+        std::fs::write(&other, b"theirs").unwrap();
+        let e = move_no_replace(&tmp, &other).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&other).unwrap(), b"theirs");
+        move_no_replace(&tmp, &dir.path().join("z.png")).unwrap();
+        assert!(!tmp.exists());
     }
 }
