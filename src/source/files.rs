@@ -28,6 +28,9 @@ pub struct ModelFiles {
     pub unet_config: PathBuf,
     pub vae_config: PathBuf,
     pub weights: WeightFiles,
+    /// The private folder of a single-file checkpoint's built-in configs
+    /// (`single_file::builtin_configs`), kept while the model's files are in use.
+    pub builtin_configs: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// Where the weights are.
@@ -224,6 +227,7 @@ impl ModelFiles {
             unet_config: root.join("unet/config.json"),
             vae_config: root.join("vae/config.json"),
             weights: WeightFiles::SingleFile(PathBuf::new()),
+            builtin_configs: None,
         }
     }
 
@@ -235,7 +239,7 @@ impl ModelFiles {
         checkpoint: &Path,
         config_from: Option<&Path>,
     ) -> Result<Self> {
-        let root = match config_from {
+        let (root, builtin) = match config_from {
             Some(dir) => {
                 if !dir.join("unet/config.json").exists() {
                     bail!(
@@ -243,15 +247,17 @@ impl ModelFiles {
                         dir.display()
                     );
                 }
-                dir.to_path_buf()
+                (dir.to_path_buf(), None)
             }
             None => {
                 let family = single_file::Checkpoint::open(checkpoint)?.family;
-                single_file::builtin_config_dir(family)?
+                let dir = single_file::builtin_configs(family)?;
+                (dir.path().to_path_buf(), Some(std::sync::Arc::new(dir)))
             }
         };
         let mut m = Self::configs_from(name, revision, &root);
         m.weights = WeightFiles::SingleFile(checkpoint.to_path_buf());
+        m.builtin_configs = builtin;
         Ok(m)
     }
 

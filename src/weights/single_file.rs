@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Which Stable Diffusion generation a checkpoint is, from its tensor names and shapes.
@@ -528,9 +528,12 @@ fn open_clip_name(name: &str, d: usize) -> Option<Source> {
     None
 }
 
-/// The folder of built-in configs for `family`, written once under the temporary directory
-/// (the files are compiled into the binary).
-pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
+/// The built-in configs of `family` (compiled into the binary), written into a private folder
+/// made anew for this call (mode 0700, an unpredictable name, created exclusively) and removed
+/// when the returned guard is dropped. A fixed folder under the temporary directory let another
+/// local user plant links there (overwriting the victim's files) or swap the configs between
+/// their check and their use.
+pub fn builtin_configs(family: Family) -> Result<tempfile::TempDir> {
     macro_rules! files {
         ($dir:literal) => {
             [
@@ -585,18 +588,21 @@ pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
         Family::Sd1 => files!("sd15"),
         Family::Sd2 => files!("sd21"),
     };
-    let root = std::env::temp_dir()
-        .join(format!("sdgen-{}-configs", env!("CARGO_PKG_VERSION")))
-        .join(family.builtin_name());
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::Builder::new()
+        .prefix(&format!("sdgen-configs-{}-", family.builtin_name()))
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("cannot make a folder for the built-in configs")?;
     for (rel, text) in files {
-        let p = root.join(rel);
-        if std::fs::read_to_string(&p).is_ok_and(|t| t == text) {
-            continue;
-        }
+        let p = root.path().join(rel);
         std::fs::create_dir_all(p.parent().expect("has parent"))?;
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &p)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(root)
 }
@@ -604,6 +610,7 @@ pub fn builtin_config_dir(family: Family) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn unet_names_follow_the_ldm_layout() {
@@ -693,12 +700,22 @@ mod tests {
     #[test]
     fn builtin_configs_parse() {
         for family in [Family::Sd1, Family::Sd2] {
-            let dir = builtin_config_dir(family).unwrap();
+            let guard = builtin_configs(family).unwrap();
+            let dir = guard.path();
+            // private: only this user may list, plant or swap files there
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
             let unet = UNetConfig::load(&dir.join("unet/config.json")).unwrap();
             let clip = ClipTextConfig::load(&dir.join("text_encoder/config.json")).unwrap();
             assert_eq!(unet.cross_attention_dim, clip.hidden_size);
             VaeConfig::load(&dir.join("vae/config.json")).unwrap();
             crate::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+            // a folder of its own for each model, gone with its guard
+            let other = builtin_configs(family).unwrap();
+            assert_ne!(other.path(), dir);
+            let dir = dir.to_path_buf();
+            drop(guard);
+            assert!(!dir.exists());
         }
     }
 }
