@@ -1,11 +1,12 @@
 //! Hub downloads against a loopback Hub (tests/common/hub_server.rs): first download then
 //! generation, cache-only second run, a connection cut mid-file, a corrupted byte, 404/401/500
-//! answers, the token, and the fp16 variant. No test reaches the internet.
+//! answers, the token, the fp16 variant, and hostile answers (names that would leave the
+//! cache, a redirect without Location). No test reaches the internet.
 
 mod common;
-use common::hub_server::{model_files, HubServer, COMMIT};
+use common::hub_server::{self, model_files, HubServer, COMMIT};
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const REPO: &str = "org/tiny-sd";
@@ -372,5 +373,100 @@ fn download_only_fetches_the_fp16_variant_for_half_precision() {
             "{files:?}"
         );
         assert!(!files.contains(&format!("{c}.safetensors")), "{files:?}");
+    }
+}
+
+/// Every file the cache holds, resolved: each link must point inside the cache.
+fn links_leaving(cache: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![cache.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(p);
+            } else if t.is_symlink() {
+                let target = d.join(std::fs::read_link(&p).unwrap());
+                let inside = std::fs::canonicalize(&target)
+                    .map(|t| t.starts_with(std::fs::canonicalize(cache).unwrap()))
+                    .unwrap_or(false);
+                if !inside {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_hub_answers_never_touch_files_outside_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary");
+    let canary_abs = canary.to_str().unwrap().to_string();
+    type Setup = Box<dyn Fn(&mut hub_server::State)>;
+    let header = |k: &'static str, v: String| -> Setup {
+        Box::new(move |st: &mut hub_server::State| {
+            st.override_headers.push((k.to_string(), v.clone()))
+        })
+    };
+    // from <cache>/models--org--tiny-sd/blobs, ../../../canary is the canary above the cache
+    let cases: Vec<(&str, Setup)> = vec![
+        (
+            "an etag climbing out",
+            header("X-Linked-Etag", "\"../../../canary\"".into()),
+        ),
+        (
+            "a plain etag climbing out",
+            header("ETag", "\"../../../canary\"".into()),
+        ),
+        (
+            "an absolute etag",
+            header("X-Linked-Etag", format!("\"{canary_abs}\"")),
+        ),
+        (
+            "a commit climbing out",
+            header("X-Repo-Commit", "../../../../evil".into()),
+        ),
+        (
+            "another commit than listed",
+            header("X-Repo-Commit", "0".repeat(40)),
+        ),
+        (
+            "a listed commit climbing out",
+            Box::new(|st: &mut hub_server::State| st.listed_commit = Some("../../../x".into())),
+        ),
+        (
+            "a redirect without Location",
+            Box::new(|st: &mut hub_server::State| st.redirect_without_location = true),
+        ),
+    ];
+    for (what, setup) in cases {
+        std::fs::write(&canary, b"keep").unwrap();
+        let server = HubServer::start(REPO, repo_files());
+        setup(&mut server.state.lock().unwrap());
+        let cache = dir.path().join(format!("hub-{}", what.replace(' ', "-")));
+        let out = dir.path().join("a.png");
+        let o = generate(&server, &cache, &out, &[]);
+        let err = stderr(&o);
+        eprintln!("{what}: {err}");
+        // an error, not a panic (exit 101) or a success
+        assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.lines().count() == 1,
+            "{what}: {err}"
+        );
+        assert_eq!(std::fs::read(&canary).unwrap(), b"keep", "{what}");
+        assert!(!out.exists(), "{what}");
+        assert!(!dir.path().join("evil").exists(), "{what}");
+        assert_eq!(links_leaving(&cache), Vec::<PathBuf>::new(), "{what}");
+        let stray: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n != "canary" && !n.starts_with("hub-"))
+            .collect();
+        assert!(stray.is_empty(), "{what}: {stray:?}");
     }
 }

@@ -1,7 +1,15 @@
-//! Downloads from the Hugging Face Hub through hf-hub into the shared cache, with what hf-hub
-//! leaves to its caller: choosing the files, checking each download against the size and
-//! sha256 the Hub announces, retrying and resuming dropped connections, and errors that say
-//! what to do.
+//! Downloads from the Hugging Face Hub into the shared cache (the layout of Python's
+//! `huggingface_hub`): the file list through hf-hub, then each file resolved and transferred
+//! here, with what hf-hub leaves to its caller: choosing the files, checking every name the
+//! server sends before it becomes a path, checking each download against the size and sha256
+//! the Hub announces, retrying and resuming dropped connections, and errors that say what to
+//! do.
+//!
+//! Why not hf-hub's `download`: it builds cache paths from the server's `ETag` and
+//! `X-Repo-Commit` unchecked (an endpoint, mirror or proxy answering `../` or an absolute path
+//! overwrote any file the user can write, or linked outside the cache), panics on a redirect
+//! without `Location`, and asks for those headers again for the transfer, so a check before
+//! calling it would not hold against a server that answers differently the second time.
 
 use super::cache::{from_cache, hub_cache_dir, repo_folder};
 use super::files::{plan_files, ModelFiles, ModelRequest, Plan};
@@ -9,11 +17,12 @@ use crate::config::ModelIndex;
 use anyhow::{bail, Context, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// Attempts per file after a dropped connection; each one resumes where the last stopped.
 const RETRIES: usize = 3;
@@ -202,6 +211,13 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
             ));
         }
     };
+    if !is_hex(&info.sha, 40..=40) {
+        bail!(
+            "the Hub named the commit of {repo_id} {:?}, not a commit hash; refusing to use it as a folder name (check HF_ENDPOINT)",
+            info.sha
+        );
+    }
+    let client = Client::new();
     let by_name: BTreeMap<&str, &Sibling> = info
         .siblings
         .iter()
@@ -213,25 +229,21 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
         Plan::Diffusers(files) => files.clone(),
         Plan::SingleFile(f) => vec![f.clone()],
     };
+    if let Some(bad) = files.iter().find(|f| !is_plain_repo_path(f)) {
+        bail!("the Hub listed a file {bad:?} that would leave the model's folder; refusing it");
+    }
     let mut paths = Vec::new();
     for f in &files {
         let path = match cached(repo_id, &info.sha, f) {
             Some(p) => p,
             None => {
-                let p = repo.download(f).map_err(|e| {
-                    let failure = match &e {
-                        hf_hub::api::sync::ApiError::RequestError(re) => classify(re),
-                        other => HubFailure::Other(other.to_string()),
-                    };
-                    anyhow::anyhow!(failure_message(
-                        repo_id,
-                        revision,
-                        &format!("downloading {f}"),
-                        &failure
-                    ))
-                })?;
-                verify(&p, by_name[f.as_str()])?;
-                p
+                let place = Place {
+                    repo_id,
+                    revision,
+                    commit: &info.sha,
+                    file: f,
+                };
+                download(&client, &repo, &place, by_name[f.as_str()], progress)?
             }
         };
         if f == "model_index.json" {
@@ -240,6 +252,7 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
         }
         paths.push(path);
     }
+    write_ref(repo_id, revision, &info.sha)?;
     match plan {
         Plan::Diffusers(files) => {
             let root = paths[0]
@@ -259,4 +272,262 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
             req.config_from,
         ),
     }
+}
+
+/// Whether `s` is a hex digest of `len` characters: the only commit and blob names that may
+/// become paths in the cache.
+fn is_hex(s: &str, len: std::ops::RangeInclusive<usize>) -> bool {
+    len.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A path inside a repo (`unet/config.json`) none of whose parts leaves its folder.
+fn is_plain_repo_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.contains('\\')
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The HTTP clients of the downloads: one that stops at the first answer (to read the Hub's
+/// headers before a redirect to its CDN), one that follows redirects for the bytes; both send
+/// HF_TOKEN, the second only to the host it was given for.
+struct Client {
+    first_answer: ureq::Agent,
+    follow: ureq::Agent,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new() -> Self {
+        Self {
+            first_answer: ureq::Agent::config_builder()
+                .max_redirects(0)
+                .build()
+                .into(),
+            follow: ureq::Agent::config_builder()
+                .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+                .build()
+                .into(),
+            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+        }
+    }
+
+    fn get(
+        &self,
+        agent: &ureq::Agent,
+        url: &str,
+        range: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = agent
+            .get(url)
+            .header("User-Agent", concat!("sdgen/", env!("CARGO_PKG_VERSION")))
+            .header("Range", range);
+        match &self.token {
+            Some(t) => request.header("Authorization", format!("Bearer {t}")),
+            None => request,
+        }
+    }
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
+/// The commit and the blob name the Hub gives for one file (`X-Repo-Commit`, and
+/// `X-Linked-Etag` or `ETag`), following the Hub's own relative redirects (a renamed repo);
+/// an absolute redirect (to the CDN) carries them itself.
+fn resolve(client: &Client, url: &str) -> std::result::Result<(String, String), HubFailure> {
+    let mut url = url.to_string();
+    for _ in 0..5 {
+        let response = client
+            .get(&client.first_answer, &url, "bytes=0-0")
+            .call()
+            .map_err(|e| classify(&e))?;
+        let header = |k: &str| {
+            response
+                .headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if response.status().is_redirection() {
+            let Some(location) = header("location") else {
+                return Err(HubFailure::Other(
+                    "the Hub answered a redirect without a Location".into(),
+                ));
+            };
+            if location.starts_with('/') && !location.starts_with("//") {
+                url = format!("{}{location}", origin(&url));
+                continue;
+            }
+        }
+        let missing = |h: &str| HubFailure::Other(format!("the Hub's answer has no {h} header"));
+        let commit = header("x-repo-commit").ok_or_else(|| missing("X-Repo-Commit"))?;
+        let etag = header("x-linked-etag")
+            .or_else(|| header("etag"))
+            .ok_or_else(|| missing("ETag"))?;
+        let etag = etag.trim_start_matches("W/").trim_matches('"').to_string();
+        return Ok((commit, etag));
+    }
+    Err(HubFailure::Other(
+        "the Hub redirected too many times".into(),
+    ))
+}
+
+/// Appends `url`'s bytes to `part` (a partial file from an earlier run is resumed), retrying
+/// a dropped connection from where it stopped; `size` from the file list.
+fn transfer(
+    client: &Client,
+    url: &str,
+    part: &Path,
+    size: Option<u64>,
+    bar: &ProgressBar,
+) -> std::result::Result<(), HubFailure> {
+    let io = |e: std::io::Error| HubFailure::Other(format!("{}: {e}", part.display()));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .map_err(io)?;
+    let mut failure = None;
+    for attempt in 0..=RETRIES {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(300 << attempt));
+        }
+        let mut have = file.metadata().map_err(io)?.len();
+        if size.is_some_and(|s| have > s) {
+            file.set_len(0).map_err(io)?;
+            have = 0;
+        }
+        if size == Some(have) && have > 0 {
+            return Ok(());
+        }
+        let response = match client
+            .get(&client.follow, url, &format!("bytes={have}-"))
+            .call()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let f = classify(&e);
+                if matches!(f, HubFailure::Status(code) if code < 500) {
+                    return Err(f);
+                }
+                failure = Some(f);
+                continue;
+            }
+        };
+        if response.status() != 206 && have > 0 {
+            // the server sent the whole file, not the rest
+            file.set_len(0).map_err(io)?;
+            have = 0;
+        }
+        bar.set_position(have);
+        let mut body = bar.wrap_read(response.into_body().into_reader());
+        match std::io::copy(&mut body, &mut file) {
+            Ok(_) => return Ok(()),
+            Err(e) => failure = Some(HubFailure::Unreachable(e.to_string())),
+        }
+    }
+    Err(failure.unwrap_or(HubFailure::Other("no answer".into())))
+}
+
+/// Which file of which repo a download is for.
+struct Place<'a> {
+    repo_id: &'a str,
+    revision: &'a str,
+    /// The commit the file list gave for the revision (checked: 40 hex digits).
+    commit: &'a str,
+    file: &'a str,
+}
+
+/// Downloads a file of the repo at its commit into the shared cache: the blob `blobs/ETAG`
+/// and its link `snapshots/COMMIT/FILE`, both named only from checked hex digests, then
+/// checked against the listing's size and sha256.
+fn download(
+    client: &Client,
+    repo: &ApiRepo,
+    place: &Place,
+    sibling: &Sibling,
+    progress: bool,
+) -> Result<PathBuf> {
+    let Place {
+        repo_id,
+        revision,
+        commit,
+        file,
+    } = *place;
+    let url = repo.url(file);
+    let what = format!("downloading {file}");
+    let fail = |f: HubFailure| anyhow::anyhow!(failure_message(repo_id, revision, &what, &f));
+    let (served_commit, etag) = resolve(client, &url).map_err(fail)?;
+    if served_commit != commit {
+        bail!(
+            "{what}: the Hub's answers disagree: commit {commit:?} in the file list, {served_commit:?} for the file (check HF_ENDPOINT, or run again if the branch just moved)"
+        );
+    }
+    if !is_hex(&etag, 32..=128) {
+        bail!("{what}: the Hub named the file's blob {etag:?}, not a hash; refusing to use it as a file name (check HF_ENDPOINT)");
+    }
+    let repo_dir = hub_cache_dir().join(repo_folder(repo_id));
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs)
+        .with_context(|| format!("cannot create {}", blobs.display()))?;
+    let blob = blobs.join(&etag);
+    if !blob.is_file() {
+        let part = blobs.join(format!("{etag}.incomplete"));
+        let size = sibling.lfs.as_ref().map(|l| l.size).or(sibling.size);
+        let bar = if progress {
+            let b = ProgressBar::new(size.unwrap_or(0));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b.set_message(file.to_string());
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        transfer(client, &url, &part, size, &bar).map_err(fail)?;
+        bar.finish_and_clear();
+        std::fs::rename(&part, &blob)
+            .with_context(|| format!("cannot move the download to {}", blob.display()))?;
+    }
+    let pointer = repo_dir.join("snapshots").join(commit).join(file);
+    let folder = pointer.parent().expect("inside the snapshot");
+    std::fs::create_dir_all(folder)
+        .with_context(|| format!("cannot create {}", folder.display()))?;
+    // from snapshots/COMMIT/a/b/FILE up to the repo folder: one level per part of FILE, one
+    // for COMMIT
+    let ups = Path::new(file).components().count() + 1;
+    let target: PathBuf = std::iter::repeat_n(Path::new(".."), ups)
+        .collect::<PathBuf>()
+        .join("blobs")
+        .join(&etag);
+    let _ = std::fs::remove_file(&pointer);
+    std::os::unix::fs::symlink(&target, &pointer)
+        .with_context(|| format!("cannot link {}", pointer.display()))?;
+    verify(&pointer, sibling)?;
+    Ok(pointer)
+}
+
+/// `refs/REVISION` holds the commit a branch or tag name resolved to, for offline use.
+fn write_ref(repo_id: &str, revision: &str, commit: &str) -> Result<()> {
+    if revision == commit || !is_plain_repo_path(revision) {
+        return Ok(());
+    }
+    let path = hub_cache_dir()
+        .join(repo_folder(repo_id))
+        .join("refs")
+        .join(revision);
+    std::fs::create_dir_all(path.parent().expect("inside refs"))?;
+    std::fs::write(&path, commit).with_context(|| format!("cannot write {}", path.display()))
 }

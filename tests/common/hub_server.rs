@@ -26,6 +26,12 @@ pub struct State {
     pub corrupt: HashSet<String>,
     /// "path range" of each request.
     pub log: Vec<String>,
+    /// Headers of every file answer replaced by these (a hostile endpoint).
+    pub override_headers: Vec<(String, String)>,
+    /// File answers are a 302 without a Location header.
+    pub redirect_without_location: bool,
+    /// The commit the file list names, when not [`COMMIT`].
+    pub listed_commit: Option<String>,
 }
 
 pub struct HubServer {
@@ -104,6 +110,7 @@ fn respond(
     let reason = match status {
         200 => "OK",
         206 => "Partial Content",
+        302 => "Found",
         401 => "Unauthorized",
         404 => "Not Found",
         _ => "Error",
@@ -190,7 +197,11 @@ fn handle(mut s: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
                 v
             })
             .collect();
-        let body = serde_json::json!({"id": repo, "sha": COMMIT, "siblings": siblings}).to_string();
+        let sha = st
+            .listed_commit
+            .clone()
+            .unwrap_or_else(|| COMMIT.to_string());
+        let body = serde_json::json!({"id": repo, "sha": sha, "siblings": siblings}).to_string();
         drop(st);
         return respond(
             &mut s,
@@ -220,6 +231,11 @@ fn handle(mut s: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
             None,
         );
     };
+    if st.redirect_without_location {
+        drop(st);
+        return respond(&mut s, 302, &[], b"", None);
+    }
+    let overrides = st.override_headers.clone();
     let digest = sha256_hex(&data);
     let mut served = data.clone();
     if st.corrupt.contains(&file) && !served.is_empty() {
@@ -258,6 +274,10 @@ fn handle(mut s: TcpStream, state: &Arc<Mutex<State>>) -> std::io::Result<()> {
         headers.push(("X-Linked-Size".into(), size.to_string()));
     } else {
         headers.push(("ETag".into(), format!("\"{}\"", &digest[..40])));
+    }
+    for (k, v) in overrides {
+        headers.retain(|(h, _)| !h.eq_ignore_ascii_case(&k));
+        headers.push((k, v));
     }
     let status = if range.is_some() {
         headers.push((
