@@ -12,25 +12,10 @@ fn cpu(bf16: Option<Bf16Kernel>) -> Engine {
     Engine::Cpu(CpuEngine::with_bf16(bf16))
 }
 
-/// max |got - want| / max |want|.
+/// max |got - want| / max |want| ([`rel_diff`] for results of any type against any reference).
 fn rel(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims());
-    let d = (f32(got) - f32(want))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = f32(want)
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / scale
+    rel_diff(got, &f32(want))
 }
 
 #[test]

@@ -405,7 +405,7 @@ fn transfer(
             file.set_len(0).map_err(io)?;
             have = 0;
         }
-        if size == Some(have) && have > 0 {
+        if size == Some(have) {
             return Ok(());
         }
         let response = match client
