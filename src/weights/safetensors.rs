@@ -28,56 +28,45 @@ impl SafetensorsReader {
             .context("not a safetensors file (too short)")?;
         let header_len = u64::from_le_bytes(n);
         if header_len > 100_000_000 || 8 + header_len > len {
+            // (also the safetensors crate's limit)
             bail!("not a safetensors file (bad header length)");
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact_at(&mut header, 8)?;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).context("not a safetensors file (bad header)")?;
+        // the safetensors crate's own checks, as Python's loader makes them: offsets in order,
+        // contiguous from 0, each range the size its shape and type make (checked arithmetic:
+        // offsets that wrap around or overlap, and shapes too large to allocate, are errors)
+        let header: ::safetensors::tensor::Metadata = serde_json::from_slice(&header)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
         let data_start = 8 + header_len;
+        let data_end = data_start.checked_add(header.data_len() as u64);
+        match data_end {
+            Some(end) if end == len => {}
+            Some(end) if end < len => bail!(
+                "not a valid safetensors file: {} bytes after the tensors its header describes",
+                len - end
+            ),
+            _ => bail!(
+                "the file is truncated ({len} bytes; its header describes {} bytes of tensors after {data_start})",
+                header.data_len()
+            ),
+        }
         let mut tensors = HashMap::new();
-        for (name, info) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = match info["dtype"].as_str().unwrap_or("") {
-                "F32" => DType::F32,
-                "F16" => DType::F16,
-                "BF16" => DType::BF16,
-                "F64" => DType::F64,
-                "I64" => DType::I64,
-                "U32" => DType::U32,
-                "U8" => DType::U8,
+        for (name, info) in header.tensors() {
+            use ::safetensors::Dtype as S;
+            let dtype = match info.dtype {
+                S::F32 => DType::F32,
+                S::F16 => DType::F16,
+                S::BF16 => DType::BF16,
+                S::F64 => DType::F64,
+                S::I64 => DType::I64,
+                S::U32 => DType::U32,
+                S::U8 => DType::U8,
                 // tensors of other types (e.g. int32 buffers) are never requested
                 _ => continue,
             };
-            let shape: Vec<usize> = info["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|d| d.as_u64())
-                        .map(|d| d as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let offsets = info["data_offsets"]
-                .as_array()
-                .context("bad tensor entry")?;
-            let (start, end) = (
-                offsets[0].as_u64().unwrap_or(0),
-                offsets[1].as_u64().unwrap_or(0),
-            );
-            let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
-            if end < start || (end - start) as usize != want {
-                bail!("tensor {name}: its byte range does not match its shape");
-            }
-            if data_start + end > len {
-                bail!(
-                    "the file is truncated ({len} bytes, tensor {name} ends at {})",
-                    data_start + end
-                );
-            }
-            tensors.insert(name, (dtype, shape, start, end));
+            let (start, end) = info.data_offsets;
+            tensors.insert(name, (dtype, info.shape.clone(), start as u64, end as u64));
         }
         Ok(Self {
             file,
@@ -299,5 +288,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Headers that used to panic, or to read past the data, or to allocate what the file
+    /// does not hold, are errors before any tensor is read.
+    #[test]
+    fn hostile_headers_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, header: &str, data_len: usize| {
+            let path = dir.path().join(name);
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header.as_bytes());
+            bytes.extend(vec![0u8; data_len]);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let f32x2 = |offsets: &str| {
+            format!(r#"{{"a":{{"dtype":"F32","shape":[2],"data_offsets":{offsets}}}}}"#)
+        };
+        let cases = [
+            ("no offsets", f32x2("[]"), 8, "not a valid safetensors file"),
+            ("one offset", f32x2("[0]"), 8, "not a valid safetensors file"),
+            ("end before start", f32x2("[8,0]"), 8, "not a valid safetensors file"),
+            (
+                "wrapping start",
+                f32x2("[18446744073709551608,0]"),
+                8,
+                "not a valid safetensors file",
+            ),
+            (
+                "overlapping",
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#.to_string(),
+                12,
+                "not a valid safetensors file",
+            ),
+            (
+                "shape overflowing",
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#.to_string(),
+                8,
+                "not a valid safetensors file",
+            ),
+            (
+                "1 GiB declared, 8 bytes there",
+                r#"{"a":{"dtype":"F32","shape":[268435456],"data_offsets":[0,1073741824]}}"#.to_string(),
+                8,
+                "truncated",
+            ),
+            ("bytes after the data", f32x2("[0,8]"), 12, "bytes after the tensors"),
+            ("not JSON", "{\"a\":".to_string(), 0, "not a valid safetensors file"),
+        ];
+        for (what, header, data_len, want) in cases {
+            let path = file("x.safetensors", &header, data_len);
+            let err = match SafetensorsReader::open(&path) {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(want), "{what}: {err}");
+        }
+        // the same header with its 8 bytes reads
+        let path = file("ok.safetensors", &f32x2("[0,8]"), 8);
+        let r = SafetensorsReader::open(&path).unwrap();
+        assert_eq!(r.read("a", DType::F32).unwrap().dims(), &[2]);
     }
 }
