@@ -63,7 +63,7 @@ pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
             snapshot.display()
         );
     }
-    let available = list_dir(&snapshot);
+    let available = list_dir(&snapshot, req.checkpoint);
     let plan = plan_files(
         &available,
         req.precision,

@@ -171,20 +171,31 @@ pub fn needed_files(
     Ok(files)
 }
 
-pub(super) fn list_dir(root: &Path) -> BTreeSet<String> {
+/// The files of a model folder that sdgen may use, as paths relative to `root`: those at its
+/// root and one folder down (the diffusers layout; single-file checkpoints), and `checkpoint`
+/// (`--checkpoint`, at any depth) when it is a file there. The walk goes no deeper: a folder
+/// holding a link to itself, or `--model /`, hung the unbounded walk.
+pub(super) fn list_dir(root: &Path, checkpoint: Option<&str>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
-                stack.push(p);
+                if depth == 0 {
+                    stack.push((p, depth + 1));
+                }
             } else if let Ok(rel) = p.strip_prefix(root) {
                 out.insert(rel.to_string_lossy().replace('\\', "/"));
             }
+        }
+    }
+    if let Some(c) = checkpoint {
+        if root.join(c).is_file() {
+            out.insert(c.to_string());
         }
     }
     out
@@ -275,7 +286,7 @@ impl ModelFiles {
         if !dir.is_dir() {
             bail!("model folder {} does not exist", dir.display());
         }
-        let available = list_dir(dir);
+        let available = list_dir(dir, checkpoint);
         let source = format!("model folder {}", dir.display());
         match plan_files(&available, precision, &source, checkpoint)? {
             Plan::Diffusers(files) => Ok(Self::from_root(
@@ -291,5 +302,36 @@ impl ModelFiles {
                 config_from,
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder that links to itself, and the file system's root, are listed in bounded time.
+    #[test]
+    fn the_folder_walk_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("unet/deeper")).unwrap();
+        std::fs::write(root.join("model_index.json"), "{}").unwrap();
+        std::fs::write(root.join("unet/config.json"), "{}").unwrap();
+        std::fs::write(root.join("unet/deeper/x.ckpt"), "").unwrap();
+        std::os::unix::fs::symlink(root, root.join("loop")).unwrap();
+        std::os::unix::fs::symlink(root, root.join("unet/loop")).unwrap();
+        let files = list_dir(root, None);
+        assert!(files.contains("model_index.json") && files.contains("unet/config.json"));
+        assert!(files.contains("loop/model_index.json"), "{files:?}");
+        assert!(
+            !files.iter().any(|f| f.matches('/').count() > 1),
+            "{files:?}"
+        );
+        // a deeper --checkpoint is found where it is named
+        let files = list_dir(root, Some("unet/deeper/x.ckpt"));
+        assert!(files.contains("unet/deeper/x.ckpt"));
+        // `--model /`: an answer (no model there), not a walk of the whole file system
+        let e = ModelFiles::from_folder(Path::new("/"), Precision::Full).unwrap_err();
+        assert!(e.to_string().contains("no model_index.json"), "{e}");
     }
 }
