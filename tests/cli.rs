@@ -477,3 +477,62 @@ fn bad_input_gives_one_line_errors_and_no_files() {
     ));
     assert_ne!(std::fs::read(&out).unwrap(), b"precious");
 }
+
+/// `--timestep-spacing trailing` with DDIM at 3, 6 and 24 steps indexed its table at -1 (a
+/// panic); PNDM at 1000 steps with the model's steps_offset 1 indexed past it (diffusers stops
+/// there too): now images, and one error line.
+#[test]
+fn scheduler_step_counts_that_panicked() {
+    let dir = tempfile::tempdir().unwrap();
+    for steps in ["3", "6", "24"] {
+        let out = dir.path().join(format!("ddim-{steps}.png"));
+        ok(&sdgen(
+            &[
+                "a cat",
+                "-m",
+                &tiny(),
+                "-s",
+                "1",
+                "-W",
+                "64",
+                "-H",
+                "64",
+                "-q",
+                "--scheduler",
+                "ddim",
+                "--timestep-spacing",
+                "trailing",
+                "--steps",
+                steps,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        ));
+        assert!(out.exists());
+    }
+    let out = dir.path().join("pndm.png");
+    let o = sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "-q",
+            "--scheduler",
+            "pndm",
+            "--steps",
+            "1000",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(err.contains("reaches timestep 1000"), "{err}");
+    assert!(!out.exists());
+}

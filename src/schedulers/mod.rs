@@ -393,20 +393,31 @@ pub fn discrete_timesteps(
             .map(|t| t as i64)
             .collect(),
     };
+    if let Some(t) = ts.iter().find(|&&t| t < 0 || t as usize >= train) {
+        // diffusers stops with an IndexError above the table (PNDM, --steps 1000, steps_offset
+        // 1) and, at -1 (trailing spacing for 62 of the step counts up to 1000, 61 the first),
+        // reads its last entry through Python's negative index: not reproduced
+        bail!(
+            "--steps {steps} with {spacing:?} timestep spacing and steps_offset {offset} reaches timestep {t}, outside the scheduler's {train} training timesteps; choose another number of steps"
+        );
+    }
     Ok(ts)
 }
 
 /// `np.round(np.arange(train, 0, -train / steps)) - 1`: the `trailing` spacing every
-/// scheduler family shares, descending.
+/// scheduler family shares, descending. numpy's `arange` as it computes it: the length
+/// ceil((stop - start) / step), then start + i x delta with delta = (start + step) - start.
+/// Subtracting the step again and again drifted: 1000 - 6 x 166.67 stayed above 0, a seventh
+/// timestep -1 followed, and DDIM indexed its table at -1 (`--timestep-spacing trailing
+/// --steps 3`, `6`, `24` panicked).
 pub fn trailing_timesteps(train: usize, steps: usize) -> Vec<f64> {
-    let ratio = train as f64 / steps as f64;
-    let mut v = Vec::new();
-    let mut x = train as f64;
-    while x > 0.0 {
-        v.push(round_half_even(x) - 1.0);
-        x -= ratio;
-    }
-    v
+    let start = train as f64;
+    let step = -start / steps as f64;
+    let delta = (start + step) - start;
+    let len = ((0.0 - start) / step).ceil() as usize;
+    (0..len)
+        .map(|i| round_half_even(start + i as f64 * delta) - 1.0)
+        .collect()
 }
 
 /// numpy's round: half to even.
@@ -416,5 +427,45 @@ pub fn round_half_even(x: f64) -> f64 {
         2.0 * (x / 2.0).round()
     } else {
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// numpy's `np.round(np.arange(1000, 0, -1000 / steps)) - 1`, as printed by numpy 2.4.
+    #[test]
+    fn trailing_spacing_is_numpys() {
+        let t = |steps| trailing_timesteps(1000, steps);
+        assert_eq!(t(3), [999.0, 666.0, 332.0]);
+        assert_eq!(t(6), [999.0, 832.0, 666.0, 499.0, 332.0, 166.0]);
+        let t24 = t(24);
+        assert_eq!(t24.len(), 24);
+        assert_eq!(t24[..4], [999.0, 957.0, 916.0, 874.0]);
+        assert_eq!(t24[21..], [124.0, 82.0, 41.0]);
+        // numpy's own length: one more, ending at -1, for 61 steps
+        let t61 = t(61);
+        assert_eq!(t61.len(), 62);
+        assert_eq!(t61[59..], [32.0, 15.0, -1.0]);
+    }
+
+    #[test]
+    fn timesteps_outside_the_table_are_errors() {
+        // PNDM's leading spacing with steps_offset 1 at 1000 steps reaches 1000
+        let e = discrete_timesteps(Spacing::Leading, 1000, 1000, 1).unwrap_err();
+        assert!(e.to_string().contains("reaches timestep 1000"), "{e}");
+        let e = discrete_timesteps(Spacing::Trailing, 1000, 61, 0).unwrap_err();
+        assert!(e.to_string().contains("reaches timestep -1"), "{e}");
+        assert_eq!(
+            discrete_timesteps(Spacing::Trailing, 1000, 6, 0).unwrap(),
+            [999, 832, 666, 499, 332, 166]
+        );
+        assert_eq!(
+            discrete_timesteps(Spacing::Leading, 1000, 1000, 0)
+                .unwrap()
+                .len(),
+            1000
+        );
     }
 }
