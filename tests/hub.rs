@@ -470,3 +470,18 @@ fn hostile_hub_answers_never_touch_files_outside_the_cache() {
         assert!(stray.is_empty(), "{what}: {stray:?}");
     }
 }
+
+/// A `huggingface-cli login` token (the `token` file beside the cache) is sent with the file
+/// list and the downloads alike, as hf-hub sends it, when HF_TOKEN is not set.
+#[test]
+fn the_login_token_file_is_used_without_hf_token() {
+    let server = HubServer::start(REPO, repo_files());
+    server.state.lock().unwrap().token = Some("secret".into());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    std::fs::write(dir.path().join("token"), "secret\n").unwrap();
+    ok(&generate(&server, &cache, &dir.path().join("a.png"), &[]));
+    assert!(fetched(&server)
+        .iter()
+        .any(|f| f == "unet/diffusion_pytorch_model.safetensors"));
+}

@@ -49,18 +49,21 @@ struct RepoInfo {
     siblings: Vec<Sibling>,
 }
 
-fn api(progress: bool) -> Result<Api> {
-    let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir()))
-        .with_progress(progress)
-        .with_retries(RETRIES);
+/// The Hub token: HF_TOKEN when set and not empty, else the `token` file a
+/// `huggingface-cli login` leaves beside the cache (hf-hub's rule).
+fn token() -> Option<String> {
+    std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| Cache::new(hub_cache_dir()).token())
+}
+
+/// hf-hub's client, for the file list and the files' URLs (the downloads are [`download`]'s).
+fn api() -> Result<Api> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir())).with_token(token());
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         if !endpoint.is_empty() {
             builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
-        }
-    }
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        if !token.is_empty() {
-            builder = builder.with_token(Some(token));
         }
     }
     builder
@@ -181,7 +184,7 @@ fn cached(repo_id: &str, commit: &str, file: &str) -> Option<PathBuf> {
 /// components, or one single-file checkpoint.
 pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
     let (repo_id, revision, progress) = (req.model, req.revision, req.progress);
-    let api = api(progress)?;
+    let api = api()?;
     let repo = api.repo(Repo::with_revision(
         repo_id.to_string(),
         RepoType::Model,
@@ -291,7 +294,7 @@ fn is_plain_repo_path(p: &str) -> bool {
 
 /// The HTTP clients of the downloads: one that stops at the first answer (to read the Hub's
 /// headers before a redirect to its CDN), one that follows redirects for the bytes; both send
-/// HF_TOKEN, the second only to the host it was given for.
+/// the [`token`], the second only to the host it was given for.
 struct Client {
     first_answer: ureq::Agent,
     follow: ureq::Agent,
@@ -309,7 +312,7 @@ impl Client {
                 .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
                 .build()
                 .into(),
-            token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: token(),
         }
     }
 
