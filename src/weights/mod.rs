@@ -1,10 +1,14 @@
-//! Reading weights: safetensors files (`safetensors`), PyTorch `.bin` pickles (candle's reader,
-//! which only rebuilds tensors), and single-file checkpoints in the original LDM naming
-//! (`single_file`, renamed to diffusers' names as they are read).
+//! Reading weights: safetensors files (`safetensors`), PyTorch zip checkpoints (`pytorch`,
+//! over our own `pickle` reader, which builds data and calls nothing), and single-file
+//! checkpoints in the original LDM naming (`single_file`, renamed to diffusers' names as they
+//! are read).
 
+pub mod pickle;
+pub mod pytorch;
 pub mod safetensors;
 pub mod single_file;
 
+use self::pytorch::TorchCheckpoint;
 use self::safetensors::SafetensorsReader;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -23,21 +27,20 @@ pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> candle_core::Result<Tens
     Ok(t)
 }
 
-/// A `VarBuilder` over one weight file: safetensors (read tensor by tensor) or a PyTorch
-/// `.bin`, which candle reads with a pickle reader that only rebuilds tensors and never runs
-/// code.
+/// A `VarBuilder` over one weight file: safetensors or a PyTorch `.bin`, read tensor by
+/// tensor.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let vb = if is_safetensors {
-        SafetensorsReader::open(path)
-            .map(|r| VarBuilder::from_backend(Box::new(r), dtype, device.clone()))
+    let backend: Result<Box<dyn candle_nn::var_builder::SimpleBackend>> = if is_safetensors {
+        SafetensorsReader::open(path).map(|r| Box::new(r) as _)
     } else {
-        VarBuilder::from_pth(path, dtype, device).map_err(anyhow::Error::from)
+        TorchCheckpoint::open(path).map(|r| Box::new(r) as _)
     };
-    vb.with_context(|| {
+    let backend = backend.with_context(|| {
         format!(
             "cannot read weights {} (corrupt or incomplete file? delete it and download again)",
             path.display()
         )
-    })
+    })?;
+    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
 }

@@ -94,9 +94,9 @@ impl SafetensorsReader {
         debug_assert_eq!((end - start) as usize, n * dtype.size_in_bytes());
         let shape = shape.as_slice();
         match dtype {
-            DType::F32 => converted(self.read_vec::<f32>(n, offset)?, shape, want),
-            DType::F16 => converted(self.read_vec::<half::f16>(n, offset)?, shape, want),
-            DType::BF16 => converted(self.read_vec::<half::bf16>(n, offset)?, shape, want),
+            DType::F32 => converted(read_vec::<f32>(&self.file, n, offset)?, shape, want),
+            DType::F16 => converted(read_vec::<half::f16>(&self.file, n, offset)?, shape, want),
+            DType::BF16 => converted(read_vec::<half::bf16>(&self.file, n, offset)?, shape, want),
             _ => {
                 let mut buf = vec![0u8; (end - start) as usize];
                 self.file.read_exact_at(&mut buf, offset)?;
@@ -104,39 +104,42 @@ impl SafetensorsReader {
             }
         }
     }
+}
 
-    /// Reads `n` little-endian values straight into their final buffer (one copy, no zeroing),
-    /// large tensors in 4 MiB pieces on all threads.
-    fn read_vec<T: Copy + Send>(&self, n: usize, offset: u64) -> std::io::Result<Vec<T>> {
-        use rayon::prelude::*;
-        const PIECE: usize = 4 << 20;
-        let mut v: Vec<T> = Vec::with_capacity(n);
-        // SAFETY: the byte view covers exactly the capacity; the reads fill all of it or one
-        // fails (then the vector is dropped with length 0); T is a plain little-endian number
-        // type, as safetensors stores them, on a little-endian target.
-        unsafe {
-            let bytes = std::slice::from_raw_parts_mut(
-                v.as_mut_ptr() as *mut u8,
-                n * std::mem::size_of::<T>(),
-            );
-            if bytes.len() <= PIECE {
-                self.file.read_exact_at(bytes, offset)?;
-            } else {
-                bytes
-                    .par_chunks_mut(PIECE)
-                    .enumerate()
-                    .try_for_each(|(i, piece)| {
-                        self.file.read_exact_at(piece, offset + (i * PIECE) as u64)
-                    })?;
-            }
-            v.set_len(n);
+/// Reads `n` little-endian values straight into their final buffer (one copy, no zeroing),
+/// large tensors in 4 MiB pieces on all threads. (Also the PyTorch reader's.)
+pub(super) fn read_vec<T: candle_core::WithDType>(
+    file: &std::fs::File,
+    n: usize,
+    offset: u64,
+) -> std::io::Result<Vec<T>> {
+    use rayon::prelude::*;
+    const PIECE: usize = 4 << 20;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: the byte view covers exactly the capacity; the reads fill all of it or one
+    // fails (then the vector is dropped with length 0); T is a plain number type (any bits
+    // are a value), little-endian as safetensors and torch store them, on a little-endian
+    // target.
+    unsafe {
+        let bytes =
+            std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>());
+        if bytes.len() <= PIECE {
+            file.read_exact_at(bytes, offset)?;
+        } else {
+            bytes
+                .par_chunks_mut(PIECE)
+                .enumerate()
+                .try_for_each(|(i, piece)| {
+                    file.read_exact_at(piece, offset + (i * PIECE) as u64)
+                })?;
         }
-        Ok(v)
+        v.set_len(n);
     }
+    Ok(v)
 }
 
 /// A float type the safetensors files store, widened exactly to f32.
-trait StoredFloat: candle_core::WithDType + Sync {
+pub(super) trait StoredFloat: candle_core::WithDType + Sync {
     fn wide(self) -> f32;
 }
 
@@ -161,7 +164,7 @@ impl StoredFloat for half::bf16 {
 /// `v` as a CPU tensor of `want`: as it is when the types agree, else converted on all
 /// threads through f32 (which holds f16 and bf16 exactly), rounding as candle's `to_dtype`
 /// does.
-fn converted<S: StoredFloat>(
+pub(super) fn converted<S: StoredFloat>(
     v: Vec<S>,
     shape: &[usize],
     want: DType,

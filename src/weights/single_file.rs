@@ -4,13 +4,11 @@
 //! diffusers' `from_single_file` converts them), with configs from built-in copies of the
 //! base models or from `--config-from`.
 //!
-//! `.ckpt` files are pickles: they are read with candle's pickle reader, which only rebuilds
-//! tensors, and refused outright when the pickle calls anything but the tensor-rebuild
-//! functions.
+//! `.ckpt` files are PyTorch zip checkpoints, read by [`super::pytorch`] (which refuses a
+//! pickle that calls anything but the tensor-rebuild functions).
 
 use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::pickle::{Object, PthTensors, Stack};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -40,99 +38,6 @@ pub fn is_checkpoint_file(path: &str) -> bool {
     path.ends_with(".safetensors") || path.ends_with(".ckpt")
 }
 
-/// The callables a `.ckpt` pickle may use: tensor and parameter rebuilding, ordered dicts, and
-/// the numpy scalar constructors training frameworks store step counters with.
-const ALLOWED_CALLABLES: &[(&str, &str)] = &[
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-];
-
-fn check_callables(obj: &Object, path: &Path) -> Result<()> {
-    match obj {
-        Object::Reduce { callable, args } | Object::Build { callable, args } => {
-            if let Object::Class {
-                module_name,
-                class_name,
-            } = callable.as_ref()
-            {
-                if !ALLOWED_CALLABLES.contains(&(module_name.as_str(), class_name.as_str())) {
-                    bail!(
-                        "refusing {}: its pickle calls {module_name}.{class_name}, which is not a tensor-rebuild function (a .ckpt can run code when loaded by Python; convert it to .safetensors with a tool you trust)",
-                        path.display()
-                    );
-                }
-            }
-            check_callables(callable, path)?;
-            check_callables(args, path)
-        }
-        Object::Tuple(v) | Object::List(v) => v.iter().try_for_each(|o| check_callables(o, path)),
-        Object::Dict(kv) => kv.iter().try_for_each(|(k, v)| {
-            check_callables(k, path)?;
-            check_callables(v, path)
-        }),
-        Object::PersistentLoad(o) => check_callables(o, path),
-        _ => Ok(()),
-    }
-}
-
-/// Parses every `data.pkl` of a torch zip checkpoint without executing anything and refuses
-/// it when a callable outside [`ALLOWED_CALLABLES`] appears. Returns whether the weights sit
-/// under a `state_dict` key.
-pub fn check_ckpt(path: &Path) -> Result<bool> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).with_context(|| {
-        format!(
-            "{} is not a PyTorch zip checkpoint (old tar/pickle .ckpt files are not supported)",
-            path.display()
-        )
-    })?;
-    let names: Vec<String> = zip
-        .file_names()
-        .map(|n| n.map(|n| n.into_owned()))
-        .collect::<std::result::Result<_, _>>()?;
-    let mut has_state_dict = false;
-    let mut found = false;
-    for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
-        found = true;
-        let reader = zip.by_name(name)?;
-        let mut reader = std::io::BufReader::new(reader);
-        let mut stack = Stack::empty();
-        stack.read_loop(&mut reader).map_err(|e| {
-            anyhow::anyhow!(
-                "refusing {}: its pickle cannot be read safely ({e})",
-                path.display()
-            )
-        })?;
-        let obj = stack.finalize().map_err(|e| {
-            anyhow::anyhow!(
-                "refusing {}: its pickle cannot be read safely ({e})",
-                path.display()
-            )
-        })?;
-        check_callables(&obj, path)?;
-        if let Object::Dict(kv) = &obj {
-            has_state_dict |= kv
-                .iter()
-                .any(|(k, _)| *k == Object::Unicode("state_dict".into()));
-        }
-    }
-    if !found {
-        bail!(
-            "{} has no data.pkl: not a PyTorch checkpoint",
-            path.display()
-        );
-    }
-    Ok(has_state_dict)
-}
-
 /// The opened checkpoint: a weight backend with LDM names.
 pub struct Checkpoint {
     inner: Arc<dyn SimpleBackend>,
@@ -144,11 +49,8 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let name = path.to_string_lossy();
         let (inner, keys): (Arc<dyn SimpleBackend>, HashSet<String>) = if name.ends_with(".ckpt") {
-            let has_state_dict = check_ckpt(path)?;
-            let key = has_state_dict.then_some("state_dict");
-            let t = PthTensors::new(path, key)
-                .with_context(|| format!("cannot read the tensors of {}", path.display()))?;
-            let keys = t.tensor_infos().keys().cloned().collect();
+            let t = super::pytorch::TorchCheckpoint::open(path)?;
+            let keys = t.names().cloned().collect();
             (Arc::new(t), keys)
         } else {
             let t = super::safetensors::SafetensorsReader::open(path).with_context(|| {
@@ -287,12 +189,13 @@ impl Renamed {
         let src = (self.map)(name).ok_or_else(|| candle_core::Error::CannotFindTensor {
             path: name.to_string(),
         })?;
-        let t = self
-            .inner
-            .get_unchecked(&src.name, dtype, dev)
-            .map_err(|_| candle_core::Error::CannotFindTensor {
+        if !self.inner.contains_tensor(&src.name) {
+            return Err(candle_core::Error::CannotFindTensor {
                 path: format!("{} (checkpoint key {})", name, src.name),
-            })?;
+            });
+        }
+        // a tensor that is there but cannot be read says why (its type, a short read)
+        let t = self.inner.get_unchecked(&src.name, dtype, dev)?;
         match src.rows {
             Some((start, len)) => t.narrow(0, start, len)?.contiguous(),
             None => Ok(t),
