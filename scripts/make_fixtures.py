@@ -702,16 +702,65 @@ def full_size(out_dir):
         json.dump(SD15_SCHEDULER, f, indent=2)
 
 
+# ---- real-world config shapes (nulls, -Infinity, 2022 configs, BK-SDM) on the tiny model ----
+
+def apply_config_edits(model_dir, edits):
+    """Merges each file's edits into model_dir (null sets null, "$delete" removes keys), written
+    as Python's json writes them (-Infinity as a bare literal)."""
+    for rel, change in edits.items():
+        path = os.path.join(model_dir, rel)
+        with open(path) as f:
+            cfg = json.load(f)
+        change = dict(change)
+        for k in change.pop("$delete", []):
+            cfg.pop(k, None)
+        cfg.update(change)
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def record_real_world(out):
+    """diffusers' image for each variant of tests/fixtures/configs/real_world.json: the
+    pipeline's own scheduler and default size, seed 42."""
+    with open(os.path.join(out, "configs", "real_world.json")) as f:
+        variants = json.load(f)["variants"]
+    ref = os.path.join(out, "reference", "real_world")
+    os.makedirs(ref, exist_ok=True)
+    import tempfile
+    from PIL import Image
+
+    for name, edits in variants.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = os.path.join(tmp, "model")
+            shutil.copytree(os.path.join(out, "models", "tiny"), model_dir)
+            apply_config_edits(model_dir, edits)
+            pipe = load_pipe(model_dir)
+            image = pipe(
+                E2E_PROMPT,
+                negative_prompt=E2E_NEGATIVE,
+                num_inference_steps=E2E_STEPS,
+                guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(42),
+                output_type="np",
+            ).images[0]
+            print(f"{name}: {type(pipe.scheduler).__name__} {dict(steps_offset=pipe.scheduler.config.get('steps_offset'), clip_sample=pipe.scheduler.config.get('clip_sample'))} {image.shape}")
+            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, f"{name}.png"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
+    ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.full_size:
         full_size(args.full_size)
         return
     out = os.path.abspath(args.out)
+    if args.only_real_world:
+        record_real_world(out)
+        return
     ref = os.path.join(out, "reference")
     os.makedirs(ref, exist_ok=True)
     print(f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
@@ -722,6 +771,7 @@ def main():
         record_model(name, model_dir, ref)
     record_single_files(out)
     record_bin(out)
+    record_real_world(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

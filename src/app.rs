@@ -352,7 +352,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
         if todo.is_empty() {
             continue;
         }
-        let size = pipeline.default_size();
+        let (default_h, default_w) = pipeline.default_size();
         let request = Request {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
@@ -360,8 +360,8 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             steps: job.steps,
             guidance: job.guidance,
             scheduler: job.scheduler.clone(),
-            width: job.width.unwrap_or(size),
-            height: job.height.unwrap_or(size),
+            width: job.width.unwrap_or(default_w),
+            height: job.height.unwrap_or(default_h),
             batch_size: args.batch_size,
         };
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();

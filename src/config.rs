@@ -7,15 +7,85 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
+/// Reads a config file as Python's `json` module writes it: `NaN`, `Infinity` and `-Infinity`
+/// (which saved scheduler configs hold, e.g. `"lambda_min_clipped": -Infinity`) become the
+/// strings `"NaN"`, `"Infinity"`, `"-Infinity"`, which [`py_f64`] reads as numbers.
 pub fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    serde_json::from_str(&python_literals_quoted(&text))
+        .with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
+/// `text` with Python's non-standard number literals outside strings put in quotes.
+fn python_literals_quoted(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("NaN") && !text.contains("Infinity") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(lit) = ["NaN", "Infinity", "-Infinity"]
+            .into_iter()
+            .find(|l| rest.starts_with(l))
+        {
+            out.push('"');
+            out.push_str(lit);
+            out.push('"');
+            rest = &rest[lit.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out.into()
+}
+
+/// A number as Python writes it: a JSON number or one of the literals [`read_json`] quoted.
+pub fn py_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        v => v.as_f64(),
+    }
+}
+
+/// Deserializes a config struct, an error naming the key whose value does not fit.
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let v = read_json(path)?;
-    serde_json::from_value(v).with_context(|| format!("{}: unexpected config", path.display()))
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| anyhow::anyhow!("{}: key {}: {}", path.display(), e.path(), e.inner()))
+}
+
+/// A boolean key: `null` reads as false, as diffusers' truth tests read the `None` it passes
+/// on (re-saves by diffusers 0.17-0.27 hold `"upcast_attention": null` and the like).
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+/// A float key, also as Python's `NaN` / `Infinity` / `-Infinity`.
+fn float<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    let v = Value::deserialize(d)?;
+    py_f64(&v).ok_or_else(|| serde::de::Error::custom(format!("expected a number, found {v}")))
+}
+
+fn float_opt<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => py_f64(&v)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("expected a number, found {v}"))),
+    }
 }
 
 /// `attention_head_dim` / `num_attention_heads` / `transformer_layers_per_block` may be one
@@ -77,20 +147,40 @@ fn default_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
 }
 
+/// `sample_size`: one number for a square, or `[height, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(usize),
+    HeightWidth([usize; 2]),
+}
+
+impl SampleSize {
+    /// (height, width) in latent pixels.
+    pub fn height_width(self) -> (usize, usize) {
+        match self {
+            SampleSize::Square(s) => (s, s),
+            SampleSize::HeightWidth([h, w]) => (h, w),
+        }
+    }
+}
+
 /// `unet/config.json` of a `UNet2DConditionModel`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
+    #[serde(rename = "_diffusers_version", default)]
+    pub diffusers_version: Option<String>,
     #[serde(default)]
-    pub sample_size: Option<usize>,
+    pub sample_size: Option<SampleSize>,
     #[serde(default = "default_four")]
     pub in_channels: usize,
     #[serde(default = "default_four")]
     pub out_channels: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub center_input_sample: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "null_is_false")]
     pub flip_sin_to_cos: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "float")]
     pub freq_shift: f64,
     pub down_block_types: Vec<String>,
     #[serde(default = "default_mid")]
@@ -103,13 +193,13 @@ pub struct UNetConfig {
     pub layers_per_block: usize,
     #[serde(default = "default_one_usize")]
     pub downsample_padding: usize,
-    #[serde(default = "default_one")]
+    #[serde(default = "default_one", deserialize_with = "float")]
     pub mid_block_scale_factor: f64,
     #[serde(default = "default_silu")]
     pub act_fn: String,
     #[serde(default = "default_groups")]
     pub norm_num_groups: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "default_eps", deserialize_with = "float")]
     pub norm_eps: f64,
     pub cross_attention_dim: usize,
     #[serde(default)]
@@ -118,15 +208,15 @@ pub struct UNetConfig {
     pub attention_head_dim: Option<PerBlock>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
     #[serde(default)]
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     #[serde(default = "default_default")]
     pub resnet_time_scale_shift: String,
@@ -153,16 +243,54 @@ pub struct UNetBlock {
 
 impl UNetConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let c: Self = parse(path)?;
+        let mut c: Self = parse(path)?;
+        c.fix_legacy_sample_size();
         c.validate()
             .with_context(|| format!("{}: this U-Net cannot be run by sdgen", path.display()))?;
         Ok(c)
+    }
+
+    /// What `StableDiffusionPipeline.__init__` does to configs written before diffusers 0.9:
+    /// a square `sample_size` below 64 becomes 64 (those configs said 32 for a 512 model).
+    fn fix_legacy_sample_size(&mut self) {
+        let before_0_9 = self.diffusers_version.as_deref().is_some_and(|v| {
+            let mut parts = v.split('.').map(|p| {
+                let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().unwrap_or(0)
+            });
+            let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            (major, minor) < (0, 9)
+        });
+        if let Some(SampleSize::Square(s)) = self.sample_size {
+            if before_0_9 && s < 64 {
+                self.sample_size = Some(SampleSize::Square(64));
+            }
+        }
     }
 
     fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
         if n == 0 {
             bail!("block_out_channels is empty");
+        }
+        let positive = [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("layers_per_block", self.layers_per_block),
+            ("norm_num_groups", self.norm_num_groups),
+            ("cross_attention_dim", self.cross_attention_dim),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{key} is 0");
+        }
+        if self.block_out_channels.contains(&0) {
+            bail!("block_out_channels holds 0");
+        }
+        if let Some(size) = self.sample_size {
+            let (h, w) = size.height_width();
+            if !(1..=1024).contains(&h) || !(1..=1024).contains(&w) {
+                bail!("sample_size {h}x{w} is outside 1..=1024 (latent pixels; SD 1.5 says 64)");
+            }
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!("down_block_types/up_block_types must have one entry per block_out_channels");
@@ -178,9 +306,12 @@ impl UNetConfig {
             }
         }
         match self.mid_block_type.as_deref() {
-            Some("UNetMidBlock2DCrossAttn") => {}
-            other => {
-                bail!("unsupported mid_block_type {other:?} (supported: UNetMidBlock2DCrossAttn)")
+            // None: no mid block (BK-SDM's block-removed U-Nets)
+            Some("UNetMidBlock2DCrossAttn") | None => {}
+            Some(other) => {
+                bail!(
+                    "unsupported mid_block_type {other} (supported: UNetMidBlock2DCrossAttn, null)"
+                )
             }
         }
         match &self.only_cross_attention {
@@ -230,6 +361,12 @@ impl UNetConfig {
         }
         let blocks = self.blocks()?;
         for (i, b) in blocks.iter().enumerate() {
+            if b.num_heads == 0 {
+                bail!("block {i} has 0 attention heads (attention_head_dim / num_attention_heads)");
+            }
+            if b.cross_attention == Some(0) {
+                bail!("block {i} has 0 transformer layers (transformer_layers_per_block)");
+            }
             if b.out_channels % b.num_heads != 0 {
                 bail!("block {i}: {} channels are not divisible by {} attention heads (attention_head_dim)", b.out_channels, b.num_heads);
             }
@@ -286,19 +423,19 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     #[serde(default = "default_groups")]
     pub norm_num_groups: usize,
-    #[serde(default = "default_scaling")]
+    #[serde(default = "default_scaling", deserialize_with = "float")]
     pub scaling_factor: f64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "float_opt")]
     pub shift_factor: Option<f64>,
     #[serde(default = "default_silu")]
     pub act_fn: String,
     #[serde(default)]
     pub up_block_types: Vec<String>,
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "null_is_false")]
     pub use_quant_conv: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "null_is_false")]
     pub use_post_quant_conv: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", deserialize_with = "null_is_false")]
     pub mid_block_add_attention: bool,
 }
 
@@ -322,6 +459,39 @@ impl VaeConfig {
         }
         if c.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
+        }
+        let positive = [
+            ("layers_per_block", c.layers_per_block),
+            ("latent_channels", c.latent_channels),
+            ("norm_num_groups", c.norm_num_groups),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{key} is 0"));
+        }
+        if let Some(ch) = c
+            .block_out_channels
+            .iter()
+            .find(|&&ch| ch == 0 || ch % c.norm_num_groups != 0)
+        {
+            return bad(format!("{ch} channels (block_out_channels) are not a positive multiple of norm_num_groups={}", c.norm_num_groups));
+        }
+        if c.block_out_channels.len() > 6 {
+            return bad(format!(
+                "{} blocks (block_out_channels): SD VAEs have 4",
+                c.block_out_channels.len()
+            ));
+        }
+        if c.in_channels != 3 || c.out_channels != 3 {
+            return bad(format!(
+                "in_channels={} / out_channels={}: an RGB VAE has 3",
+                c.in_channels, c.out_channels
+            ));
+        }
+        if !c.scaling_factor.is_finite() || c.scaling_factor == 0.0 {
+            return bad(format!(
+                "scaling_factor={} (latents are divided by it)",
+                c.scaling_factor
+            ));
         }
         Ok(c)
     }
@@ -354,7 +524,7 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     #[serde(default = "default_act")]
     pub hidden_act: String,
-    #[serde(default = "default_ln_eps")]
+    #[serde(default = "default_ln_eps", deserialize_with = "float")]
     pub layer_norm_eps: f64,
 }
 
@@ -366,6 +536,23 @@ impl ClipTextConfig {
                 "{}: unsupported hidden_act={} (supported: quick_gelu, gelu)",
                 path.display(),
                 c.hidden_act
+            );
+        }
+        let positive = [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{}: {key} is 0", path.display());
+        }
+        if c.max_position_embeddings < 77 {
+            bail!(
+                "{}: max_position_embeddings={} is shorter than the 77 tokens of a prompt",
+                path.display(),
+                c.max_position_embeddings
             );
         }
         if c.hidden_size % c.num_attention_heads != 0 {

@@ -107,7 +107,7 @@ impl Pipeline {
         let unet_config = UNetConfig::load(&files.unet_config)?;
         let vae_config = VaeConfig::load(&files.vae_config)?;
         let clip_config = ClipTextConfig::load(&files.text_encoder_config)?;
-        let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
+        let mut scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
         if clip_config.hidden_size != unet_config.cross_attention_dim {
             bail!(
                 "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
@@ -116,11 +116,14 @@ impl Pipeline {
             );
         }
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
-        let class = scheduler_config
+        // diffusers builds the scheduler class model_index.json names, from this config
+        if let Some(class) = index.scheduler_class {
+            scheduler_config.set("_class_name", serde_json::Value::String(class));
+        }
+        scheduler_config.apply_pipeline_fixes();
+        let default_scheduler = scheduler_config
             .class_name()
-            .map(str::to_string)
-            .or(index.scheduler_class);
-        let default_scheduler = class.as_deref().and_then(schedulers::name_for_class);
+            .and_then(schedulers::name_for_class);
         Ok(Self {
             files,
             device,
@@ -231,9 +234,13 @@ impl Pipeline {
         self.vae_config.scale_factor()
     }
 
-    /// diffusers' default size: unet sample_size x the VAE scale factor.
-    pub fn default_size(&self) -> usize {
-        self.unet_config.sample_size.unwrap_or(64) * self.vae_scale_factor()
+    /// diffusers' default (height, width): unet sample_size x the VAE scale factor.
+    pub fn default_size(&self) -> (usize, usize) {
+        let (h, w) = self
+            .unet_config
+            .sample_size
+            .map_or((64, 64), |s| s.height_width());
+        (h * self.vae_scale_factor(), w * self.vae_scale_factor())
     }
 
     /// Checks a request before any work is done.

@@ -9,19 +9,6 @@ use sdgen::pipeline::{Pipeline, Request};
 use sdgen::schedulers::SCHEDULERS;
 use sdgen::source::{ModelFiles, Precision};
 
-/// Max and mean absolute pixel difference, in 1/255 units.
-fn pixel_diff(got: &[u8], want: &[u8]) -> (u8, f64) {
-    assert_eq!(got.len(), want.len());
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (a, b) in got.iter().zip(want) {
-        let d = a.abs_diff(*b);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / got.len() as f64)
-}
-
 fn check_model(model: &str, batch_size: usize) {
     let files = ModelFiles::from_folder(&model_dir(model), Precision::Full).unwrap();
     let pipeline = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
@@ -38,7 +25,7 @@ fn check_model(model: &str, batch_size: usize) {
         if !SCHEDULERS.iter().any(|s| s.0 == scheduler) {
             continue;
         }
-        let size = pipeline.default_size();
+        let (height, width) = pipeline.default_size();
         let request = Request {
             prompt: meta["prompt"].as_str().unwrap().into(),
             negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
@@ -46,8 +33,8 @@ fn check_model(model: &str, batch_size: usize) {
             steps: meta["steps"].as_u64().unwrap() as usize,
             guidance: spec["guidance"].as_f64().unwrap(),
             scheduler: Some(scheduler.into()),
-            width: size,
-            height: size,
+            width,
+            height,
             batch_size,
         };
         let images = pipeline.generate_all(&request).unwrap();
@@ -95,7 +82,7 @@ fn bf16_and_f16_images_stay_near_f32() {
             let files = ModelFiles::from_folder(&model_dir(model), precision).unwrap();
             let engine = Engine::Cpu(CpuEngine::with_bf16(bf16));
             let pipeline = Pipeline::load_on(files, Device::Cpu, dtype, engine).unwrap();
-            let size = pipeline.default_size();
+            let (height, width) = pipeline.default_size();
             let request = Request {
                 prompt: "a red fox in the snow".into(),
                 negative_prompt: String::new(),
@@ -103,8 +90,8 @@ fn bf16_and_f16_images_stay_near_f32() {
                 steps: 6,
                 guidance: 7.5,
                 scheduler: Some("euler".into()),
-                width: size,
-                height: size,
+                width,
+                height,
                 batch_size: 2,
             };
             pipeline.generate_all(&request).unwrap()

@@ -17,7 +17,7 @@ fn single(name: &str) -> PathBuf {
 
 fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
     let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
-    let size = p.default_size();
+    let (height, width) = p.default_size();
     let r = Request {
         prompt: "a photo of a cat on a beach".into(),
         negative_prompt: "blurry".into(),
@@ -25,8 +25,8 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         steps: 4,
         guidance: 7.5,
         scheduler: Some(scheduler.into()),
-        width: size,
-        height: size,
+        width,
+        height,
         batch_size: 2,
     };
     p.generate_all(&r)

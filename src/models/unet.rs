@@ -193,17 +193,24 @@ impl UNet2DConditionModel {
         let mid_layers = last.cross_attention.unwrap_or(1);
         let vbm = vb.pp("mid_block");
         let scale = c.mid_block_scale_factor;
-        let mid_resnets = vec![
-            resnet(vbm.pp("resnets.0"), mid_ch, mid_ch, c, temb, scale)?,
-            resnet(vbm.pp("resnets.1"), mid_ch, mid_ch, c, temb, scale)?,
-        ];
-        let mid_attentions = vec![transformer(
-            vbm.pp("attentions.0"),
-            mid_ch,
-            &last,
-            mid_layers,
-            c,
-        )?];
+        // `mid_block_type: null` (BK-SDM): no mid block, as diffusers skips it
+        let (mid_resnets, mid_attentions) = if c.mid_block_type.is_some() {
+            (
+                vec![
+                    resnet(vbm.pp("resnets.0"), mid_ch, mid_ch, c, temb, scale)?,
+                    resnet(vbm.pp("resnets.1"), mid_ch, mid_ch, c, temb, scale)?,
+                ],
+                vec![transformer(
+                    vbm.pp("attentions.0"),
+                    mid_ch,
+                    &last,
+                    mid_layers,
+                    c,
+                )?],
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
 
         let mut up_blocks = Vec::with_capacity(n);
         let reversed: Vec<UNetBlock> = blocks.iter().rev().copied().collect();
@@ -312,10 +319,12 @@ impl UNet2DConditionModel {
             }
         }
 
-        xs = self.mid_resnets[0].forward(&xs, Some(&emb))?;
-        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
-            xs = attn.forward(&xs, context)?;
-            xs = resnet.forward(&xs, Some(&emb))?;
+        if let Some((first, rest)) = self.mid_resnets.split_first() {
+            xs = first.forward(&xs, Some(&emb))?;
+            for (attn, resnet) in self.mid_attentions.iter().zip(rest) {
+                xs = attn.forward(&xs, context)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
+            }
         }
 
         for (i, block) in self.up_blocks.iter().enumerate() {

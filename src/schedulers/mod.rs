@@ -182,11 +182,105 @@ pub struct SchedulerConfig {
     pub values: serde_json::Map<String, Value>,
 }
 
+/// What a `scheduler_config.json` key holds, for the keys the schedulers read.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Bool,
+    Number,
+    Count,
+    Text,
+}
+
+const KEY_KINDS: &[(&str, Kind)] = &[
+    ("num_train_timesteps", Kind::Count),
+    ("steps_offset", Kind::Count),
+    ("solver_order", Kind::Count),
+    ("beta_start", Kind::Number),
+    ("beta_end", Kind::Number),
+    ("clip_sample_range", Kind::Number),
+    ("lambda_min_clipped", Kind::Number),
+    ("sigma_min", Kind::Number),
+    ("sigma_max", Kind::Number),
+    ("clip_sample", Kind::Bool),
+    ("set_alpha_to_one", Kind::Bool),
+    ("skip_prk_steps", Kind::Bool),
+    ("thresholding", Kind::Bool),
+    ("use_karras_sigmas", Kind::Bool),
+    ("lower_order_final", Kind::Bool),
+    ("euler_at_final", Kind::Bool),
+    ("predict_x0", Kind::Bool),
+    ("rescale_betas_zero_snr", Kind::Bool),
+    ("beta_schedule", Kind::Text),
+    ("prediction_type", Kind::Text),
+    ("timestep_spacing", Kind::Text),
+    ("final_sigmas_type", Kind::Text),
+    ("algorithm_type", Kind::Text),
+    ("solver_type", Kind::Text),
+    ("variance_type", Kind::Text),
+    ("interpolation_type", Kind::Text),
+];
+
+/// The largest `num_train_timesteps` accepted (every SD model says 1000).
+const MAX_TRAIN_TIMESTEPS: u64 = 100_000;
+
 impl SchedulerConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        match crate::config::read_json(path)? {
-            Value::Object(values) => Ok(Self { values }),
+        let c = match crate::config::read_json(path)? {
+            Value::Object(values) => Self { values },
             _ => bail!("{}: expected a JSON object", path.display()),
+        };
+        c.check().with_context(|| format!("{}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Every key the schedulers read holds its kind of value (or null, read as the
+    /// scheduler's default, false for a flag, as diffusers' truth tests read None): a value of
+    /// the wrong type is an error, not a silent default.
+    pub fn check(&self) -> Result<()> {
+        for (key, kind) in KEY_KINDS {
+            let Some(v) = self.values.get(*key) else {
+                continue;
+            };
+            let ok = match kind {
+                _ if v.is_null() => true,
+                Kind::Bool => v.is_boolean(),
+                Kind::Number => crate::config::py_f64(v).is_some(),
+                Kind::Count => v.as_u64().is_some(),
+                Kind::Text => v.is_string(),
+            };
+            if !ok {
+                let want = match kind {
+                    Kind::Bool => "true or false",
+                    Kind::Number => "a number",
+                    Kind::Count => "a whole number >= 0",
+                    Kind::Text => "a string",
+                };
+                bail!("scheduler config key {key} is {v}; expected {want}");
+            }
+        }
+        let train = self
+            .values
+            .get("num_train_timesteps")
+            .and_then(Value::as_u64);
+        if train.is_some_and(|t| t == 0 || t > MAX_TRAIN_TIMESTEPS) {
+            bail!(
+                "scheduler config key num_train_timesteps is {}; expected 1 to {MAX_TRAIN_TIMESTEPS}",
+                train.unwrap_or(0)
+            );
+        }
+        Ok(())
+    }
+
+    /// What `StableDiffusionPipeline.__init__` does to the scheduler it is given, so that a
+    /// config of 2022 (CompVis v1-4's) gives today's image: `steps_offset` becomes 1 (every
+    /// scheduler here has the key, 0 by default) and `clip_sample` false where it is true or
+    /// where the model's scheduler class defaults it to true. Command-line options come after.
+    pub fn apply_pipeline_fixes(&mut self) {
+        self.set("steps_offset", Value::from(1));
+        let clips_by_default = matches!(self.class_name(), Some("DDIMScheduler" | "DDPMScheduler"));
+        let clip = self.values.get("clip_sample");
+        if clip == Some(&Value::Bool(true)) || (clip.is_none() && clips_by_default) {
+            self.set("clip_sample", Value::Bool(false));
         }
     }
 
@@ -201,7 +295,7 @@ impl SchedulerConfig {
     pub fn f64_or(&self, key: &str, default: f64) -> f64 {
         self.values
             .get(key)
-            .and_then(Value::as_f64)
+            .and_then(crate::config::py_f64)
             .unwrap_or(default)
     }
 
@@ -213,11 +307,13 @@ impl SchedulerConfig {
             .unwrap_or(default)
     }
 
+    /// A flag: null is false (diffusers passes the None on and tests its truth).
     pub fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.values
-            .get(key)
-            .and_then(Value::as_bool)
-            .unwrap_or(default)
+        match self.values.get(key) {
+            Some(Value::Null) => false,
+            Some(v) => v.as_bool().unwrap_or(default),
+            None => default,
+        }
     }
 
     pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
@@ -286,6 +382,9 @@ impl SchedulerConfig {
             }
             other => bail!("scheduler config: unsupported beta_schedule={other}"),
         };
+        if let Some(b) = betas.iter().find(|b| !(0.0..1.0).contains(*b)) {
+            bail!("scheduler config: beta_start={start} / beta_end={end} give a beta of {b}; betas must lie in [0, 1)");
+        }
         let mut acc = 1f64;
         Ok(betas
             .iter()
@@ -338,6 +437,12 @@ pub fn build(
     };
     if steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    config.check()?;
+    let train = config.train_timesteps();
+    if steps > train {
+        // diffusers' set_timesteps refuses this too
+        bail!("--steps {steps} is more than the scheduler's {train} training timesteps (num_train_timesteps)");
     }
     let sched: Box<dyn Scheduler> = match name.as_str() {
         "pndm" => Box::new(pndm::PndmScheduler::new(config, steps)?),

@@ -62,3 +62,57 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel_tol: f32) {
 pub fn read_json(rel: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(reference(rel)).unwrap()).unwrap()
 }
+
+/// Max and mean absolute pixel difference, in 1/255 units.
+pub fn pixel_diff(got: &[u8], want: &[u8]) -> (u8, f64) {
+    assert_eq!(got.len(), want.len());
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in got.iter().zip(want) {
+        let d = a.abs_diff(*b);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / got.len() as f64)
+}
+
+/// A copy of the tiny model with `edits` merged in, as scripts/make_fixtures.py makes it.
+pub fn edited_tiny(edits: &serde_json::Value, dir: &std::path::Path) {
+    let tiny = model_dir("tiny");
+    for entry in walk(&tiny) {
+        let rel = entry.strip_prefix(&tiny).unwrap();
+        let to = dir.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    for (rel, change) in edits.as_object().unwrap() {
+        let path = dir.join(rel);
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let cfg_map = cfg.as_object_mut().unwrap();
+        for (k, v) in change.as_object().unwrap() {
+            if k == "$delete" {
+                for gone in v.as_array().unwrap() {
+                    cfg_map.remove(gone.as_str().unwrap());
+                }
+            } else {
+                cfg_map.insert(k.clone(), v.clone());
+            }
+        }
+        let text = serde_json::to_string_pretty(&cfg).unwrap();
+        std::fs::write(&path, text.replace("\"-Infinity\"", "-Infinity")).unwrap();
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
