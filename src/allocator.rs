@@ -234,3 +234,11 @@ mod tests {
         assert!(w.iter().all(|x| x.0.iter().all(|&b| b == 7)));
     }
 }
+
+/// The machine's physical memory in bytes (`MemTotal` of /proc/meminfo), where known.
+pub fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}

@@ -1,7 +1,7 @@
 //! What the `sdgen` binary does with its arguments: one prompt from the command line, or a
 //! prompts file, through one loaded pipeline.
 
-use crate::batch::{parse_prompts, Job, Shard};
+use crate::batch::{self, parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
@@ -75,6 +75,9 @@ pub fn run(args: Args) -> Result<i32> {
         return Ok(exit_code(jobs.bad_lines));
     }
     let pipeline = load_model(&args, &model, device, dtype)?;
+    if let Some(((rows, cols), _)) = &plan.grid {
+        check_grid_memory(&args, &pipeline, rows * cols)?;
+    }
     interrupt::install();
     let done = generate(&args, &pipeline, &jobs.list, &plan);
     report(&args, &jobs, &plan, done)
@@ -135,13 +138,14 @@ fn check_flags(args: &Args) -> Result<Option<(usize, usize)>> {
     if args.num_images == 0 || args.batch_size == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
+    batch::check_sizes(args.width, args.height, args.num_images)?;
     let grid = args.grid.as_deref().map(output::parse_grid).transpose()?;
     if let Some((r, c)) = grid {
         if args.prompts.is_some() {
             bail!("--grid cannot be combined with --prompts");
         }
-        if r * c != args.num_images {
-            bail!("--grid {r}x{c} needs --num-images {}", r * c);
+        if r.checked_mul(c) != Some(args.num_images) {
+            bail!("--grid {r}x{c} needs --num-images {}", r.saturating_mul(c));
         }
     }
     Ok(grid)
@@ -262,8 +266,9 @@ fn plan_images(args: &Args, jobs: &[Job], grid: Option<(usize, usize)>) -> Resul
             });
         }
     }
-    for (k, p) in images.iter().enumerate() {
-        if images[..k].iter().any(|q| q.path == p.path) {
+    let mut paths = std::collections::HashSet::with_capacity(images.len());
+    for p in &images {
+        if !paths.insert(p.path.as_path()) {
             bail!("two images would be written to {}; put {{seed}}, {{index}} or {{line}} in --output", p.path.display());
         }
     }
@@ -347,8 +352,12 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
         bad_jobs: 0,
         grid_images: Vec::new(),
     };
+    // the plan lists each job's images together, in job order
+    let mut rest = plan.images.as_slice();
     for (j, job) in jobs.iter().enumerate() {
-        let todo: Vec<&Planned> = plan.images.iter().filter(|p| p.job == j).collect();
+        let n = rest.iter().take_while(|p| p.job == j).count();
+        let (todo, later) = rest.split_at(n);
+        rest = later;
         if todo.is_empty() {
             continue;
         }
@@ -396,7 +405,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             &request,
             &mut |steps, total| bars.step(steps, total),
             &mut |img| {
-                let p = todo[k];
+                let p = &todo[k];
                 k += 1;
                 let meta = metadata(pipeline, &request, job, &scheduler_name, &img);
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
@@ -487,6 +496,25 @@ fn exit_code(bad_lines: usize) -> i32 {
         EXIT_FAILED
     } else {
         EXIT_OK
+    }
+}
+
+/// `--grid` keeps every image until the grid is written, then the grid itself: refused before
+/// any work when that cannot fit in memory.
+fn check_grid_memory(args: &Args, pipeline: &Pipeline, n: usize) -> Result<()> {
+    let (dh, dw) = pipeline.default_size();
+    let (w, h) = (
+        args.width.unwrap_or(dw) as u64,
+        args.height.unwrap_or(dh) as u64,
+    );
+    let need = (n as u64).saturating_mul(w * h * 3 * 2);
+    match crate::allocator::physical_memory() {
+        Some(have) if need > have => bail!(
+            "--grid of {n} {w}x{h} images needs about {:.1} GiB; this machine has {:.1} GiB",
+            need as f64 / (1u64 << 30) as f64,
+            have as f64 / (1u64 << 30) as f64
+        ),
+        _ => Ok(()),
     }
 }
 

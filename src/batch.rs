@@ -92,12 +92,36 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
             });
             continue;
         }
+        if let Err(e) = check_sizes(job.width, job.height, job.num_images) {
+            bad.push(BadLine {
+                line,
+                message: format!("{e:#}"),
+            });
+            continue;
+        }
         jobs.push(job);
     }
     (jobs, bad)
 }
 
 /// Which slice of the prompts this process handles: (index, count), 0-based index.
+/// The most images one prompt may ask for (a run's plan holds a path for each).
+pub const MAX_IMAGES: usize = 1_000_000;
+
+/// The size and count limits that need no model (the model's own come at generation).
+pub fn check_sizes(width: Option<usize>, height: Option<usize>, num_images: usize) -> Result<()> {
+    let max = crate::pipeline::MAX_SIDE;
+    for (flag, v) in [("width", width), ("height", height)] {
+        if let Some(v) = v.filter(|&v| v > max) {
+            bail!("{flag} {v} is larger than sdgen's limit of {max} pixels");
+        }
+    }
+    if num_images > MAX_IMAGES {
+        bail!("num_images {num_images} is more than the {MAX_IMAGES} one prompt may ask for");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shard {
     pub index: usize,

@@ -14,6 +14,9 @@ use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 
+/// The largest width or height accepted (a 16384x16384 image is 768 MiB of pixels).
+pub const MAX_SIDE: usize = 16384;
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -253,6 +256,27 @@ impl Pipeline {
                 r.height
             );
         }
+        if r.width > MAX_SIDE || r.height > MAX_SIDE {
+            bail!(
+                "{}x{} is larger than sdgen's limit of {MAX_SIDE} pixels a side",
+                r.width,
+                r.height
+            );
+        }
+        let need = self.activation_bytes(r);
+        if let Some(have) = crate::allocator::physical_memory() {
+            if need > have {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                bail!(
+                    "{}x{} (batch {}) needs about {:.1} GiB for its activations alone; this machine has {:.1} GiB: choose a smaller size or --batch-size",
+                    r.width,
+                    r.height,
+                    r.batch_size.min(r.seeds.len()),
+                    gib(need),
+                    gib(have)
+                );
+            }
+        }
         if r.steps == 0 {
             bail!("--steps must be at least 1");
         }
@@ -265,6 +289,21 @@ impl Pipeline {
         // Builds the scheduler once to surface configuration errors early.
         schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
         Ok(())
+    }
+
+    /// A rough lower estimate of a request's peak activation memory, the larger of the U-Net
+    /// at full latent size (the batch twice for guidance; GEGLU's 8x-wide hidden layer is the
+    /// largest tensor) and the VAE decoder's last block at full image size (one image at a
+    /// time, a few tensors of its first block's width alive at once). Weights come on top.
+    fn activation_bytes(&self, r: &Request) -> u64 {
+        let elem = self.dtype.size_in_bytes() as u64;
+        let f = self.vae_scale_factor() as u64;
+        let (w, h) = (r.width as u64, r.height as u64);
+        let batch = r.batch_size.min(r.seeds.len()) as u64 * 2;
+        let unet_ch = self.unet_config.block_out_channels[0] as u64;
+        let unet = batch * (w / f) * (h / f) * unet_ch * 16 * elem;
+        let vae = self.vae_config.block_out_channels[0] as u64 * w * h * 4 * elem;
+        unet.max(vae)
     }
 
     /// Token ids, and whether the prompt was cut at 77 tokens.

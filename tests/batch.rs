@@ -313,3 +313,39 @@ fn ctrl_c_leaves_no_partial_file_and_a_rerun_finishes_the_batch() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(pngs(dir.path()).len(), 6);
 }
+
+/// A line asking for an absurd size or count is a bad line named by its number; the others
+/// are made (it aborted the whole batch).
+#[test]
+fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"a\", \"width\": 100000}\n{\"prompt\": \"b\", \"num_images\": 1000000000}\nc\n",
+    )
+    .unwrap();
+    let out = dir.path().join("img.png");
+    let o = sdgen_cmd(&[
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "-m",
+        &tiny(),
+        "-o",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "-q",
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 1: width 100000"), "{err}");
+    assert!(err.contains("line 2: num_images 1000000000"), "{err}");
+    assert_eq!(pngs(dir.path()), ["img-3.png"], "{err}");
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "bad lines must show in the exit code: {err}"
+    );
+}
