@@ -189,6 +189,14 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
     }
 }
 
+/// The machine's physical memory in bytes (`MemTotal` of /proc/meminfo), where known.
+pub fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,12 +241,4 @@ mod tests {
         assert_eq!(w.as_ptr() as usize % 128, 0);
         assert!(w.iter().all(|x| x.0.iter().all(|&b| b == 7)));
     }
-}
-
-/// The machine's physical memory in bytes (`MemTotal` of /proc/meminfo), where known.
-pub fn physical_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }

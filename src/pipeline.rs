@@ -291,7 +291,7 @@ impl Pipeline {
         Ok(())
     }
 
-    /// A rough lower estimate of a request's peak activation memory, the larger of the U-Net
+    /// A rough estimate of a request's peak activation memory, the larger of the U-Net
     /// at full latent size (the batch twice for guidance; GEGLU's 8x-wide hidden layer is the
     /// largest tensor) and the VAE decoder's last block at full image size (one image at a
     /// time, a few tensors of its first block's width alive at once). Weights come on top.
