@@ -291,6 +291,17 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The half-precision cause of the non-finite errors ("" in f32).
+    fn overflow_hint(&self) -> String {
+        match self.dtype {
+            DType::F32 => String::new(),
+            d => format!(
+                ", or {} overflowed: try --dtype f32",
+                crate::device::dtype_name(d)
+            ),
+        }
+    }
+
     /// A rough estimate of a request's peak activation memory, the larger of the U-Net
     /// at full latent size (the batch twice for guidance; GEGLU's 8x-wide hidden layer is the
     /// largest tensor) and the VAE decoder's last block at full image size (one image at a
@@ -366,6 +377,11 @@ impl Pipeline {
         } else {
             None
         };
+        for t in std::iter::once(&cond).chain(uncond.as_ref()) {
+            if !all_finite(t)? {
+                bail!("the text encoder's output holds NaN or infinity (are its weights finite?)");
+            }
+        }
         if self.residency == Residency::Sequential {
             *self.text_encoder.borrow_mut() = None;
             crate::allocator::release_free_memory();
@@ -391,6 +407,13 @@ impl Pipeline {
             let vae = self.vae()?;
             for i in 0..n {
                 let image = vae.decode(&latents.narrow(0, i, 1)?)?;
+                if !all_finite(&image)? {
+                    bail!(
+                        "the VAE decoder's output holds NaN or infinity (are its weights finite, is scaling_factor {} right{}?)",
+                        self.vae_config.scaling_factor,
+                        self.overflow_hint()
+                    );
+                }
                 on_image(GeneratedImage {
                     seed: r.seeds[first + i],
                     width: r.width,
@@ -442,6 +465,14 @@ impl Pipeline {
             };
             let model_input = scheduler.scale_model_input(&model_input, i)?;
             let noise_pred = unet.forward(&model_input, t, &context)?;
+            let at = || format!("step {} of {} (timestep {t})", i + 1, timesteps.len());
+            if !all_finite(&noise_pred)? {
+                bail!(
+                    "the U-Net's output holds NaN or infinity at {} (are its weights finite{}?)",
+                    at(),
+                    self.overflow_hint()
+                );
+            }
             let noise_pred = if uncond.is_some() {
                 let u = noise_pred.narrow(0, 0, n)?;
                 let c = noise_pred.narrow(0, n, n)?;
@@ -449,15 +480,38 @@ impl Pipeline {
             } else {
                 noise_pred
             };
+            if !all_finite(&noise_pred)? {
+                bail!(
+                    "guidance {:e} takes the prediction past the range of numbers at {}: choose a smaller --guidance",
+                    r.guidance,
+                    at()
+                );
+            }
             let mut noise = NoiseSource {
                 generators: &mut generators,
             };
             latents = scheduler.step(&noise_pred, i, &latents, &mut noise)?;
+            if !all_finite(&latents)? {
+                bail!(
+                    "the latents hold NaN or infinity after {}: the scheduler's config (betas, sigmas) or the guidance put them out of range",
+                    at()
+                );
+            }
             crate::interrupt::check()?;
             on_step(i + 1, timesteps.len());
         }
         Ok(latents)
     }
+}
+
+/// Whether every value of `t` is a finite number (x - x is 0 for those, NaN otherwise): a
+/// NaN or infinity would otherwise end as a black image and exit 0.
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let s = (t - t)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(s == 0.0)
 }
 
 /// (3, H, W) in [0, 1] to RGB8 with diffusers' `(x * 255).round()`.

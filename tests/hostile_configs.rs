@@ -150,3 +150,69 @@ fn broken_configs_are_one_clear_error() {
         }
     }
 }
+
+/// NaN in the weights, a guidance that overflows, a scaling factor that blows up the decoder:
+/// an error naming the part and the step (it was a black image and exit 0).
+#[test]
+fn non_finite_numbers_are_an_error_not_a_black_image() {
+    // conv_in.bias of the U-Net set to NaN (in the type the fixture stores it in)
+    let dir = tempfile::tempdir().unwrap();
+    edited_tiny(&json!({}), dir.path());
+    let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    let bias = tensors.iter_mut().find(|t| t.0 == "conv_in.bias").unwrap();
+    let nan: &[u8] = match bias.3 {
+        safetensors::Dtype::F32 => &[0, 0, 0xc0, 0x7f],
+        safetensors::Dtype::F16 => &[0, 0x7e],
+        other => panic!("unexpected {other:?}"),
+    };
+    bias.1 = bias
+        .1
+        .chunks(nan.len())
+        .flat_map(|_| nan.iter().copied())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, t)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&unet, safetensors::serialize(views, None).unwrap()).unwrap();
+    let (code, err) = sdgen_on(dir.path(), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("U-Net's output holds NaN") && err.contains("step 1 of"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    edited_tiny(&json!({}), dir.path());
+    let (code, err) = sdgen_on(dir.path(), &["--steps", "2", "-g", "1e308"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("guidance 1e308") && err.contains("step 1 of"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    edited_tiny(
+        &json!({"vae/config.json": {"scaling_factor": 1e-300}}),
+        dir.path(),
+    );
+    let (code, err) = sdgen_on(dir.path(), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("VAE decoder's output holds NaN") && err.contains("scaling_factor"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
