@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -63,8 +64,8 @@ pub fn run(args: Args) -> Result<i32> {
         return download_only(&model, args.json);
     }
     let grid = check_flags(&args)?;
-    let jobs = read_jobs(&args)?;
-    let plan = plan_images(&args, &jobs.list, grid)?;
+    let mut jobs = read_jobs(&args)?;
+    let plan = plan_images(&args, &mut jobs, grid)?;
     if plan.images.is_empty() {
         if !args.quiet {
             eprintln!(
@@ -233,43 +234,41 @@ struct ImagePlan {
     grid: Option<((usize, usize), PathBuf)>,
 }
 
-fn plan_images(args: &Args, jobs: &[Job], grid: Option<(usize, usize)>) -> Result<ImagePlan> {
+fn plan_images(args: &Args, jobs: &mut Jobs, grid: Option<(usize, usize)>) -> Result<ImagePlan> {
     let batch_mode = args.prompts.is_some();
     let mut seeds_random = Vec::new();
     let mut images: Vec<Planned> = Vec::new();
-    for (j, job) in jobs.iter().enumerate() {
-        let base = job.seed.unwrap_or_else(|| {
-            let s = random_seed();
-            seeds_random.push(j);
-            s
-        });
-        let mut template = job.output.clone().unwrap_or_else(|| args.output.clone());
-        if batch_mode && job.output.is_none() && !template.contains("{line}") {
-            template = output::with_suffix(&template, "{line}");
-        }
-        if job.num_images > 1 && !output::template_is_unique(&template) {
-            template = output::with_suffix(&template, "{index}");
-        }
-        for i in 0..job.num_images {
-            let seed = base.wrapping_add(i as u64);
-            let f = NameFields {
-                seed,
-                index: i,
-                prompt: &job.prompt,
-                line: job.line,
-            };
-            images.push(Planned {
-                job: j,
-                index: i,
-                seed,
-                path: PathBuf::from(output::render_template(&template, &f)?),
-            });
+    // each path and the line (or command line) that writes it
+    let mut owners: HashMap<PathBuf, Option<usize>> = HashMap::new();
+    for (j, job) in jobs.list.iter().enumerate() {
+        let planned = plan_job(args, j, job, &owners);
+        match planned {
+            Ok((planned, random_seed)) => {
+                for p in &planned {
+                    owners.insert(p.path.clone(), job.line);
+                }
+                images.extend(planned);
+                if random_seed {
+                    seeds_random.push(j);
+                }
+            }
+            // in a batch, a line whose images cannot be written is a bad line, not the end
+            Err(e) if batch_mode && !args.strict => {
+                let file = args.prompts.as_deref().unwrap_or("-");
+                eprintln!("error: {file} line {}: {e:#}", job.line.unwrap_or(0));
+                jobs.bad_lines += 1;
+            }
+            Err(e) => {
+                return Err(match job.line {
+                    Some(l) => e.context(format!("line {l}")),
+                    None => e,
+                })
+            }
         }
     }
-    let mut paths = std::collections::HashSet::with_capacity(images.len());
-    for p in &images {
-        if !paths.insert(p.path.as_path()) {
-            bail!("two images would be written to {}; put {{seed}}, {{index}} or {{line}} in --output", p.path.display());
+    for gone in output::remove_stale_temps(images.iter().map(|p| p.path.as_path())) {
+        if !args.quiet {
+            eprintln!("removed {}, left by a run that was killed", gone.display());
         }
     }
     let mut skipped = 0usize;
@@ -285,24 +284,77 @@ fn plan_images(args: &Args, jobs: &[Job], grid: Option<(usize, usize)>) -> Resul
             }
             !exists
         });
-    } else {
-        for p in &images {
-            output::check_writable(&p.path, args.overwrite)?;
+    }
+    let grid = match (grid, images.first()) {
+        (Some(g), Some(first)) => {
+            let path = PathBuf::from(output::with_suffix(&first.path.to_string_lossy(), "grid"));
+            output::check_target(&path)?;
+            output::check_writable(&path, args.overwrite)?;
+            Some((g, path))
         }
-    }
-    let grid = grid.map(|g| {
-        let path = output::with_suffix(&images[0].path.to_string_lossy(), "grid");
-        (g, PathBuf::from(path))
-    });
-    if let Some((_, path)) = &grid {
-        output::check_writable(path, args.overwrite)?;
-    }
+        _ => None,
+    };
     Ok(ImagePlan {
         images,
         seeds_random,
         skipped,
         grid,
     })
+}
+
+/// One job's images (and whether its seed was drawn at random), each path checked: a file
+/// name and a folder it can be written to, no image of the run written there already, and
+/// outside a resumable batch nothing there that may not be replaced.
+fn plan_job(
+    args: &Args,
+    j: usize,
+    job: &Job,
+    owners: &HashMap<PathBuf, Option<usize>>,
+) -> Result<(Vec<Planned>, bool)> {
+    let batch_mode = args.prompts.is_some();
+    let random = job.seed.is_none();
+    let base = job.seed.unwrap_or_else(random_seed);
+    let mut template = job.output.clone().unwrap_or_else(|| args.output.clone());
+    if batch_mode && job.output.is_none() && !template.contains("{line}") {
+        template = output::with_suffix(&template, "{line}");
+    }
+    if job.num_images > 1 && !output::template_is_unique(&template) {
+        template = output::with_suffix(&template, "{index}");
+    }
+    let mut planned: Vec<Planned> = Vec::with_capacity(job.num_images);
+    let mut mine = std::collections::HashSet::new();
+    for i in 0..job.num_images {
+        let seed = base.wrapping_add(i as u64);
+        let f = NameFields {
+            seed,
+            index: i,
+            prompt: &job.prompt,
+            line: job.line,
+        };
+        let path = PathBuf::from(output::render_template(&template, &f)?);
+        let taken_by = owners.get(&path).map(|l| match l {
+            Some(l) => format!("line {l}"),
+            None => "the command line".into(),
+        });
+        if taken_by.is_some() || !mine.insert(path.clone()) {
+            bail!(
+                "two images would be written to {} (also by {}); put {{seed}}, {{index}} or {{line}} in the output name",
+                path.display(),
+                taken_by.unwrap_or_else(|| "this line".into())
+            );
+        }
+        output::check_target(&path)?;
+        if !batch_mode || args.overwrite {
+            output::check_writable(&path, args.overwrite)?;
+        }
+        planned.push(Planned {
+            job: j,
+            index: i,
+            seed,
+            path,
+        });
+    }
+    Ok((planned, random))
 }
 
 /// The model, loaded once, with the scheduler overrides applied.

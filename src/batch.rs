@@ -50,6 +50,8 @@ pub struct BadLine {
 pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
     let mut jobs = Vec::new();
     let mut bad = Vec::new();
+    // a UTF-8 byte order mark (Windows editors write one) is not part of the first line
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let trimmed = raw.trim();

@@ -48,7 +48,12 @@ pub struct Args {
     pub steps: usize,
 
     /// Classifier-free guidance scale; <= 1 skips the unconditional pass.
-    #[arg(short = 'g', long, default_value_t = 7.5)]
+    #[arg(
+        short = 'g',
+        long,
+        default_value_t = 7.5,
+        allow_negative_numbers = true
+    )]
     pub guidance: f64,
 
     /// Scheduler name (see --list-schedulers); default: the model's own scheduler.

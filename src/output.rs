@@ -125,6 +125,131 @@ pub fn check_writable(path: &Path, overwrite: bool) -> Result<()> {
     }
 }
 
+/// The longest file name the temporary `.NAME.PID.N.tmp` leaves room for (NAME_MAX is 255
+/// bytes on Linux, macOS and Windows file systems).
+const MAX_NAME: usize = 255 - ".".len() - ".4194304.99.tmp".len();
+
+/// What can be checked of an output path before any work: a file name (not empty, not ending
+/// in `/`, short enough for its temporary file), and a folder to hold it: the nearest part of
+/// the path that exists is a folder this user can write into.
+pub fn check_target(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = path.as_os_str().as_bytes();
+    if raw.is_empty() {
+        bail!("the output path is empty");
+    }
+    if raw.ends_with(b"/") {
+        bail!(
+            "{} ends with '/': give a file name, e.g. {}image.png",
+            path.display(),
+            path.display()
+        );
+    }
+    let Some(name) = path.file_name() else {
+        bail!("{} has no file name", path.display());
+    };
+    if name.len() > MAX_NAME {
+        bail!(
+            "the file name of {} is {} bytes long; at most {MAX_NAME} fit",
+            path.display(),
+            name.len()
+        );
+    }
+    let mut dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    loop {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => return check_can_write_into(dir),
+            Ok(_) => bail!(
+                "cannot write {}: {} is a file, not a folder",
+                path.display(),
+                dir.display()
+            ),
+            // missing, or under a file: the part above tells which
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                dir = match dir.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
+    }
+}
+
+/// Whether this user may create files in `dir` (`access(W_OK | X_OK)`).
+fn check_can_write_into(dir: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path that lives across the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(e).with_context(|| format!("cannot write into the folder {}", dir.display()));
+    }
+    Ok(())
+}
+
+/// Removes the temporary files `.NAME.PID.N.tmp` that a killed run left beside `paths`: only
+/// for those names, only regular files, only when process PID is gone. Each folder is read
+/// once. Returns the files removed.
+pub fn remove_stale_temps<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<PathBuf> {
+    use std::collections::{HashMap, HashSet};
+    let mut by_dir: HashMap<&Path, HashSet<&std::ffi::OsStr>> = HashMap::new();
+    for p in paths {
+        if let Some(name) = p.file_name() {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            by_dir.entry(dir).or_default().insert(name);
+        }
+    }
+    let mut removed = Vec::new();
+    for (dir, names) in by_dir {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let Some(f) = file.to_str() else { continue };
+            let Some((name, pid)) = temp_owner(f) else {
+                continue;
+            };
+            let ours = names.contains(std::ffi::OsStr::new(name));
+            let regular = e.file_type().is_ok_and(|t| t.is_file());
+            if ours && regular && !process_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+/// `(NAME, PID)` of a temporary file name `.NAME.PID.N.tmp`.
+fn temp_owner(file: &str) -> Option<(&str, u32)> {
+    let rest = file.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (rest, n) = rest.rsplit_once('.')?;
+    let (name, pid) = rest.rsplit_once('.')?;
+    n.parse::<u32>().ok()?;
+    Some((name, pid.parse().ok()?))
+}
+
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// What [`write_atomic`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {

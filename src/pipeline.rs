@@ -119,6 +119,15 @@ impl Pipeline {
             );
         }
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
+        if tokenizer.max_id as usize >= clip_config.vocab_size {
+            bail!(
+                "{}: the tokenizer has ids up to {}, past the text encoder's vocab_size {} ({})",
+                files.tokenizer_dir.display(),
+                tokenizer.max_id,
+                clip_config.vocab_size,
+                files.text_encoder_config.display()
+            );
+        }
         // diffusers builds the scheduler class model_index.json names, from this config
         if let Some(class) = index.scheduler_class {
             scheduler_config.set("_class_name", serde_json::Value::String(class));
@@ -193,10 +202,14 @@ impl Pipeline {
         match (r, &self.files.weights) {
             (Err(e), WeightFiles::SingleFile(_)) => {
                 let configs = self.files.model_index.parent().unwrap_or(Path::new("."));
-                Err(e.context(format!(
-                    "the checkpoint does not fit the configs in {} (pass --config-from with the model's diffusers configs)",
-                    configs.display()
-                )))
+                Err(e.context(if self.files.builtin_configs.is_some() {
+                    "the checkpoint does not fit sdgen's built-in configs for its family (pass --config-from with the model's diffusers configs)".to_string()
+                } else {
+                    format!(
+                        "the checkpoint does not fit the configs in {}",
+                        configs.display()
+                    )
+                }))
             }
             (r, _) => r.map(Rc::new),
         }

@@ -16,6 +16,8 @@ pub struct ClipTokenizer {
     pub bos_id: u32,
     pub eos_id: u32,
     pub pad_id: u32,
+    /// The largest id of vocab.json (what the text encoder's embedding must hold).
+    pub max_id: u32,
 }
 
 /// Token ids of one prompt, padded to 77, and whether it had to be truncated.
@@ -106,11 +108,16 @@ impl ClipTokenizer {
                 dir.display()
             )
         })?;
+        let max_id = vocab
+            .as_object()
+            .and_then(|m| m.values().filter_map(Value::as_u64).max())
+            .unwrap_or(0) as u32;
         Ok(Self {
             inner,
             bos_id,
             eos_id,
             pad_id,
+            max_id,
         })
     }
 

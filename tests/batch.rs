@@ -349,3 +349,35 @@ fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
         "bad lines must show in the exit code: {err}"
     );
 }
+
+/// A prompts file saved with a UTF-8 byte order mark reads its first JSON line as JSON (it
+/// became a literal prompt); a line whose output cannot be written is a bad line, named.
+#[test]
+fn a_bom_and_a_bad_output_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(
+        &prompts,
+        "\u{feff}{\"prompt\": \"a\", \"seed\": 5}\n{\"prompt\": \"b\", \"output\": \"\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("img.png");
+    let o = sdgen_cmd(&[
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "-m",
+        &tiny(),
+        "-o",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "-q",
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2: the output path is empty"), "{err}");
+    assert_eq!(pngs(dir.path()), ["img-1.png"], "{err}");
+    assert_eq!(text_chunk(&dir.path().join("img-1.png"), "prompt"), "a");
+    assert_eq!(text_chunk(&dir.path().join("img-1.png"), "seed"), "5");
+}

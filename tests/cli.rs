@@ -587,3 +587,115 @@ fn absurd_requests_are_refused_before_any_work() {
         "does not exist",
     );
 }
+
+/// Output paths that cannot be written are found before the model is even looked at (they
+/// were found after generating), each in one line; `-g -5` is a guidance (clap suggested
+/// `-- -5`, which makes it the prompt); a leftover temporary file of a killed run is removed.
+#[test]
+fn output_problems_are_found_first_and_said_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("afile"), b"x").unwrap();
+    let long = format!("{}/{}.png", d.display(), "x".repeat(240));
+    let cases: Vec<(String, &str)> = vec![
+        (String::new(), "empty"),
+        (format!("{}/out/", d.display()), "ends with '/'"),
+        (
+            format!("{}/afile/img.png", d.display()),
+            "is a file, not a folder",
+        ),
+        (
+            format!("{}/afile/deeper/img.png", d.display()),
+            "is a file, not a folder",
+        ),
+        (long, "bytes long"),
+        (d.display().to_string(), "is a directory"),
+    ];
+    for (out, want) in &cases {
+        // the model does not exist: the output is checked before it
+        fails(
+            &["a cat", "-m", "./no/such/model", "-o", out, "-q"],
+            d,
+            want,
+        );
+    }
+
+    let out = d.join("neg.png");
+    ok(&sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "-g",
+            "-5",
+            "--steps",
+            "1",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let (_, _, text) = png_info(&out);
+    assert_eq!(meta(&text, "prompt"), "a cat");
+
+    // a killed run's temporary file for this name (its process is gone) is cleaned up; another
+    // name's is left alone
+    let stale = d.join(".img.png.4194303.0.tmp");
+    let other = d.join(".other.png.4194303.0.tmp");
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::write(&other, b"half").unwrap();
+    let img = d.join("img.png");
+    let o = sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--steps",
+            "1",
+            "-o",
+            img.to_str().unwrap(),
+        ],
+        &[],
+    );
+    ok(&o);
+    assert!(!stale.exists() && other.exists() && img.exists());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("left by a run that was killed"));
+}
+
+/// With HOME unset the cache is under the user's home folder from the user database, as
+/// Python's huggingface_hub finds it (it was `./.cache` under the current folder).
+#[test]
+fn the_cache_without_home_is_the_users_not_the_current_folders() {
+    let o = Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(["a cat", "-m", "org/none", "--offline", "-q"])
+        .env_remove("HOME")
+        .env_remove("HF_HOME")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("XDG_CACHE_HOME")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let at = err
+        .split(" cache at ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        at.starts_with('/') && at.contains("/.cache/huggingface/hub"),
+        "{err}"
+    );
+    let xdg = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(["a cat", "-m", "org/none", "--offline", "-q"])
+        .env_remove("HF_HOME")
+        .env_remove("HF_HUB_CACHE")
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{}/huggingface/hub", xdg.path().display())),
+        "{err}"
+    );
+}

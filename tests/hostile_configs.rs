@@ -102,6 +102,12 @@ fn broken_configs_are_one_clear_error() {
             &[],
             "max_position_embeddings=8",
         ),
+        // was "index-select invalid index" at the first prompt using a high id
+        (
+            json!({te: {"vocab_size": 1000}}),
+            &[],
+            "past the text encoder's vocab_size 1000",
+        ),
         (
             json!({sched: {"num_train_timesteps": 1e12}}),
             &[],

@@ -5,21 +5,29 @@ use super::files::{list_dir, plan_files, ModelFiles, ModelRequest, Plan};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
-/// The Hugging Face hub cache folder: HF_HUB_CACHE, else HF_HOME/hub, else
-/// ~/.cache/huggingface/hub (as Python's huggingface_hub resolves it).
-pub fn hub_cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
-        if !p.is_empty() {
-            return PathBuf::from(p);
-        }
+/// The Hugging Face hub cache folder as Python's huggingface_hub resolves it: HF_HUB_CACHE,
+/// else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub,
+/// the home folder from HOME or, when HOME is unset, the user database (as Python's
+/// `expanduser` does; it was the current folder).
+pub fn hub_cache_dir() -> Result<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return Ok(p);
     }
-    if let Ok(p) = std::env::var("HF_HOME") {
-        if !p.is_empty() {
-            return PathBuf::from(p).join("hub");
-        }
+    if let Some(p) = var("HF_HOME") {
+        return Ok(p.join("hub"));
     }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/huggingface/hub")
+    if let Some(p) = var("XDG_CACHE_HOME") {
+        return Ok(p.join("huggingface/hub"));
+    }
+    match std::env::home_dir() {
+        Some(home) if home.is_absolute() => Ok(home.join(".cache/huggingface/hub")),
+        _ => bail!("cannot tell where the Hugging Face cache is: HOME is unset and the user has no home folder; set HF_HOME or HF_HUB_CACHE"),
+    }
 }
 
 /// Whether HF_HUB_OFFLINE asks for cache-only operation.
@@ -42,7 +50,7 @@ pub(crate) fn repo_folder(repo_id: &str) -> String {
 /// Resolves a repo from the cache alone.
 pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
     let (repo_id, revision) = (req.model, req.revision);
-    let cache = hub_cache_dir();
+    let cache = hub_cache_dir()?;
     let repo_dir = cache.join(repo_folder(repo_id));
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         revision.to_string()

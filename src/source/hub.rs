@@ -55,12 +55,12 @@ fn token() -> Option<String> {
     std::env::var("HF_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
-        .or_else(|| Cache::new(hub_cache_dir()).token())
+        .or_else(|| Cache::new(hub_cache_dir().ok()?).token())
 }
 
 /// hf-hub's client, for the file list and the files' URLs (the downloads are [`download`]'s).
 fn api() -> Result<Api> {
-    let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir())).with_token(token());
+    let mut builder = ApiBuilder::from_cache(Cache::new(hub_cache_dir()?)).with_token(token());
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         if !endpoint.is_empty() {
             builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
@@ -173,6 +173,7 @@ fn verify(path: &Path, sibling: &Sibling) -> Result<()> {
 /// The cached copy of `file` at `commit`, when it is complete.
 fn cached(repo_id: &str, commit: &str, file: &str) -> Option<PathBuf> {
     let p = hub_cache_dir()
+        .ok()?
         .join(repo_folder(repo_id))
         .join("snapshots")
         .join(commit)
@@ -477,7 +478,7 @@ fn download(
     if !is_hex(&etag, 32..=128) {
         bail!("{what}: the Hub named the file's blob {etag:?}, not a hash; refusing to use it as a file name (check HF_ENDPOINT)");
     }
-    let repo_dir = hub_cache_dir().join(repo_folder(repo_id));
+    let repo_dir = hub_cache_dir()?.join(repo_folder(repo_id));
     let blobs = repo_dir.join("blobs");
     std::fs::create_dir_all(&blobs)
         .with_context(|| format!("cannot create {}", blobs.display()))?;
@@ -527,7 +528,7 @@ fn write_ref(repo_id: &str, revision: &str, commit: &str) -> Result<()> {
     if revision == commit || !is_plain_repo_path(revision) {
         return Ok(());
     }
-    let path = hub_cache_dir()
+    let path = hub_cache_dir()?
         .join(repo_folder(repo_id))
         .join("refs")
         .join(revision);

@@ -16,6 +16,9 @@ pub struct SafetensorsReader {
     file: std::fs::File,
     data_start: u64,
     tensors: HashMap<String, (DType, Vec<usize>, u64, u64)>,
+    /// Tensors of types sdgen cannot hold (e.g. int32 buffers): an error naming the type if
+    /// one is asked for.
+    unsupported: HashMap<String, ::safetensors::Dtype>,
 }
 
 impl SafetensorsReader {
@@ -52,6 +55,7 @@ impl SafetensorsReader {
             ),
         }
         let mut tensors = HashMap::new();
+        let mut unsupported = HashMap::new();
         for (name, info) in header.tensors() {
             use ::safetensors::Dtype as S;
             let dtype = match info.dtype {
@@ -62,8 +66,10 @@ impl SafetensorsReader {
                 S::I64 => DType::I64,
                 S::U32 => DType::U32,
                 S::U8 => DType::U8,
-                // tensors of other types (e.g. int32 buffers) are never requested
-                _ => continue,
+                other => {
+                    unsupported.insert(name, other);
+                    continue;
+                }
             };
             let (start, end) = info.data_offsets;
             tensors.insert(name, (dtype, info.shape.clone(), start as u64, end as u64));
@@ -72,17 +78,21 @@ impl SafetensorsReader {
             file,
             data_start,
             tensors,
+            unsupported,
         })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+        self.tensors.keys().chain(self.unsupported.keys())
     }
 
     /// The tensor `name` in `want`: float tensors are read and converted on all threads
     /// (loading the 3.4 GB f32 U-Net went through one core: 2.2 s of a 4.2 s load in the
     /// kernel's page zeroing and copying, then candle's one-thread conversion for bf16).
     fn read(&self, name: &str, want: DType) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.unsupported.get(name) {
+            candle_core::bail!("tensor {name} is stored as {t:?}, which sdgen cannot read");
+        }
         let (dtype, shape, start, end) =
             self.tensors
                 .get(name)
@@ -203,7 +213,7 @@ impl SimpleBackend for SafetensorsReader {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.unsupported.contains_key(name)
     }
 }
 
@@ -352,5 +362,16 @@ mod tests {
         let path = file("ok.safetensors", &f32x2("[0,8]"), 8);
         let r = SafetensorsReader::open(&path).unwrap();
         assert_eq!(r.read("a", DType::F32).unwrap().dims(), &[2]);
+        // a tensor of a type sdgen cannot hold is there, and an error naming its type (it was
+        // "cannot find tensor")
+        let path = file(
+            "i32.safetensors",
+            r#"{"a":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        let r = SafetensorsReader::open(&path).unwrap();
+        assert!(r.contains_tensor("a"));
+        let err = r.read("a", DType::F32).unwrap_err().to_string();
+        assert!(err.contains("tensor a") && err.contains("I32"), "{err}");
     }
 }
