@@ -20,6 +20,8 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod device;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub(crate) mod interrupt;
 pub(crate) mod models;
 pub mod ops;
