@@ -702,6 +702,44 @@ def full_size(out_dir):
         json.dump(SD15_SCHEDULER, f, indent=2)
 
 
+# ---- clip skip, counted as the web UI counts it, applied to both prompts ----
+
+def encode_skipping(pipe, text, skip):
+    """diffusers' encode_prompt(clip_skip=skip) for one prompt: the hidden state skip layers
+    before the last, through the final layer norm."""
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
+    # diffusers 0.42 reads text_encoder.text_model.final_layer_norm, which transformers 5 no
+    # longer has (its own clip_skip raises AttributeError there); the layer norm is the same
+    text_model = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+    return text_model.final_layer_norm(hidden)
+
+
+def record_clip_skip(name, model_dir, ref_dir):
+    """Images with the web UI's "Clip skip: N" (diffusers clip_skip=N-1) for the prompt and the
+    negative prompt alike (diffusers 0.42 skips in the positive prompt only, so the embeddings
+    are made here and passed in), for every N the text encoder allows above 1."""
+    pipe = load_pipe(model_dir)
+    out = os.path.join(ref_dir, name, "clip_skip")
+    os.makedirs(out, exist_ok=True)
+    from PIL import Image
+
+    layers = pipe.text_encoder.config.num_hidden_layers
+    with torch.no_grad():
+        for n in range(2, layers + 1):
+            pe = encode_skipping(pipe, E2E_PROMPT, n - 1)
+            ne = encode_skipping(pipe, E2E_NEGATIVE, n - 1)
+            image = pipe(
+                prompt_embeds=pe,
+                negative_prompt_embeds=ne,
+                num_inference_steps=E2E_STEPS,
+                guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(42),
+                output_type="np",
+            ).images[0]
+            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(out, f"{n}.png"))
+
+
 # ---- real-world config shapes (nulls, -Infinity, 2022 configs, BK-SDM) on the tiny model ----
 
 def apply_config_edits(model_dir, edits):
@@ -752,6 +790,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
     ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
+    ap.add_argument("--only-clip-skip", action="store_true", help="only record the clip skip images (reference/*/clip_skip)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.full_size:
@@ -761,6 +800,10 @@ def main():
     if args.only_real_world:
         record_real_world(out)
         return
+    if args.only_clip_skip:
+        for name in MODELS:
+            record_clip_skip(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
+        return
     ref = os.path.join(out, "reference")
     os.makedirs(ref, exist_ok=True)
     print(f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
@@ -769,6 +812,7 @@ def main():
     for name, spec in MODELS.items():
         model_dir = build_model(name, spec, out)
         record_model(name, model_dir, ref)
+        record_clip_skip(name, model_dir, ref)
     record_single_files(out)
     record_bin(out)
     record_real_world(out)

@@ -172,6 +172,7 @@ fn read_jobs(args: &Args) -> Result<Jobs> {
         height: args.height,
         num_images: args.num_images,
         output: None,
+        clip_skip: args.clip_skip,
     };
     let Some(file) = &args.prompts else {
         return Ok(Jobs {
@@ -424,6 +425,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             width: job.width.unwrap_or(default_w),
             height: job.height.unwrap_or(default_h),
             batch_size: args.batch_size,
+            clip_skip: job.clip_skip,
         };
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {
@@ -700,9 +702,14 @@ fn metadata(
         params.push_str(&format!("Negative prompt: {}\n", r.negative_prompt));
     }
     params.push_str(&format!(
-        "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: sdgen {}",
-        r.steps, scheduler, r.guidance, img.seed, img.width, img.height, model, VERSION
+        "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        r.steps, scheduler, r.guidance, img.seed, img.width, img.height, model
     ));
+    if r.clip_skip > 1 {
+        // the web UI writes it only when it is not 1, after the model
+        params.push_str(&format!(", Clip skip: {}", r.clip_skip));
+    }
+    params.push_str(&format!(", Version: sdgen {VERSION}"));
     let mut meta = vec![
         ("parameters".into(), params),
         ("prompt".into(), r.prompt.clone()),
@@ -716,6 +723,7 @@ fn metadata(
         ("model".into(), model),
         ("model_revision".into(), revision),
         ("dtype".into(), dtype_name(p.dtype).to_string()),
+        ("clip_skip".into(), r.clip_skip.to_string()),
         ("software".into(), format!("sdgen {VERSION}")),
     ];
     if let Some(line) = job.line {

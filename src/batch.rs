@@ -20,6 +20,8 @@ pub struct Job {
     pub height: Option<usize>,
     pub num_images: usize,
     pub output: Option<String>,
+    /// Clip skip as the web UI counts it (1 = the last layer).
+    pub clip_skip: usize,
 }
 
 /// The keys a JSON line may set.
@@ -36,6 +38,7 @@ struct LineOverrides {
     height: Option<usize>,
     num_images: Option<usize>,
     output: Option<String>,
+    clip_skip: Option<usize>,
 }
 
 /// A line that could not be used, with its 1-based number.
@@ -75,6 +78,7 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
                     job.height = o.height.or(job.height);
                     job.num_images = o.num_images.unwrap_or(job.num_images);
                     job.output = o.output.or(job.output);
+                    job.clip_skip = o.clip_skip.unwrap_or(job.clip_skip);
                 }
                 Err(e) => {
                     bad.push(BadLine {
@@ -214,6 +218,7 @@ mod tests {
             height: None,
             num_images: 1,
             output: None,
+            clip_skip: 1,
         }
     }
 

@@ -89,6 +89,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
 
+    /// Clip skip as model pages give it: 1 = the text encoder's last layer, 2 = the one before
+    /// (diffusers' clip_skip=1); for the prompt and the negative prompt.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub clip_skip: usize,
+
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,

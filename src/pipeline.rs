@@ -32,6 +32,10 @@ pub struct Request {
     pub width: usize,
     pub height: usize,
     pub batch_size: usize,
+    /// "Clip skip" as the web UI and model pages count it: 1 = the text encoder's last layer,
+    /// 2 = the one before (diffusers' `clip_skip=1`), ...; for the prompt and the negative
+    /// prompt alike, as the web UI applies it.
+    pub clip_skip: usize,
 }
 
 impl Request {
@@ -296,6 +300,13 @@ impl Pipeline {
         if r.seeds.is_empty() || r.batch_size == 0 {
             bail!("--num-images and --batch-size must be at least 1");
         }
+        let layers = self.clip_config.num_hidden_layers;
+        if r.clip_skip == 0 || r.clip_skip > layers {
+            bail!(
+                "--clip-skip {} is outside 1..={layers} (the text encoder has {layers} layers; 1 uses the last)",
+                r.clip_skip
+            );
+        }
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
         }
@@ -337,10 +348,12 @@ impl Pipeline {
     }
 
     /// `encode_prompt`'s text-encoder pass: (1, 77, hidden).
-    pub fn encode_text(&self, prompt: &str) -> Result<Tensor> {
+    pub fn encode_text(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         let (ids, _) = self.tokenize(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder()?.forward(&ids)?)
+        Ok(self
+            .text_encoder()?
+            .forward(&ids, clip_skip.saturating_sub(1))?)
     }
 
     pub fn unet_forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
@@ -384,9 +397,9 @@ impl Pipeline {
     ) -> Result<()> {
         self.validate(r)?;
         let cfg = r.guidance > 1.0;
-        let cond = self.encode_text(&r.prompt)?;
+        let cond = self.encode_text(&r.prompt, r.clip_skip)?;
         let uncond = if cfg {
-            Some(self.encode_text(&r.negative_prompt)?)
+            Some(self.encode_text(&r.negative_prompt, r.clip_skip)?)
         } else {
             None
         };

@@ -699,3 +699,53 @@ fn the_cache_without_home_is_the_users_not_the_current_folders() {
         "{err}"
     );
 }
+
+/// `--clip-skip` is recorded as the web UI writes it, and one past the text encoder's layers is
+/// an error before any work.
+#[test]
+fn clip_skip_is_recorded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("c.png");
+    let o = out.to_str().unwrap();
+    ok(&sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--clip-skip",
+            "2",
+            "--steps",
+            "1",
+            "-q",
+            "-o",
+            o,
+        ],
+        &[],
+    ));
+    let (_, _, text) = png_info(&out);
+    assert_eq!(meta(&text, "clip_skip"), "2");
+    assert!(meta(&text, "parameters").contains(", Clip skip: 2, Version: sdgen"));
+    let plain = dir.path().join("p.png");
+    let p = plain.to_str().unwrap();
+    ok(&sdgen(
+        &["a cat", "-m", &tiny(), "--steps", "1", "-q", "-o", p],
+        &[],
+    ));
+    let (_, _, text) = png_info(&plain);
+    assert!(!meta(&text, "parameters").contains("Clip skip"));
+    let bad = dir.path().join("b.png");
+    fails(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--clip-skip",
+            "4",
+            "-q",
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+        dir.path(),
+        "--clip-skip 4 is outside 1..=3",
+    );
+}

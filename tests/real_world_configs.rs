@@ -39,6 +39,7 @@ fn real_world_config_shapes_give_diffusers_images() {
             width,
             height,
             batch_size: 1,
+            clip_skip: 1,
         };
         let img = &pipeline.generate_all(&request).unwrap()[0];
         let want = image::open(reference(&format!("real_world/{name}.png")))

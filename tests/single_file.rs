@@ -28,6 +28,7 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         width,
         height,
         batch_size: 2,
+        clip_skip: 1,
     };
     p.generate_all(&r)
         .unwrap()

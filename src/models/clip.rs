@@ -166,8 +166,11 @@ impl ClipTextModel {
         Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
     }
 
-    /// `input_ids`: (batch, seq) u32.
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// `input_ids`: (batch, seq) u32. The hidden state `skip` layers before the last, through
+    /// the final layer norm: with `skip` 0 `last_hidden_state`, else what diffusers'
+    /// `encode_prompt(clip_skip=skip)` feeds the U-Net (the web UI's "Clip skip" is
+    /// `skip + 1`). `skip` must leave at least one layer.
+    pub fn forward(&self, input_ids: &Tensor, skip: usize) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
         let xs = self
@@ -176,7 +179,7 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
         let mut xs = xs;
-        for layer in &self.layers {
+        for layer in &self.layers[..self.layers.len() - skip] {
             xs = layer.forward(&xs, &mask)?;
         }
         self.final_layer_norm.forward(&xs)
