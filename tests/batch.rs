@@ -314,18 +314,11 @@ fn ctrl_c_leaves_no_partial_file_and_a_rerun_finishes_the_batch() {
     assert_eq!(pngs(dir.path()).len(), 6);
 }
 
-/// A line asking for an absurd size or count is a bad line named by its number; the others
-/// are made (it aborted the whole batch).
-#[test]
-fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("p.txt");
-    std::fs::write(
-        &prompts,
-        "{\"prompt\": \"a\", \"width\": 100000}\n{\"prompt\": \"b\", \"num_images\": 1000000000}\nc\n",
-    )
-    .unwrap();
-    let out = dir.path().join("img.png");
+/// Runs a prompts file of `text` on the tiny model, one step each, into `dir/img.png`.
+fn run_prompts(dir: &Path, text: &str) -> (std::process::Output, String) {
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, text).unwrap();
+    let out = dir.join("img.png");
     let o = sdgen_cmd(&[
         "--prompts",
         prompts.to_str().unwrap(),
@@ -339,7 +332,19 @@ fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
     ])
     .output()
     .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, err)
+}
+
+/// A line asking for an absurd size or count is a bad line named by its number; the others
+/// are made (it aborted the whole batch).
+#[test]
+fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, err) = run_prompts(
+        dir.path(),
+        "{\"prompt\": \"a\", \"width\": 100000}\n{\"prompt\": \"b\", \"num_images\": 1000000000}\nc\n",
+    );
     assert!(err.contains("line 1: width 100000"), "{err}");
     assert!(err.contains("line 2: num_images 1000000000"), "{err}");
     assert_eq!(pngs(dir.path()), ["img-3.png"], "{err}");
@@ -355,27 +360,10 @@ fn an_absurd_line_is_a_bad_line_and_the_rest_run() {
 #[test]
 fn a_bom_and_a_bad_output_line() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("p.txt");
-    std::fs::write(
-        &prompts,
+    let (_, err) = run_prompts(
+        dir.path(),
         "\u{feff}{\"prompt\": \"a\", \"seed\": 5}\n{\"prompt\": \"b\", \"output\": \"\"}\n",
-    )
-    .unwrap();
-    let out = dir.path().join("img.png");
-    let o = sdgen_cmd(&[
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "-m",
-        &tiny(),
-        "-o",
-        out.to_str().unwrap(),
-        "--steps",
-        "1",
-        "-q",
-    ])
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    );
     assert!(err.contains("line 2: the output path is empty"), "{err}");
     assert_eq!(pngs(dir.path()), ["img-1.png"], "{err}");
     assert_eq!(text_chunk(&dir.path().join("img-1.png"), "prompt"), "a");

@@ -15,6 +15,39 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::path::Path;
 
+/// candle's `SimpleBackend` for a file reader with `fn read(&self, name, dtype) -> Tensor` (on
+/// the CPU) and a `contains` rule: shapes checked, tensors moved to the device.
+macro_rules! simple_backend {
+    ($reader:ty, $contains:expr) => {
+        impl candle_nn::var_builder::SimpleBackend for $reader {
+            fn get(
+                &self,
+                s: candle_core::Shape,
+                name: &str,
+                _: candle_nn::Init,
+                dtype: candle_core::DType,
+                dev: &candle_core::Device,
+            ) -> candle_core::Result<candle_core::Tensor> {
+                super::expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
+            }
+
+            fn get_unchecked(
+                &self,
+                name: &str,
+                dtype: candle_core::DType,
+                dev: &candle_core::Device,
+            ) -> candle_core::Result<candle_core::Tensor> {
+                self.read(name, dtype)?.to_device(dev)
+            }
+
+            fn contains_tensor(&self, name: &str) -> bool {
+                ($contains)(self, name)
+            }
+        }
+    };
+}
+pub(crate) use simple_backend;
+
 /// `t` if it has shape `s`, else the error candle's own backends give.
 pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> candle_core::Result<Tensor> {
     if t.shape() != &s {

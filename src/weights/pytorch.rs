@@ -13,8 +13,7 @@
 use super::pickle::{self, Id, Object, Pickle};
 use super::safetensors::{converted, read_vec};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -152,26 +151,9 @@ impl TorchCheckpoint {
     }
 }
 
-impl SimpleBackend for TorchCheckpoint {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        super::expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.read(name, dtype)?.to_device(dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-}
+super::simple_backend!(TorchCheckpoint, |r: &TorchCheckpoint, name: &str| r
+    .tensors
+    .contains_key(name));
 
 /// The archive's one `<prefix>/data.pkl`, parsed.
 fn read_pickle<R: std::io::Read + std::io::Seek>(

@@ -1,8 +1,7 @@
 //! safetensors files read tensor by tensor, on all threads, converted to the model's type.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -196,30 +195,14 @@ pub(super) fn converted<S: StoredFloat>(
     }
 }
 
-impl SimpleBackend for SafetensorsReader {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        super::expect_shape(self.get_unchecked(name, dtype, dev)?, s, name)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.read(name, dtype)?.to_device(dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.unsupported.contains_key(name)
-    }
-}
+super::simple_backend!(SafetensorsReader, |r: &SafetensorsReader, name: &str| {
+    r.tensors.contains_key(name) || r.unsupported.contains_key(name)
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_nn::var_builder::SimpleBackend;
 
     /// The reader's conversions give what candle's `to_dtype` gives (NaN, infinities,
     /// subnormals, rounding ties), also for a tensor read in several pieces.
