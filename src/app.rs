@@ -41,6 +41,11 @@ fn print_schedulers() {
     for (name, class, about) in SCHEDULERS {
         println!("{name:<13} {class:<34} {about}");
     }
+    println!("\nweb UI sampler names (as diffusers maps them; any case):");
+    for (web, name, karras) in schedulers::WEB_UI_NAMES {
+        let k = if *karras { " with Karras sigmas" } else { "" };
+        println!("{web:<20} = {name}{k}");
+    }
 }
 
 /// One image to produce: its job, its index within the job, its seed and file.
@@ -126,12 +131,7 @@ fn download_only(model: &ModelRequest, json: bool) -> Result<i32> {
 /// The checks of the flags that need no model; the grid's rows and columns.
 fn check_flags(args: &Args) -> Result<Option<(usize, usize)>> {
     if let Some(s) = &args.scheduler {
-        if !SCHEDULERS.iter().any(|x| x.0 == s) {
-            bail!(
-                "unknown scheduler {s:?}; known: {}",
-                schedulers::known_names()
-            );
-        }
+        schedulers::resolve_name(s)?;
     }
     if args.steps == 0 {
         bail!("--steps must be at least 1");

@@ -749,3 +749,45 @@ fn clip_skip_is_recorded_and_checked() {
         "--clip-skip 4 is outside 1..=3",
     );
 }
+
+/// A web UI sampler name runs (and is recorded as given, so the chunk replays); one without an
+/// exact equivalent is one error line before any work.
+#[test]
+fn web_ui_sampler_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.png");
+    let o = out.to_str().unwrap();
+    ok(&sdgen(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--scheduler",
+            "DPM++ 2M Karras",
+            "--steps",
+            "2",
+            "-q",
+            "-o",
+            o,
+        ],
+        &[],
+    ));
+    let (_, _, text) = png_info(&out);
+    assert_eq!(meta(&text, "scheduler"), "DPM++ 2M Karras");
+    assert!(meta(&text, "parameters").contains("Sampler: DPM++ 2M Karras,"));
+    let bad = dir.path().join("b.png");
+    fails(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--scheduler",
+            "DPM++ SDE",
+            "-q",
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+        dir.path(),
+        "cannot be reproduced",
+    );
+}

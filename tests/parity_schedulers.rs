@@ -90,3 +90,50 @@ fn schedulers_match_diffusers_step_by_step() {
     }
     assert!(checked.len() >= SCHEDULERS.len() * 3, "{checked:?}");
 }
+
+/// Web UI sampler names (`--scheduler "DPM++ 2M Karras"`) give the scheduler diffusers' docs map
+/// them to: built on the plain SD 1.5 config, each has the timesteps of diffusers' trace for
+/// that class, with Karras sigmas where the name says so.
+#[test]
+fn web_ui_sampler_names_are_diffusers_mapping() {
+    let meta = read_json("schedulers.json");
+    let mut checked = 0;
+    for (web, name, karras) in schedulers::WEB_UI_NAMES {
+        let plain = &meta[format!("sd15/{name}")];
+        let want = &meta[format!("{}/{name}", if *karras { "sd15_karras" } else { "sd15" })];
+        let config = SchedulerConfig {
+            values: plain["config"].as_object().unwrap().clone(),
+        };
+        assert!(!config.bool_or("use_karras_sigmas", false));
+        let steps = want["steps"].as_u64().unwrap() as usize;
+        for spelling in [web.to_string(), web.to_lowercase()] {
+            let (resolved, sched) = schedulers::build(Some(&spelling), &config, steps).unwrap();
+            assert_eq!(resolved, *name);
+            let want_ts: Vec<f64> = want["timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let got = sched.timesteps();
+            assert_eq!(got.len(), want_ts.len(), "{web}");
+            for (g, w) in got.iter().zip(&want_ts) {
+                assert!(
+                    (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                    "{web}: {got:?} vs {want_ts:?}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, schedulers::WEB_UI_NAMES.len());
+    for unmatched in ["DPM++ 2S a", "DPM++ SDE Karras", "DPM fast"] {
+        let e = schedulers::resolve_name(unmatched).unwrap_err().to_string();
+        assert!(e.contains("cannot be reproduced"), "{e}");
+    }
+    let e = schedulers::resolve_name("Euler b").unwrap_err().to_string();
+    assert!(
+        e.contains("unknown scheduler") && e.contains("DPM++ 2M Karras"),
+        "{e}"
+    );
+}

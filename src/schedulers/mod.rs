@@ -148,6 +148,72 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The web UI's (AUTOMATIC1111 / k-diffusion) sampler names, as diffusers' scheduler overview
+/// maps them to its classes: the name, the sdgen scheduler, and whether Karras sigmas come with
+/// it (`use_karras_sigmas=True`). DDIM, PLMS and UniPC are the same algorithms under the same
+/// names. So the `Sampler:` of a web UI `parameters` chunk can be passed to `--scheduler`.
+pub const WEB_UI_NAMES: &[(&str, &str, bool)] = &[
+    ("DPM++ 2M", "dpmpp_2m", false),
+    ("DPM++ 2M Karras", "dpmpp_2m", true),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde", false),
+    ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", true),
+    ("DPM2", "dpm2", false),
+    ("DPM2 Karras", "dpm2", true),
+    ("DPM2 a", "dpm2_a", false),
+    ("DPM2 a Karras", "dpm2_a", true),
+    ("Euler", "euler", false),
+    ("Euler a", "euler_a", false),
+    ("Heun", "heun", false),
+    ("LMS", "lms", false),
+    ("LMS Karras", "lms", true),
+    ("DDIM", "ddim", false),
+    ("PLMS", "pndm", false),
+    ("UniPC", "unipc", false),
+];
+
+/// Web UI samplers without an exact diffusers (and so sdgen) equivalent, and why.
+const WEB_UI_UNMATCHED: &[(&str, &str)] = &[
+    (
+        "DPM++ 2S a",
+        "diffusers has no exact equivalent (dpmpp_2s is close, not the same)",
+    ),
+    (
+        "DPM++ 2S a Karras",
+        "diffusers has no exact equivalent (dpmpp_2s --karras is close, not the same)",
+    ),
+    (
+        "DPM++ SDE",
+        "diffusers' DPMSolverSDEScheduler is not in sdgen yet",
+    ),
+    (
+        "DPM++ SDE Karras",
+        "diffusers' DPMSolverSDEScheduler is not in sdgen yet",
+    ),
+    ("DPM adaptive", "diffusers has no equivalent"),
+    ("DPM fast", "diffusers has no equivalent"),
+];
+
+/// A `--scheduler` name: sdgen's own (`dpmpp_2m`) or the web UI's (`DPM++ 2M Karras`, any
+/// case): the sdgen scheduler and whether it asks for Karras sigmas.
+pub fn resolve_name(name: &str) -> Result<(&'static str, bool)> {
+    if let Some(s) = SCHEDULERS.iter().find(|s| s.0 == name) {
+        return Ok((s.0, false));
+    }
+    if let Some((_, s, karras)) = WEB_UI_NAMES.iter().find(|w| w.0.eq_ignore_ascii_case(name)) {
+        return Ok((s, *karras));
+    }
+    if let Some((w, why)) = WEB_UI_UNMATCHED
+        .iter()
+        .find(|w| w.0.eq_ignore_ascii_case(name))
+    {
+        bail!("the web UI's sampler {w:?} cannot be reproduced: {why}");
+    }
+    bail!(
+        "unknown scheduler {name:?}; known: {} (or a web UI sampler name such as \"DPM++ 2M Karras\"; see --list-schedulers)",
+        known_names()
+    )
+}
+
 pub fn name_for_class(class: &str) -> Option<&'static str> {
     SCHEDULERS.iter().find(|s| s.1 == class).map(|s| s.0)
 }
@@ -422,7 +488,15 @@ pub fn build(
     steps: usize,
 ) -> Result<(String, Box<dyn Scheduler>)> {
     let name = match name {
-        Some(n) => n.to_string(),
+        Some(n) => {
+            let (n, karras) = resolve_name(n)?;
+            if karras && !config.bool_or("use_karras_sigmas", false) {
+                let mut with = config.clone();
+                with.set("use_karras_sigmas", Value::Bool(true));
+                return build(Some(n), &with, steps);
+            }
+            n.to_string()
+        }
         None => {
             let class = config.class_name().unwrap_or("PNDMScheduler");
             if class == "DPMSolverMultistepScheduler"
