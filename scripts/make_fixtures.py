@@ -373,14 +373,36 @@ SCHED_CASES = [
     ("sd15_karras", SD15_SCHEDULER, {"use_karras_sigmas": True}, 10),
     ("sd15_trailing", SD15_SCHEDULER, {"timestep_spacing": "trailing"}, 7),
     ("sd15_prk", {**SD15_SCHEDULER, "skip_prk_steps": False}, {}, 10),
+    # third order (DPM++ 3M and its SDE form), 20 steps so that lower_order_final leaves the
+    # third-order update in use (below 15 steps diffusers drops the last two steps' order)
+    ("sd15_order3", SD15_SCHEDULER, {"solver_order": 3}, 20),
+    ("sd15_order3_short", SD15_SCHEDULER, {"solver_order": 3}, 10),
 ]
 
+# the schedulers each case applies to (all when absent)
+SCHED_CASE_ONLY = {
+    "sd15_order3": {"dpmpp_2m", "dpmpp_2m_sde"},
+    "sd15_order3_short": {"dpmpp_2m", "dpmpp_2m_sde"},
+}
 
-def record_schedulers(ref_dir):
+
+def record_schedulers(ref_dir, only_cases=None):
+    """Every case's trace; with only_cases, just those, merged into the existing files (the
+    other cases stay as recorded: their last bits depend on the numpy/scipy of the machine)."""
     tensors = {}
     meta = {}
+    if only_cases:
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(ref_dir, "schedulers.safetensors"))
+        with open(os.path.join(ref_dir, "schedulers.json")) as f:
+            meta = json.load(f)
     for case, base, overrides, steps in SCHED_CASES:
+        if only_cases and case not in only_cases:
+            continue
         for name, (cls, extra) in SCHEDULERS.items():
+            if name not in SCHED_CASE_ONLY.get(case, SCHEDULERS):
+                continue
             kwargs = {**extra, **overrides}
             if "use_karras_sigmas" in kwargs and "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
                 continue
@@ -791,6 +813,7 @@ def main():
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
     ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
     ap.add_argument("--only-clip-skip", action="store_true", help="only record the clip skip images (reference/*/clip_skip)")
+    ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.full_size:
@@ -799,6 +822,9 @@ def main():
     out = os.path.abspath(args.out)
     if args.only_real_world:
         record_real_world(out)
+        return
+    if args.only_schedulers:
+        record_schedulers(os.path.join(out, "reference"), set(args.only_schedulers))
         return
     if args.only_clip_skip:
         for name in MODELS:
