@@ -373,7 +373,7 @@ SCHED_CASES = [
     ("sd15_karras", SD15_SCHEDULER, {"use_karras_sigmas": True}, 10),
     ("sd15_trailing", SD15_SCHEDULER, {"timestep_spacing": "trailing"}, 7),
     ("sd15_prk", {**SD15_SCHEDULER, "skip_prk_steps": False}, {}, 10),
-    # third order (DPM++ 3M and its SDE form, DEIS), 20 steps so that lower_order_final leaves the
+    # third order (DPM++ 3M and its SDE form, DEIS, UniPC), 20 steps so that lower_order_final leaves the
     # third-order update in use (below 15 steps diffusers drops the last two steps' order)
     ("sd15_order3", SD15_SCHEDULER, {"solver_order": 3}, 20),
     ("sd15_order3_short", SD15_SCHEDULER, {"solver_order": 3}, 10),
@@ -381,8 +381,8 @@ SCHED_CASES = [
 
 # the schedulers each case applies to (all when absent)
 SCHED_CASE_ONLY = {
-    "sd15_order3": {"dpmpp_2m", "dpmpp_2m_sde", "deis"},
-    "sd15_order3_short": {"dpmpp_2m", "dpmpp_2m_sde", "deis"},
+    "sd15_order3": {"dpmpp_2m", "dpmpp_2m_sde", "deis", "unipc"},
+    "sd15_order3_short": {"dpmpp_2m", "dpmpp_2m_sde", "deis", "unipc"},
 }
 
 

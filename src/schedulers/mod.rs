@@ -124,7 +124,7 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
     (
         "dpmpp_2m",
         "DPMSolverMultistepScheduler",
-        "DPM-Solver++ 2M, 2nd-order multistep",
+        "DPM-Solver++ 2M, 2nd-order multistep (solver_order 3: DPM++ 3M)",
     ),
     (
         "dpmpp_2m_sde",
@@ -139,12 +139,12 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
     (
         "deis",
         "DEISMultistepScheduler",
-        "diffusion exponential integrator sampler, 2nd order",
+        "diffusion exponential integrator sampler, 2nd order (solver_order 1-3)",
     ),
     (
         "unipc",
         "UniPCMultistepScheduler",
-        "unified predictor-corrector (bh2), 2nd order",
+        "unified predictor-corrector (bh2), 2nd order (solver_order 1-3)",
     ),
 ];
 

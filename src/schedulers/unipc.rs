@@ -1,5 +1,6 @@
-//! `UniPCMultistepScheduler` (predict_x0, bh2), order 1 or 2: each step first corrects the
-//! previous prediction with the new model output (UniC), then predicts ahead (UniP).
+//! `UniPCMultistepScheduler` (predict_x0, bh1 or bh2), order 1, 2 or 3: each step first
+//! corrects the previous prediction with the new model output (UniC), then predicts ahead
+//! (UniP).
 
 use super::dpm_common::{alpha_sigma, data_prediction, dpm_schedule, lambda, DpmScheduleKind};
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
@@ -25,8 +26,8 @@ impl UniPcScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         let (timesteps, sigmas) = dpm_schedule(config, steps, DpmScheduleKind::UniPc)?;
         let order = config.usize_or("solver_order", 2);
-        if !(1..=2).contains(&order) {
-            bail!("scheduler config: solver_order={order} is not supported (1 or 2)");
+        if !(1..=3).contains(&order) {
+            bail!("scheduler config: solver_order={order} is not supported (1, 2 or 3)");
         }
         if !config.bool_or("predict_x0", true) {
             bail!("scheduler config: predict_x0=false is not supported");
@@ -82,20 +83,42 @@ impl UniPcScheduler {
         (h, h_phi_1, b_h, b)
     }
 
+    /// The earlier outputs' ratios `rk_j = (lambda(sigmas[s0 - j]) - lambda(sigmas[s0])) / h`
+    /// and differences `D1_j = (m_j - m0) / rk_j`, j = 1..order-1 (m_j the j-th output before
+    /// the newest).
+    fn differences(&self, s0: usize, h: f32, order: usize) -> Result<(Vec<f32>, Vec<Tensor>)> {
+        let k = self.model_outputs.len();
+        let m0 = &self.model_outputs[k - 1];
+        let lambda_s0 = lambda(self.sigmas[s0]);
+        let mut rks = Vec::new();
+        let mut d1s = Vec::new();
+        for j in 1..order {
+            let rk = (lambda(self.sigmas[s0 - j]) - lambda_s0) / h;
+            d1s.push(((&self.model_outputs[k - 1 - j] - m0)? / rk as f64)?);
+            rks.push(rk);
+        }
+        Ok((rks, d1s))
+    }
+
     /// `multistep_uni_p_bh_update`: the prediction from sigmas[i] to sigmas[i + 1].
     fn predict(&self, i: usize, sample: &Tensor, order: usize) -> Result<Tensor> {
         let k = self.model_outputs.len();
         let m0 = &self.model_outputs[k - 1];
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (_, sigma_s0) = alpha_sigma(self.sigmas[i]);
-        let (h, h_phi_1, b_h, _) = self.coefficients(self.sigmas[i], self.sigmas[i + 1], order);
+        let (h, h_phi_1, b_h, b) = self.coefficients(self.sigmas[i], self.sigmas[i + 1], order);
         let x = ((sample * (sigma_t / sigma_s0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
         if order == 1 {
             return Ok(x);
         }
-        let rk = (lambda(self.sigmas[i - 1]) - lambda(self.sigmas[i])) / h;
-        let d1 = ((&self.model_outputs[k - 2] - m0)? / rk as f64)?;
-        let pred_res = (d1 * 0.5)?;
+        let (rks, d1s) = self.differences(i, h, order)?;
+        // order 2: diffusers' simplified 0.5; else R[:-1, :-1] rho = b[:-1]
+        let rhos = if order == 2 {
+            vec![0.5]
+        } else {
+            solve(&powers(&rks, order - 1), &b[..order - 1])
+        };
+        let pred_res = weighted_sum(&rhos, &d1s)?;
         Ok((x - (pred_res * (alpha_t * b_h) as f64)?)?)
     }
 
@@ -115,24 +138,66 @@ impl UniPcScheduler {
         let x =
             ((last_sample * (sigma_t / sigma_s0) as f64)? - (m0 * (alpha_t * h_phi_1) as f64)?)?;
         let d1_t = (model_t - m0)?;
-        let (corr_res, rho_last) = if order == 1 {
-            (None, 0.5f32)
+        // order 1: diffusers' simplified 0.5; else R rho = b with R over [rk_1.., 1]
+        let rhos = if order == 1 {
+            vec![0.5f32]
         } else {
-            // solve [[1, 1], [rk, 1]] rho = b
-            let rk = (lambda(self.sigmas[i - 2]) - lambda(self.sigmas[i - 1])) / h;
-            let (b1, b2) = (b[0] as f64, b[1] as f64);
-            let rk64 = rk as f64;
-            let rho0 = (b1 - b2) / (1.0 - rk64);
-            let rho1 = b1 - rho0;
-            let d1 = ((&self.model_outputs[k - 2] - m0)? / rk as f64)?;
-            (Some((d1 * rho0 as f32 as f64)?), rho1 as f32)
+            let (mut rks, d1s) = self.differences(i - 1, h, order)?;
+            rks.push(1.0);
+            let rhos = solve(&powers(&rks, order), &b);
+            let corr = weighted_sum(&rhos[..order - 1], &d1s)?;
+            let inner = (corr + (d1_t * rhos[order - 1] as f64)?)?;
+            return Ok((x - (inner * (alpha_t * b_h) as f64)?)?);
         };
-        let inner = match corr_res {
-            Some(c) => (c + (d1_t * rho_last as f64)?)?,
-            None => (d1_t * rho_last as f64)?,
-        };
+        let inner = (d1_t * rhos[0] as f64)?;
         Ok((x - (inner * (alpha_t * b_h) as f64)?)?)
     }
+}
+
+/// The `n` x `n` matrix of `torch.pow(rks, p)`, row p = 0..n, over the first `n` of `rks`, in
+/// float32 as torch computes it.
+fn powers(rks: &[f32], n: usize) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|p| rks[..n].iter().map(|r| r.powi(p as i32)).collect())
+        .collect()
+}
+
+/// `torch.linalg.solve(a, b)` for the small systems of UniPC: Gaussian elimination with
+/// partial pivoting (LAPACK's gesv), in f64, rounded to float32.
+fn solve(a: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
+    let n = b.len();
+    let mut m: Vec<Vec<f64>> = a
+        .iter()
+        .zip(b)
+        .map(|(row, &bi)| row.iter().map(|&x| x as f64).chain([bi as f64]).collect())
+        .collect();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&r, &s| m[r][col].abs().total_cmp(&m[s][col].abs()))
+            .expect("a non-empty system");
+        m.swap(col, pivot);
+        for r in col + 1..n {
+            let f = m[r][col] / m[col][col];
+            for c in col..=n {
+                m[r][c] -= f * m[col][c];
+            }
+        }
+    }
+    let mut x = vec![0f64; n];
+    for r in (0..n).rev() {
+        let s: f64 = (r + 1..n).map(|c| m[r][c] * x[c]).sum();
+        x[r] = (m[r][n] - s) / m[r][r];
+    }
+    x.into_iter().map(|v| v as f32).collect()
+}
+
+/// `einsum("k,bkc...->bc...", rhos, D1s)`: the sum of rho_j x D1_j.
+fn weighted_sum(rhos: &[f32], d1s: &[Tensor]) -> Result<Tensor> {
+    let mut acc = (&d1s[0] * rhos[0] as f64)?;
+    for (r, d) in rhos.iter().zip(d1s).skip(1) {
+        acc = (acc + (d * *r as f64)?)?;
+    }
+    Ok(acc)
 }
 
 impl Scheduler for UniPcScheduler {
