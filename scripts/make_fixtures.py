@@ -724,6 +724,21 @@ def full_size(out_dir):
         json.dump(SD15_SCHEDULER, f, indent=2)
 
 
+def save_seed42_image(pipe, path, **prompt):
+    """The pipeline's seed-42 image at its default size and scheduler, E2E_STEPS steps, guidance
+    7.5, as an 8-bit PNG (what tests/common's assert_seed42_image compares with)."""
+    from PIL import Image
+
+    image = pipe(
+        **prompt,
+        num_inference_steps=E2E_STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(42),
+        output_type="np",
+    ).images[0]
+    Image.fromarray((image * 255).round().astype("uint8")).save(path)
+
+
 # ---- clip skip, counted as the web UI counts it, applied to both prompts ----
 
 def encode_skipping(pipe, text, skip):
@@ -744,22 +759,12 @@ def record_clip_skip(name, model_dir, ref_dir):
     pipe = load_pipe(model_dir)
     out = os.path.join(ref_dir, name, "clip_skip")
     os.makedirs(out, exist_ok=True)
-    from PIL import Image
-
     layers = pipe.text_encoder.config.num_hidden_layers
     with torch.no_grad():
         for n in range(2, layers + 1):
             pe = encode_skipping(pipe, E2E_PROMPT, n - 1)
             ne = encode_skipping(pipe, E2E_NEGATIVE, n - 1)
-            image = pipe(
-                prompt_embeds=pe,
-                negative_prompt_embeds=ne,
-                num_inference_steps=E2E_STEPS,
-                guidance_scale=7.5,
-                generator=torch.Generator("cpu").manual_seed(42),
-                output_type="np",
-            ).images[0]
-            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(out, f"{n}.png"))
+            save_seed42_image(pipe, os.path.join(out, f"{n}.png"), prompt_embeds=pe, negative_prompt_embeds=ne)
 
 
 # ---- real-world config shapes (nulls, -Infinity, 2022 configs, BK-SDM) on the tiny model ----
@@ -787,7 +792,6 @@ def record_real_world(out):
     ref = os.path.join(out, "reference", "real_world")
     os.makedirs(ref, exist_ok=True)
     import tempfile
-    from PIL import Image
 
     for name, edits in variants.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -795,16 +799,8 @@ def record_real_world(out):
             shutil.copytree(os.path.join(out, "models", "tiny"), model_dir)
             apply_config_edits(model_dir, edits)
             pipe = load_pipe(model_dir)
-            image = pipe(
-                E2E_PROMPT,
-                negative_prompt=E2E_NEGATIVE,
-                num_inference_steps=E2E_STEPS,
-                guidance_scale=7.5,
-                generator=torch.Generator("cpu").manual_seed(42),
-                output_type="np",
-            ).images[0]
-            print(f"{name}: {type(pipe.scheduler).__name__} {dict(steps_offset=pipe.scheduler.config.get('steps_offset'), clip_sample=pipe.scheduler.config.get('clip_sample'))} {image.shape}")
-            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, f"{name}.png"))
+            save_seed42_image(pipe, os.path.join(ref, f"{name}.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+            print(f"{name}: {type(pipe.scheduler).__name__} {dict(steps_offset=pipe.scheduler.config.get('steps_offset'), clip_sample=pipe.scheduler.config.get('clip_sample'))}")
 
 
 def main():

@@ -44,6 +44,25 @@ struct Entry<'a> {
     stride: &'a [i64],
 }
 
+/// An entry in one line: name, storage class, storage key, its element count, and the view.
+fn view<'a>(
+    name: &'a str,
+    (class, key, numel): (&'a str, &'a str, i64),
+    offset: i64,
+    size: &'a [i64],
+    stride: &'a [i64],
+) -> Entry<'a> {
+    Entry {
+        name,
+        class,
+        key,
+        numel,
+        offset,
+        size,
+        stride,
+    }
+}
+
 fn entry(e: &Entry) -> Vec<u8> {
     let mut b = unicode(e.name);
     b.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
@@ -124,61 +143,13 @@ const SIX: [f32; 6] = [0., 1., 2., 3., 4., 5.];
 #[test]
 fn good_tensors_read_as_torch_stores_them() {
     let entries = [
-        Entry {
-            name: "w",
-            class: "FloatStorage",
-            key: "0",
-            numel: 6,
-            offset: 0,
-            size: &[2, 3],
-            stride: &[3, 1],
-        },
+        view("w", ("FloatStorage", "0", 6), 0, &[2, 3], &[3, 1]),
         // a transposed view of the same storage, and a slice from offset 2
-        Entry {
-            name: "t",
-            class: "FloatStorage",
-            key: "0",
-            numel: 6,
-            offset: 0,
-            size: &[3, 2],
-            stride: &[1, 3],
-        },
-        Entry {
-            name: "s",
-            class: "FloatStorage",
-            key: "0",
-            numel: 6,
-            offset: 2,
-            size: &[4],
-            stride: &[1],
-        },
-        Entry {
-            name: "e",
-            class: "FloatStorage",
-            key: "0",
-            numel: 6,
-            offset: 0,
-            size: &[0, 3],
-            stride: &[3, 1],
-        },
-        Entry {
-            name: "ids",
-            class: "LongStorage",
-            key: "1",
-            numel: 2,
-            offset: 0,
-            size: &[2],
-            stride: &[1],
-        },
-        Entry {
-            name: "mask",
-            class: "BoolStorage",
-            key: "2",
-            numel: 1,
-            offset: 0,
-            size: &[1],
-            stride: &[1],
-        },
+        view("t", ("FloatStorage", "0", 6), 0, &[3, 2], &[1, 3]),
+        view("s", ("FloatStorage", "0", 6), 2, &[4], &[1]),
+        view("e", ("FloatStorage", "0", 6), 0, &[0, 3], &[3, 1]),
+        view("ids", ("LongStorage", "1", 2), 0, &[2], &[1]),
+        view("mask", ("BoolStorage", "2", 1), 0, &[1], &[1]),
     ];
     let storages = [
         ("0", f32_bytes(&SIX)),

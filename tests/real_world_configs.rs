@@ -6,7 +6,7 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
-use sdgen::pipeline::{Pipeline, Request};
+use sdgen::pipeline::Pipeline;
 use sdgen::source::{ModelFiles, Precision};
 use serde_json::Value;
 
@@ -28,33 +28,6 @@ fn real_world_config_shapes_give_diffusers_images() {
         let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
         let pipeline = Pipeline::load(files, Device::Cpu, DType::F32)
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let (height, width) = pipeline.default_size();
-        let request = Request {
-            prompt: meta["prompt"].as_str().unwrap().into(),
-            negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
-            seeds: vec![42],
-            steps: meta["steps"].as_u64().unwrap() as usize,
-            guidance: 7.5,
-            scheduler: None,
-            width,
-            height,
-            batch_size: 1,
-            clip_skip: 1,
-        };
-        let img = &pipeline.generate_all(&request).unwrap()[0];
-        let want = image::open(reference(&format!("real_world/{name}.png")))
-            .unwrap()
-            .to_rgb8();
-        assert_eq!(
-            (img.width as u32, img.height as u32),
-            want.dimensions(),
-            "{name}"
-        );
-        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
-        eprintln!("{name}: max {max}/255, mean {mean:.4}/255");
-        assert!(
-            max <= 2 && mean <= 0.25,
-            "{name}: max {max}/255, mean {mean:.4}/255"
-        );
+        assert_seed42_image(&pipeline, &meta, 1, &format!("real_world/{name}.png"));
     }
 }

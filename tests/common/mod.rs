@@ -116,3 +116,40 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// diffusers' seed-42 image of a model's e2e prompt pair (`meta`: its e2e.json) at its default
+/// size and scheduler, guidance 7.5, with `clip_skip`, against the PNG `png` under the
+/// references: max 2/255, mean 0.25/255.
+pub fn assert_seed42_image(
+    pipeline: &sdgen::pipeline::Pipeline,
+    meta: &serde_json::Value,
+    clip_skip: usize,
+    png: &str,
+) {
+    let (height, width) = pipeline.default_size();
+    let request = sdgen::pipeline::Request {
+        prompt: meta["prompt"].as_str().unwrap().into(),
+        negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
+        seeds: vec![42],
+        steps: meta["steps"].as_u64().unwrap() as usize,
+        guidance: 7.5,
+        scheduler: None,
+        width,
+        height,
+        batch_size: 1,
+        clip_skip,
+    };
+    let img = &pipeline.generate_all(&request).unwrap()[0];
+    let want = image::open(reference(png)).unwrap().to_rgb8();
+    assert_eq!(
+        (img.width as u32, img.height as u32),
+        want.dimensions(),
+        "{png}"
+    );
+    let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
+    eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
+    assert!(
+        max <= 2 && mean <= 0.25,
+        "{png}: max {max}/255, mean {mean:.4}/255"
+    );
+}
