@@ -176,10 +176,12 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
             .max_by(|&r, &s| m[r][col].abs().total_cmp(&m[s][col].abs()))
             .expect("a non-empty system");
         m.swap(col, pivot);
-        for r in col + 1..n {
-            let f = m[r][col] / m[col][col];
-            for c in col..=n {
-                m[r][c] -= f * m[col][c];
+        let (above, below) = m.split_at_mut(col + 1);
+        let p = &above[col];
+        for row in below {
+            let f = row[col] / p[col];
+            for (x, y) in row[col..].iter_mut().zip(&p[col..]) {
+                *x -= f * y;
             }
         }
     }
