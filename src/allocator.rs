@@ -190,11 +190,19 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
 }
 
 /// The machine's physical memory in bytes (`MemTotal` of /proc/meminfo), where known.
-pub fn physical_memory() -> Option<u64> {
+fn physical_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// `(needed, available)` in GiB when `need` bytes are more than the machine's physical
+/// memory (where it is known): what the refusals of oversized requests print.
+pub fn beyond_memory(need: u64) -> Option<(f64, f64)> {
+    let have = physical_memory()?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    (need > have).then(|| (gib(need), gib(have)))
 }
 
 #[cfg(test)]

@@ -562,13 +562,11 @@ fn check_grid_memory(args: &Args, pipeline: &Pipeline, n: usize) -> Result<()> {
         args.height.unwrap_or(dh) as u64,
     );
     let need = (n as u64).saturating_mul(w * h * 3 * 2);
-    match crate::allocator::physical_memory() {
-        Some(have) if need > have => bail!(
-            "--grid of {n} {w}x{h} images needs about {:.1} GiB; this machine has {:.1} GiB",
-            need as f64 / (1u64 << 30) as f64,
-            have as f64 / (1u64 << 30) as f64
+    match crate::allocator::beyond_memory(need) {
+        Some((need, have)) => bail!(
+            "--grid of {n} {w}x{h} images needs about {need:.1} GiB; this machine has {have:.1} GiB"
         ),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -79,12 +79,19 @@ fn float<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::
     py_f64(&v).ok_or_else(|| serde::de::Error::custom(format!("expected a number, found {v}")))
 }
 
+/// An optional float key (`null` = none), as [`float`] reads it.
 fn float_opt<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<f64>, D::Error> {
     match Value::deserialize(d)? {
         Value::Null => Ok(None),
-        v => py_f64(&v)
-            .map(Some)
-            .ok_or_else(|| serde::de::Error::custom(format!("expected a number, found {v}"))),
+        v => float(v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// An error naming the first of `keys` whose value is 0.
+fn check_positive(keys: &[(&str, usize)]) -> Result<()> {
+    match keys.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => bail!("{key} is 0"),
+        None => Ok(()),
     }
 }
 
@@ -273,16 +280,13 @@ impl UNetConfig {
         if n == 0 {
             bail!("block_out_channels is empty");
         }
-        let positive = [
+        check_positive(&[
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
             ("layers_per_block", self.layers_per_block),
             ("norm_num_groups", self.norm_num_groups),
             ("cross_attention_dim", self.cross_attention_dim),
-        ];
-        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            bail!("{key} is 0");
-        }
+        ])?;
         if self.block_out_channels.contains(&0) {
             bail!("block_out_channels holds 0");
         }
@@ -460,13 +464,12 @@ impl VaeConfig {
         if c.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
         }
-        let positive = [
+        if let Err(e) = check_positive(&[
             ("layers_per_block", c.layers_per_block),
             ("latent_channels", c.latent_channels),
             ("norm_num_groups", c.norm_num_groups),
-        ];
-        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{key} is 0"));
+        ]) {
+            return bad(e.to_string());
         }
         if let Some(ch) = c
             .block_out_channels
@@ -538,16 +541,14 @@ impl ClipTextConfig {
                 c.hidden_act
             );
         }
-        let positive = [
+        check_positive(&[
             ("vocab_size", c.vocab_size),
             ("hidden_size", c.hidden_size),
             ("intermediate_size", c.intermediate_size),
             ("num_hidden_layers", c.num_hidden_layers),
             ("num_attention_heads", c.num_attention_heads),
-        ];
-        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            bail!("{}: {key} is 0", path.display());
-        }
+        ])
+        .with_context(|| format!("{}", path.display()))?;
         if c.max_position_embeddings < 77 {
             bail!(
                 "{}: max_position_embeddings={} is shorter than the 77 tokens of a prompt",

@@ -23,14 +23,18 @@ pub fn pickle(bytes: &[u8]) {
     let _ = crate::weights::pickle::parse(bytes, &allowed);
 }
 
+/// Every tensor of `names` read from `file` (errors dropped).
+fn read_every<'a>(file: &dyn SimpleBackend, names: impl Iterator<Item = &'a String>) {
+    for n in names {
+        let _ = file.get_unchecked(n, DType::F32, &Device::Cpu);
+    }
+}
+
 /// A PyTorch zip checkpoint file: opened, then every tensor read.
 pub fn torch_checkpoint(dir: &Path, bytes: &[u8]) {
     via_file(dir, "fuzz.ckpt", bytes, |p| {
         if let Ok(c) = TorchCheckpoint::open(p) {
-            let names: Vec<String> = c.names().cloned().collect();
-            for n in names {
-                let _ = c.get_unchecked(&n, DType::F32, &Device::Cpu);
-            }
+            read_every(&c, c.names());
         }
     })
 }
@@ -39,10 +43,7 @@ pub fn torch_checkpoint(dir: &Path, bytes: &[u8]) {
 pub fn safetensors(dir: &Path, bytes: &[u8]) {
     via_file(dir, "fuzz.safetensors", bytes, |p| {
         if let Ok(r) = SafetensorsReader::open(p) {
-            let names: Vec<String> = r.names().cloned().collect();
-            for n in names {
-                let _ = r.get_unchecked(&n, DType::F32, &Device::Cpu);
-            }
+            read_every(&r, r.names());
         }
     })
 }

@@ -155,10 +155,7 @@ pub fn check_target(path: &Path) -> Result<()> {
             name.len()
         );
     }
-    let mut dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let mut dir = folder_of(path);
     loop {
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => return check_can_write_into(dir),
@@ -174,13 +171,18 @@ pub fn check_target(path: &Path) -> Result<()> {
                     std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                 ) =>
             {
-                dir = match dir.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d,
-                    _ => Path::new("."),
-                };
+                dir = folder_of(dir);
             }
             Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
         }
+    }
+}
+
+/// The folder `path` is in: its parent, or `.` for a bare name.
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 
@@ -204,11 +206,7 @@ pub fn remove_stale_temps<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<Path
     let mut by_dir: HashMap<&Path, HashSet<&std::ffi::OsStr>> = HashMap::new();
     for p in paths {
         if let Some(name) = p.file_name() {
-            let dir = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            by_dir.entry(dir).or_default().insert(name);
+            by_dir.entry(folder_of(p)).or_default().insert(name);
         }
     }
     let mut removed = Vec::new();
@@ -266,14 +264,11 @@ pub enum Written {
 /// to replace a file that appeared meanwhile ([`Written::AlreadyThere`]).
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<Written> {
     check_writable(path, overwrite)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)
+    let dir = folder_of(path);
+    std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?;
-    let (tmp, mut f) = create_temp(&dir, &name.to_string_lossy())?;
+    let (tmp, mut f) = create_temp(dir, &name.to_string_lossy())?;
     let result = (|| -> Result<Written> {
         f.write_all(bytes)
             .and_then(|()| f.sync_all())

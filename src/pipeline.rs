@@ -280,19 +280,13 @@ impl Pipeline {
                 r.height
             );
         }
-        let need = self.activation_bytes(r);
-        if let Some(have) = crate::allocator::physical_memory() {
-            if need > have {
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                bail!(
-                    "{}x{} (batch {}) needs about {:.1} GiB for its activations alone; this machine has {:.1} GiB: choose a smaller size or --batch-size",
-                    r.width,
-                    r.height,
-                    r.batch_size.min(r.seeds.len()),
-                    gib(need),
-                    gib(have)
-                );
-            }
+        if let Some((need, have)) = crate::allocator::beyond_memory(self.activation_bytes(r)) {
+            bail!(
+                "{}x{} (batch {}) needs about {need:.1} GiB for its activations alone; this machine has {have:.1} GiB: choose a smaller size or --batch-size",
+                r.width,
+                r.height,
+                r.batch_size.min(r.seeds.len()),
+            );
         }
         if r.steps == 0 {
             bail!("--steps must be at least 1");
