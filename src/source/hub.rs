@@ -19,9 +19,7 @@ use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 /// Attempts per file after a dropped connection; each one resumes where the last stopped.
@@ -120,24 +118,6 @@ fn repo_info(repo: &ApiRepo) -> std::result::Result<RepoInfo, HubFailure> {
         .map_err(|e| HubFailure::Other(format!("unexpected answer from the Hub: {e}")))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// Checks a fresh download against what the Hub announced; a bad file is removed from the
 /// cache (blob and snapshot link) so that it is never used.
 fn verify(path: &Path, sibling: &Sibling) -> Result<()> {
@@ -151,7 +131,7 @@ fn verify(path: &Path, sibling: &Sibling) -> Result<()> {
     }
     if problem.is_none() {
         if let Some(lfs) = &sibling.lfs {
-            let got = sha256_file(path)?;
+            let got = crate::weights::file_sha256(path, 0)?;
             if !got.eq_ignore_ascii_case(&lfs.sha256) {
                 problem = Some(format!("sha256 {got} instead of {}", lfs.sha256));
             }

@@ -60,20 +60,69 @@ pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> candle_core::Result<Tens
     Ok(t)
 }
 
-/// A `VarBuilder` over one weight file: safetensors or a PyTorch `.bin`, read tensor by
-/// tensor.
+/// One weight file's tensors: safetensors, or a PyTorch zip (`.bin`, `.ckpt`, `.pt`) through
+/// our pickle reader; the reader is chosen by the extension here only.
+pub struct TensorFile {
+    backend: Box<dyn candle_nn::var_builder::SimpleBackend>,
+    names: Vec<String>,
+    metadata: std::collections::HashMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        let opened: Result<Self> = if is_safetensors {
+            SafetensorsReader::open(path).map(|r| Self {
+                names: r.names().cloned().collect(),
+                metadata: r.metadata.clone(),
+                backend: Box::new(r),
+            })
+        } else {
+            TorchCheckpoint::open(path).map(|r| Self {
+                names: r.names().cloned().collect(),
+                metadata: Default::default(),
+                backend: Box::new(r),
+            })
+        };
+        opened.with_context(|| {
+            format!(
+                "cannot read weights {} (corrupt or incomplete file? delete it and download again)",
+                path.display()
+            )
+        })
+    }
+
+    /// The tensor names, in no particular order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// A safetensors `__metadata__` entry.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// The tensor `name` in f32 on the CPU.
+    pub fn read_f32(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.backend.get_unchecked(name, DType::F32, &Device::Cpu)
+    }
+}
+
+/// A `VarBuilder` over one weight file, read tensor by tensor.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    let backend: Result<Box<dyn candle_nn::var_builder::SimpleBackend>> = if is_safetensors {
-        SafetensorsReader::open(path).map(|r| Box::new(r) as _)
-    } else {
-        TorchCheckpoint::open(path).map(|r| Box::new(r) as _)
-    };
-    let backend = backend.with_context(|| {
-        format!(
-            "cannot read weights {} (corrupt or incomplete file? delete it and download again)",
-            path.display()
-        )
-    })?;
-    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    let file = TensorFile::open(path)?;
+    Ok(VarBuilder::from_backend(file.backend, dtype, device.clone()))
+}
+
+/// The hex SHA-256 of `path`'s bytes from `skip` on (Hub downloads are checked with the whole
+/// file's; the web UI names LoRAs and embeddings by the first 12 digits of theirs).
+pub fn file_sha256(path: &Path, skip: u64) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    std::io::copy(&mut (&mut f).take(skip), &mut std::io::sink())?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(format!("{:x}", h.finalize()))
 }

@@ -187,6 +187,9 @@ fn read_pickle<R: std::io::Read + std::io::Seek>(
 }
 
 /// The tensors of the pickled dict (or of its `state_dict`), checked against the archive.
+/// How many levels of dicts below the top one give tensor names.
+const NESTED_DICTS: usize = 2;
+
 fn tensor_table<R: std::io::Read + std::io::Seek>(
     p: &Pickle,
     prefix: &str,
@@ -202,14 +205,28 @@ fn tensor_table<R: std::io::Read + std::io::Seek>(
     };
     let mut storages: HashMap<String, Storage> = HashMap::new();
     let mut tensors = HashMap::new();
-    for &(k, v) in items {
-        let Some(name) = p.str(k) else { continue };
-        let Some(rebuild) = tensor_rebuild(p, v) else {
-            continue; // not a tensor: a step counter, `_metadata`, ...
-        };
-        let t = tensor_view(p, rebuild, (prefix, &mut *zip, file_len), &mut storages)
-            .with_context(|| format!("tensor {name}"))?;
-        tensors.insert(name.to_string(), t);
+    // dicts inside the dict give dotted names (an A1111 embedding's `string_to_param.*`), a
+    // few levels down; walked with a stack, not recursion
+    // (each inner dict once: a memo can make one dict appear under many keys)
+    let mut seen = std::collections::HashSet::new();
+    let mut dicts = vec![(items, String::new(), 0)];
+    while let Some((items, outer, depth)) = dicts.pop() {
+        for &(k, v) in items {
+            let Some(name) = p.str(k) else { continue };
+            let name = format!("{outer}{name}");
+            if let Object::Dict(inner) = p.get(v) {
+                if depth < NESTED_DICTS && seen.insert(v) {
+                    dicts.push((inner, format!("{name}."), depth + 1));
+                }
+                continue;
+            }
+            let Some(rebuild) = tensor_rebuild(p, v) else {
+                continue; // not a tensor: a step counter, `_metadata`, ...
+            };
+            let t = tensor_view(p, rebuild, (prefix, &mut *zip, file_len), &mut storages)
+                .with_context(|| format!("tensor {name}"))?;
+            tensors.insert(name, t);
+        }
     }
     Ok(tensors)
 }

@@ -18,6 +18,8 @@ pub struct SafetensorsReader {
     /// Tensors of types sdgen cannot hold (e.g. int32 buffers): an error naming the type if
     /// one is asked for.
     unsupported: HashMap<String, ::safetensors::Dtype>,
+    /// The header's `__metadata__` strings.
+    pub metadata: HashMap<String, String>,
 }
 
 impl SafetensorsReader {
@@ -53,6 +55,7 @@ impl SafetensorsReader {
                 header.data_len()
             ),
         }
+        let metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = HashMap::new();
         let mut unsupported = HashMap::new();
         for (name, info) in header.tensors() {
@@ -78,6 +81,7 @@ impl SafetensorsReader {
             data_start,
             tensors,
             unsupported,
+            metadata,
         })
     }
 
