@@ -741,10 +741,11 @@ def save_seed42_image(pipe, path, **prompt):
 
 # ---- clip skip, counted as the web UI counts it, applied to both prompts ----
 
-def encode_skipping(pipe, text, skip):
-    """diffusers' encode_prompt(clip_skip=skip) for one prompt: the hidden state skip layers
-    before the last, through the final layer norm."""
-    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+def encode_skipping(pipe, text, skip, ids=None):
+    """diffusers' encode_prompt(clip_skip=skip) for one prompt (or its ids): the hidden state
+    skip layers before the last, through the final layer norm."""
+    if ids is None:
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
     # diffusers 0.42 reads text_encoder.text_model.final_layer_norm, which transformers 5 no
     # longer has (its own clip_skip raises AttributeError there); the layer norm is the same
@@ -803,12 +804,361 @@ def record_real_world(out):
             print(f"{name}: {type(pipe.scheduler).__name__} {dict(steps_offset=pipe.scheduler.config.get('steps_offset'), clip_sample=pipe.scheduler.config.get('clip_sample'))}")
 
 
+# ---- add-ons: LoRAs, textual-inversion embeddings, the web UI's prompt syntax ----
+#
+# tests/fixtures/addons/ holds tiny LoRAs in both formats, tiny embeddings in the three
+# formats, the text-encoder norms of the "tiny_ln" variant (tiny with LayerNorms that are not
+# the identity, which the web UI's mean restoration needs), and addons.json: the web UI's
+# chunks (ids and weights) for prompts in its syntax. reference/addons/ holds the images.
+
+ADDON_LORA_RANK = 2
+
+
+def kohya_lora(pipe, seed):
+    """A kohya / web UI LoRA for every attention, projection and feed-forward layer of the
+    U-Net, the resnets' convolutions (LoCon) and the text encoder's layers, random, with alphas."""
+    g = torch.Generator().manual_seed(seed)
+    r = ADDON_LORA_RANK
+    out = {}
+
+    def add(prefix, name, weight):
+        key = f"{prefix}_{name.replace('.', '_')}"
+        if weight.dim() == 4:
+            down = torch.randn((r, weight.shape[1], weight.shape[2], weight.shape[3]), generator=g) * 0.3
+            up = torch.randn((weight.shape[0], r, 1, 1), generator=g) * 0.3
+        else:
+            down = torch.randn((r, weight.shape[1]), generator=g) * 0.3
+            up = torch.randn((weight.shape[0], r), generator=g) * 0.3
+        out[f"{key}.lora_down.weight"] = down.half()
+        out[f"{key}.lora_up.weight"] = up.half()
+        out[f"{key}.alpha"] = torch.tensor(float(len(out) % 3 + 1)).half()
+
+    for name, mod in pipe.unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")) or (
+            "resnets" in name and name.endswith(("conv1", "conv2"))
+        ):
+            add("lora_unet", name, mod.weight)
+    for name, mod in pipe.text_encoder.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+            name = name if name.startswith("text_model.") else "text_model." + name
+            add("lora_te", name, mod.weight)
+    return out
+
+
+def peft_lora(pipe, path):
+    """A diffusers / PEFT LoRA (lora_A/lora_B, rank 4, alpha 8 recorded in the file's
+    lora_adapter_metadata), random, saved as diffusers saves one."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(11)
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    te_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    pipe.unet.add_adapter(unet_cfg)
+    # (transformers' add_adapter wants a newer peft than PyPI has: peft's own injection)
+    inject_adapter_in_model(te_cfg, pipe.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(
+        os.path.dirname(path),
+        unet_lora_layers={k: v.half() for k, v in get_peft_model_state_dict(pipe.unet).items()},
+        text_encoder_lora_layers={k: v.half() for k, v in get_peft_model_state_dict(pipe.text_encoder).items()},
+        unet_lora_adapter_metadata=unet_cfg.to_dict(),
+        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+        weight_name=os.path.basename(path),
+    )
+
+
+def webui_parse(text):
+    """The web UI's parse_prompt_attention, from its documented behaviour (prompt_parser.py)."""
+    import re
+
+    lexer = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
+    res, round_b, square_b = [], [], []
+
+    def mul(start, m):
+        for p in range(start, len(res)):
+            res[p][1] *= m
+
+    for m in lexer.finditer(text):
+        t, w = m.group(0), m.group(1)
+        if t.startswith("\\"):
+            res.append([t[1:], 1.0])
+        elif t == "(":
+            round_b.append(len(res))
+        elif t == "[":
+            square_b.append(len(res))
+        elif w is not None and round_b:
+            mul(round_b.pop(), float(w))
+        elif t == ")" and round_b:
+            mul(round_b.pop(), 1.1)
+        elif t == "]" and square_b:
+            mul(square_b.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", t)):
+                if i > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+    for pos in round_b:
+        mul(pos, 1.1)
+    for pos in square_b:
+        mul(pos, 1 / 1.1)
+    if not res:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return res
+
+
+def webui_chunks(tok, prompt, embeddings):
+    """The web UI's tokenize_line: (ids, weights) per 77-token chunk. `embeddings` maps an
+    embedding's first token id to the ids of its vectors (they stay in one chunk)."""
+    import re
+
+    prompt = re.sub(r"<(\w+):([^>]+)>", "", prompt)
+    parsed = webui_parse(prompt)
+    start, end = tok.bos_token_id, tok.eos_token_id
+    pad = tok.pad_token_id
+    comma = tok.get_vocab().get(",</w>")
+    chunks, chunk, chunk_w = [], [], []
+    last_comma = -1
+
+    def next_chunk():
+        nonlocal chunk, chunk_w, last_comma
+        ids = [start] + chunk + [end] * (75 - len(chunk)) + [end]
+        ws = [1.0] + chunk_w + [1.0] * (75 - len(chunk)) + [1.0]
+        chunks.append((ids, ws))
+        chunk, chunk_w, last_comma = [], [], -1
+
+    for text, weight in parsed:
+        if text == "BREAK" and weight == -1:
+            next_chunk()
+            continue
+        for token in tok(text, add_special_tokens=False, truncation=False).input_ids:
+            if token == comma:
+                last_comma = len(chunk)
+            elif len(chunk) == 75 and last_comma != -1 and len(chunk) - last_comma <= 20:
+                moved, moved_w = chunk[last_comma + 1:], chunk_w[last_comma + 1:]
+                chunk, chunk_w = chunk[:last_comma + 1], chunk_w[:last_comma + 1]
+                next_chunk()
+                chunk, chunk_w = moved, moved_w
+            if len(chunk) == 75:
+                next_chunk()
+            vec_ids = embeddings.get(token)
+            if vec_ids is None:
+                chunk.append(token)
+                chunk_w.append(weight)
+            else:
+                if len(chunk) + len(vec_ids) > 75:
+                    next_chunk()
+                chunk += vec_ids
+                chunk_w += [weight] * len(vec_ids)
+    if chunk or not chunks:
+        next_chunk()
+    if pad != end:
+        for ids, _ in chunks:
+            first = ids.index(end)
+            ids[first + 1:] = [pad] * (len(ids) - first - 1)
+    return chunks
+
+
+def webui_encode(pipe, chunks, skip=0):
+    """Each chunk through the text encoder, weighted with the mean restored ("Original")."""
+    zs = []
+    for ids, ws in chunks:
+        z = encode_skipping(pipe, None, skip, ids=torch.tensor([ids]))
+        original_mean = z.mean()
+        z = z * torch.tensor(ws).reshape(1, -1, 1).expand(z.shape)
+        z = z * (original_mean / z.mean())
+        zs.append(z)
+    return torch.hstack(zs)
+
+
+def seed42_loop(pipe, cond, uncond, path):
+    """The pipeline's seed-42 image (default scheduler, E2E_STEPS, guidance 7.5) for contexts
+    of different lengths, which StableDiffusionPipeline refuses: its loop, with the U-Net run
+    on each half apart, as the web UI does then."""
+    from PIL import Image
+
+    g = torch.Generator("cpu").manual_seed(42)
+    unet, sched = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    latents = pipe.prepare_latents(1, unet.config.in_channels, size, size, torch.float32, "cpu", g)
+    sched.set_timesteps(E2E_STEPS)
+    extra = pipe.prepare_extra_step_kwargs(g, 0.0)
+    latents = latents * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.scale_model_input(latents, t)
+        u = unet(x, t, encoder_hidden_states=uncond).sample
+        c = unet(x, t, encoder_hidden_states=cond).sample
+        latents = sched.step(u + 7.5 * (c - u), t, latents, **extra).prev_sample
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    Image.fromarray((image * 255).round().astype("uint8")).save(path)
+
+
+A1111_CASES = [
+    "a (red fox:1.3), [blurry], snow BREAK lake",
+    "((masterpiece)), a [cat] on a (beach:0.7)",
+    "BREAK BREAK start",
+    r"((a)) [[b]] (c:0.5) \(d\) \[e\] x\\y (open [close",
+    "(a BREAK b) BREAKfast, time: 12:30 :1.5)",
+    "word, " * 40 + "tail words after the chunk",
+    "one two three four five six seven eight nine ten " * 9,
+    "comma, " + "longword " * 73 + "after",
+    "x " * 73 + "glowcat then more",
+    "a shinyfox and (glowcat:1.2) with <lora:kohya:0.5> <dotty>",
+    "",
+    "Café (東京:1.1) 😀 [[émoji]]",
+]
+
+
+def addon_embeddings(addons):
+    """The three embedding files (A1111 .pt of 2 vectors, A1111 .safetensors of 3, diffusers
+    learned_embeds of 1, as a 1-D tensor) for tiny's 16-wide text encoder."""
+    g = torch.Generator().manual_seed(21)
+    emb = os.path.join(addons, "emb")
+    os.makedirs(emb, exist_ok=True)
+    pt = os.path.join(emb, "shinyfox.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": (torch.randn((2, 16), generator=g) * 0.5)},
+            "name": "shinyfox-trained",
+            "step": 1000,
+            "sd_checkpoint": "0123abcd",
+            "sd_checkpoint_name": "tiny",
+        },
+        pt,
+    )
+    st = os.path.join(emb, "glowcat.safetensors")
+    save_file({"emb_params": (torch.randn((3, 16), generator=g) * 0.5).half()}, st)
+    learned = os.path.join(emb, "learned_embeds.safetensors")
+    save_file({"<dotty>": (torch.randn((16,), generator=g) * 0.5)}, learned)
+    return [(pt, "shinyfox"), (st, "glowcat"), (learned, None)]
+
+
+def load_embeddings(pipe, files):
+    for path, token in files:
+        pipe.load_textual_inversion(path, token=token)
+
+
+def tiny_ln(out, tmp):
+    """tiny with random text-encoder LayerNorms: the overrides are written to addons/ (the
+    Rust tests rebuild the model the same way); returns the model's folder."""
+    model_dir = os.path.join(tmp, "tiny_ln")
+    shutil.copytree(os.path.join(out, "models", "tiny"), model_dir)
+    te_file = os.path.join(model_dir, "text_encoder", "model.safetensors")
+    from safetensors.torch import load_file
+
+    sd = load_file(te_file)
+    g = torch.Generator().manual_seed(5)
+    norms = {}
+    for k in sorted(sd):
+        if "layer_norm" in k:
+            base = 1.0 if k.endswith("weight") else 0.0
+            norms[k] = (base + torch.randn(sd[k].shape, generator=g) * 0.5).half()
+    save_file(norms, os.path.join(out, "addons", "tiny_ln_norms.safetensors"))
+    sd.update(norms)
+    save_file(sd, te_file, metadata={"format": "pt"})
+    return model_dir
+
+
+def record_addons(out):
+    """LoRA, embedding and web UI syntax references on the tiny models."""
+    import tempfile
+
+    addons = os.path.join(out, "addons")
+    os.makedirs(addons, exist_ok=True)
+    ref = os.path.join(out, "reference", "addons")
+    os.makedirs(ref, exist_ok=True)
+    tiny = os.path.join(out, "models", "tiny")
+    kohya = os.path.join(addons, "kohya.safetensors")
+    save_file(kohya_lora(load_pipe(tiny), 7), kohya)
+    peft = os.path.join(addons, "peft.safetensors")
+    peft_lora(load_pipe(tiny), peft)
+    embeddings = addon_embeddings(addons)
+    with torch.no_grad():
+        # LoRAs, fused as diffusers fuses them; two LoRAs: fuse, unload, fuse the next
+        for name, loras in {
+            "kohya-0.8": [(kohya, 0.8)],
+            "peft-1.0": [(peft, 1.0)],
+            "kohya-0.8+peft-0.5": [(kohya, 0.8), (peft, 0.5)],
+        }.items():
+            pipe = load_pipe(tiny)
+            for path, scale in loras:
+                pipe.load_lora_weights(path)
+                pipe.fuse_lora(lora_scale=scale)
+                pipe.unload_lora_weights()
+            save_seed42_image(pipe, os.path.join(ref, f"lora-{name}.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+        # textual inversion, diffusers' way
+        pipe = load_pipe(tiny)
+        load_embeddings(pipe, embeddings)
+        ti_prompt, ti_negative = "a shinyfox and a glowcat, <dotty>", "glowcat"
+        save_seed42_image(pipe, os.path.join(ref, "embeddings.png"), prompt=ti_prompt, negative_prompt=ti_negative)
+        tok = pipe.tokenizer
+        expand = {}
+        for _, token in embeddings:
+            token = token or "<dotty>"
+            ids = [tok.convert_tokens_to_ids(token)]
+            i = 1
+            while f"{token}_{i}" in tok.get_vocab():
+                ids.append(tok.convert_tokens_to_ids(f"{token}_{i}"))
+                i += 1
+            expand[ids[0]] = ids
+        plain_ids = pipe.tokenizer(pipe.maybe_convert_prompt(ti_prompt, tok), padding="max_length", max_length=77, truncation=True).input_ids
+        cases = {}
+        for model in MODELS:
+            t = CLIPTokenizer.from_pretrained(os.path.join(out, "models", model, "tokenizer"))
+            if model == "tiny":
+                t = tok
+            cases[model] = [
+                {"prompt": p, "chunks": [{"ids": ids, "weights": ws} for ids, ws in webui_chunks(t, p, expand if model == "tiny" else {})]}
+                for p in A1111_CASES
+            ]
+        # the web UI's syntax on tiny_ln: equal chunk counts through the pipeline, unequal
+        # ones through its loop with the halves apart
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = load_pipe(tiny_ln(out, tmp))
+            images = {
+                "emphasis": ("((masterpiece)), a [cat] on a (beach:0.7)", "blurry"),
+                # most of the chunk weighed 1.6: the mean restoration scales it by about 0.7
+                "heavy": ("(" + "masterpiece, a red fox in the deep snow, " * 6 + ":1.6)", "[lowres]"),
+                "break": ("a (red fox:1.3), [blurry], snow BREAK lake", "(ugly:1.2), lowres"),
+                "long": ("one, two, three four five six seven eight nine ten " * 9, ""),
+            }
+            for name, (p, n) in images.items():
+                pe = webui_encode(pipe, webui_chunks(pipe.tokenizer, p, {}))
+                ne = webui_encode(pipe, webui_chunks(pipe.tokenizer, n, {}))
+                path = os.path.join(ref, f"a1111-{name}.png")
+                if pe.shape == ne.shape:
+                    save_seed42_image(pipe, path, prompt_embeds=pe, negative_prompt_embeds=ne)
+                else:
+                    seed42_loop(pipe, pe, ne, path)
+                print(f"a1111 {name}: {pe.shape[1] // 77} and {ne.shape[1] // 77} chunks")
+    with open(os.path.join(addons, "addons.json"), "w") as f:
+        json.dump(
+            {
+                "embeddings": {"prompt": ti_prompt, "negative_prompt": ti_negative, "plain_ids": plain_ids},
+                "a1111_images": images,
+                "a1111": cases,
+            },
+            f,
+            ensure_ascii=False,
+            indent=1,
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
     ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
     ap.add_argument("--only-clip-skip", action="store_true", help="only record the clip skip images (reference/*/clip_skip)")
+    ap.add_argument("--only-addons", action="store_true", help="only record the LoRA, embedding and web UI syntax fixtures (addons/, reference/addons)")
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -818,6 +1168,9 @@ def main():
     out = os.path.abspath(args.out)
     if args.only_real_world:
         record_real_world(out)
+        return
+    if args.only_addons:
+        record_addons(out)
         return
     if args.only_schedulers:
         record_schedulers(os.path.join(out, "reference"), set(args.only_schedulers))
@@ -838,6 +1191,7 @@ def main():
     record_single_files(out)
     record_bin(out)
     record_real_world(out)
+    record_addons(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

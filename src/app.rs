@@ -1,7 +1,9 @@
 //! What the `sdgen` binary does with its arguments: one prompt from the command line, or a
 //! prompts file, through one loaded pipeline.
 
+use crate::addons::lora::LoraSpec;
 use crate::batch::{self, parse_prompts, Job, Shard};
+use crate::conditioning::PromptSyntax;
 use crate::cli::Args;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
@@ -173,6 +175,8 @@ fn read_jobs(args: &Args) -> Result<Jobs> {
         num_images: args.num_images,
         output: None,
         clip_skip: args.clip_skip,
+        prompt_syntax: args.prompt_syntax,
+        loras: args.lora.clone(),
     };
     let Some(file) = &args.prompts else {
         return Ok(Jobs {
@@ -345,6 +349,9 @@ fn plan_job(
             );
         }
         output::check_target(&path)?;
+        if i == 0 {
+            job_loras(args, job)?;
+        }
         if !batch_mode || args.overwrite {
             output::check_writable(&path, args.overwrite)?;
         }
@@ -358,6 +365,53 @@ fn plan_job(
     Ok((planned, random))
 }
 
+/// The LoRAs of a job: its --lora values, then in the a1111 syntax the prompt's
+/// `<lora:NAME:W>` tags, found in --lora-dir.
+fn job_loras(args: &Args, job: &Job) -> Result<Vec<LoraSpec>> {
+    let mut loras = job
+        .loras
+        .iter()
+        .map(|l| LoraSpec::parse(l))
+        .collect::<Result<Vec<_>>>()?;
+    if job.prompt_syntax == PromptSyntax::A1111 {
+        let (_, tags) = crate::prompt_syntax::take_lora_tags(&job.prompt)?;
+        for tag in tags {
+            let Some(dir) = &args.lora_dir else {
+                bail!(
+                    "the prompt's <lora:{}> tag needs --lora-dir, the folder of the LoRA files",
+                    tag.name
+                );
+            };
+            if tag.name.is_empty() || tag.name.starts_with('.') || tag.name.contains(['/', '\\']) {
+                bail!("<lora:{}>: a LoRA name is a file name in --lora-dir, without folders", tag.name);
+            }
+            let path = ["safetensors", "pt", "ckpt", "bin"]
+                .iter()
+                .map(|ext| dir.join(format!("{}.{ext}", tag.name)))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "<lora:{}>: no {}.safetensors (.pt, .ckpt, .bin) in {}",
+                        tag.name,
+                        tag.name,
+                        dir.display()
+                    )
+                })?;
+            loras.push(LoraSpec {
+                path,
+                te_scale: tag.te_scale,
+                unet_scale: tag.unet_scale,
+            });
+        }
+    }
+    for l in &loras {
+        if !l.path.is_file() {
+            bail!("LoRA {} does not exist", l.path.display());
+        }
+    }
+    Ok(loras)
+}
+
 /// The model, loaded once, with the scheduler overrides applied.
 fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -> Result<Pipeline> {
     let files = source::resolve(model)?;
@@ -368,6 +422,9 @@ fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -
         s
     });
     let mut pipeline = Pipeline::load(files, device, dtype)?;
+    for e in &args.embedding {
+        pipeline.add_embedding(e)?;
+    }
     if args.prompts.is_some() {
         // many prompts: load once, keep everything, find bad weights before any work
         pipeline.preload()?;
@@ -407,6 +464,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
     };
     // the plan lists each job's images together, in job order
     let mut rest = plan.images.as_slice();
+    let mut hashes = FileHashes::default();
     for (j, job) in jobs.iter().enumerate() {
         let n = rest.iter().take_while(|p| p.job == j).count();
         let (todo, later) = rest.split_at(n);
@@ -426,6 +484,14 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             height: job.height.unwrap_or(default_h),
             batch_size: args.batch_size,
             clip_skip: job.clip_skip,
+            prompt_syntax: job.prompt_syntax,
+            loras: match job_loras(args, job) {
+                Ok(l) => l,
+                Err(e) => {
+                    done.outcome = Err(e);
+                    break;
+                }
+            },
         };
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {
@@ -461,7 +527,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             &mut |img| {
                 let p = &todo[k];
                 k += 1;
-                let meta = metadata(pipeline, &request, job, &scheduler_name, &img);
+                let meta = metadata(pipeline, &request, job, &scheduler_name, &img, &mut hashes)?;
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
                 match output::write_atomic(&p.path, &png, args.overwrite)? {
                     Written::New => done.written += 1,
@@ -510,7 +576,7 @@ fn warn_about(pipeline: &Pipeline, request: &Request, bars: &Bars, where_: &str)
         ("prompt", &request.prompt),
         ("negative prompt", &request.negative_prompt),
     ] {
-        if pipeline.tokenize(text)?.1 {
+        if pipeline.tokenize(text, request.prompt_syntax)?.truncated {
             bars.println(&format!(
                 "warning: {where_}the {what} is longer than 77 CLIP tokens and was truncated"
             ));
@@ -686,13 +752,38 @@ fn apply_scheduler_overrides(p: &mut Pipeline, args: &Args) {
     }
 }
 
+/// The web UI's short hashes of LoRA files, computed once per file.
+#[derive(Default)]
+struct FileHashes(HashMap<PathBuf, String>);
+
+impl FileHashes {
+    /// The first 12 hex digits of the SHA-256 the web UI names a LoRA by: of the tensor data
+    /// for safetensors (its "addnet" hash, header skipped), of the whole file otherwise.
+    fn lora(&mut self, path: &std::path::Path) -> Result<String> {
+        if let Some(h) = self.0.get(path) {
+            return Ok(h.clone());
+        }
+        let skip = if path.extension().is_some_and(|e| e == "safetensors") {
+            let mut n = [0u8; 8];
+            std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut n)?;
+            u64::from_le_bytes(n).saturating_add(8)
+        } else {
+            0
+        };
+        let h = crate::weights::file_sha256(path, skip)?[..12].to_string();
+        self.0.insert(path.to_path_buf(), h.clone());
+        Ok(h)
+    }
+}
+
 fn metadata(
     p: &Pipeline,
     r: &Request,
     job: &Job,
     scheduler: &str,
     img: &GeneratedImage,
-) -> output::Metadata {
+    hashes: &mut FileHashes,
+) -> Result<output::Metadata> {
     let model = p.files.name.clone();
     let revision = p.files.revision.clone().unwrap_or_default();
     let mut params = format!("{}\n", r.prompt);
@@ -706,6 +797,28 @@ fn metadata(
     if r.clip_skip > 1 {
         // the web UI writes it only when it is not 1, after the model
         params.push_str(&format!(", Clip skip: {}", r.clip_skip));
+    }
+    // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
+    let mut used = Vec::new();
+    for e in p.embeddings() {
+        let uses = |text: &str| -> Result<bool> {
+            let chunks = p.tokenize(text, r.prompt_syntax)?;
+            Ok(chunks.ids.iter().flatten().any(|&id| p.embedding_id(&e.name) == Some(id)))
+        };
+        if uses(&r.prompt)? || uses(&r.negative_prompt)? {
+            used.push(format!("{}: {}", e.name.replace([':', ','], ""), e.short_hash));
+        }
+    }
+    if !used.is_empty() {
+        params.push_str(&format!(", TI hashes: \"{}\"", used.join(", ")));
+    }
+    let mut lora_hashes = Vec::new();
+    for l in &r.loras {
+        let name = l.path.file_stem().unwrap_or_default().to_string_lossy();
+        lora_hashes.push(format!("{}: {}", name.replace([':', ','], ""), hashes.lora(&l.path)?));
+    }
+    if !lora_hashes.is_empty() {
+        params.push_str(&format!(", Lora hashes: \"{}\"", lora_hashes.join(", ")));
     }
     params.push_str(&format!(", Version: sdgen {VERSION}"));
     let mut meta = vec![
@@ -722,12 +835,32 @@ fn metadata(
         ("model_revision".into(), revision),
         ("dtype".into(), dtype_name(p.dtype).to_string()),
         ("clip_skip".into(), r.clip_skip.to_string()),
+        ("prompt_syntax".into(), syntax_name(r.prompt_syntax).into()),
         ("software".into(), format!("sdgen {VERSION}")),
     ];
     if let Some(line) = job.line {
         meta.push(("prompts_line".into(), line.to_string()));
     }
-    meta
+    if !r.loras.is_empty() {
+        let list: Vec<String> = r
+            .loras
+            .iter()
+            .map(|l| format!("{}:{}:{}", l.path.display(), l.te_scale, l.unet_scale))
+            .collect();
+        meta.push(("loras".into(), list.join("\n")));
+    }
+    if !p.embeddings().is_empty() {
+        let list: Vec<String> = p.embeddings().iter().map(|e| e.path.display().to_string()).collect();
+        meta.push(("embeddings".into(), list.join("\n")));
+    }
+    Ok(meta)
+}
+
+fn syntax_name(s: PromptSyntax) -> &'static str {
+    match s {
+        PromptSyntax::Plain => "plain",
+        PromptSyntax::A1111 => "a1111",
+    }
 }
 
 fn image_json(

@@ -2,6 +2,7 @@
 //! command line's settings; and sharding a file across machines (`--shard I/N`, Slurm array
 //! jobs, Kubernetes indexed Jobs).
 
+use crate::conditioning::PromptSyntax;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
@@ -22,6 +23,9 @@ pub struct Job {
     pub output: Option<String>,
     /// Clip skip as the web UI counts it (1 = the last layer).
     pub clip_skip: usize,
+    pub prompt_syntax: PromptSyntax,
+    /// `--lora` values (`FILE[:SCALE]`).
+    pub loras: Vec<String>,
 }
 
 /// The keys a JSON line may set.
@@ -39,6 +43,16 @@ struct LineOverrides {
     num_images: Option<usize>,
     output: Option<String>,
     clip_skip: Option<usize>,
+    prompt_syntax: Option<PromptSyntax>,
+    /// One `FILE[:SCALE]` or a list of them: replaces the command line's --lora.
+    lora: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// A line that could not be used, with its 1-based number.
@@ -79,6 +93,12 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
                     job.num_images = o.num_images.unwrap_or(job.num_images);
                     job.output = o.output.or(job.output);
                     job.clip_skip = o.clip_skip.unwrap_or(job.clip_skip);
+                    job.prompt_syntax = o.prompt_syntax.unwrap_or(job.prompt_syntax);
+                    match o.lora {
+                        Some(OneOrMany::One(l)) => job.loras = vec![l],
+                        Some(OneOrMany::Many(l)) => job.loras = l,
+                        None => {}
+                    }
                 }
                 Err(e) => {
                     bad.push(BadLine {
@@ -219,6 +239,8 @@ mod tests {
             num_images: 1,
             output: None,
             clip_skip: 1,
+            prompt_syntax: PromptSyntax::Plain,
+            loras: Vec::new(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Command-line arguments.
 
+use crate::conditioning::PromptSyntax;
 use clap::Parser;
 use std::path::PathBuf;
 
@@ -10,7 +11,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
     name = "sdgen",
     version,
     about = "Text-to-image with Stable Diffusion 1.x/2.x on candle: the same image as diffusers for the same seed.",
-    after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen --list-schedulers"
+    after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen \"(red fox:1.3), snow <lora:watercolor:0.8>\" --prompt-syntax a1111 --lora-dir ./loras --clip-skip 2\n  sdgen --list-schedulers"
 )]
 pub struct Args {
     /// The text prompt.
@@ -93,6 +94,27 @@ pub struct Args {
     /// (diffusers' clip_skip=1); for the prompt and the negative prompt.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub clip_skip: usize,
+
+    /// How prompts are read: plain (diffusers: the text as it is, cut at 77 tokens) or a1111
+    /// (the web UI's (emphasis:1.3), [less], BREAK, any length, <lora:NAME:W> tags).
+    #[arg(long, value_enum, default_value_t = PromptSyntax::Plain, value_name = "SYNTAX")]
+    pub prompt_syntax: PromptSyntax,
+
+    /// Merge a LoRA (kohya/web UI or diffusers/PEFT .safetensors, .pt, .bin) into the text
+    /// encoder and the U-Net, at SCALE (default 1). Repeatable; the LoRAs add up.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
+
+    /// Where --prompt-syntax a1111 finds the LoRAs its <lora:NAME:W> tags name
+    /// (NAME.safetensors, .pt, .ckpt or .bin).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+
+    /// Add a textual-inversion embedding (web UI .pt/.safetensors, diffusers
+    /// learned_embeds): its name (the file name for web UI files) becomes a prompt word.
+    /// Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub embedding: Vec<PathBuf>,
 
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]

@@ -3,19 +3,24 @@
 //! The binary is a thin shell over [`app::run`]; tests use the same library. Layers, each
 //! importing only those below it:
 //! - `app`, `cli`, `batch`, `output`, `interrupt`: what the binary does.
-//! - `pipeline`: the denoising loop over the models; `schedulers`, `rng`, `tokenizer`.
+//! - `pipeline`: the denoising loop over the models; `schedulers`, `rng`, `tokenizer`;
+//!   `conditioning` (prompts into the U-Net's context, plain or in the web UI's
+//!   `prompt_syntax`).
 //! - `source` (where a model's files are: folder, cache, Hub) and `weights` (reading them);
-//!   `config` (the models' json files).
+//!   `config` (the models' json files); `addons` (LoRAs, merged as `models` read their
+//!   weights, and textual-inversion embeddings), over `weights`.
 //! - `models`: the architectures, calling `ops`.
 //! - `ops`: the operations, and the one place that chooses their implementation.
 //! - `cpu` (and `cuda` with the `cuda` feature): the kernels. `allocator`: the process's
 //!   allocator.
 
+pub mod addons;
 pub(crate) mod allocator;
 pub mod app;
 pub(crate) mod batch;
 pub mod cli;
 pub(crate) mod config;
+pub mod conditioning;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -27,6 +32,7 @@ pub(crate) mod models;
 pub mod ops;
 pub(crate) mod output;
 pub mod pipeline;
+pub mod prompt_syntax;
 pub mod rng;
 pub mod schedulers;
 pub mod source;

@@ -1,5 +1,8 @@
 //! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle.
 
+use crate::addons::embedding::Embedding;
+use crate::addons::lora::{LoraPatch, LoraSpec, Part};
+use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
 use crate::ops::Engine;
@@ -36,6 +39,10 @@ pub struct Request {
     /// 2 = the one before (diffusers' `clip_skip=1`), ...; for the prompt and the negative
     /// prompt alike, as the web UI applies it.
     pub clip_skip: usize,
+    /// How the prompts are read: diffusers' plain text or the web UI's syntax.
+    pub prompt_syntax: PromptSyntax,
+    /// The LoRAs merged into the text encoder and the U-Net for this request.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Request {
@@ -83,6 +90,11 @@ pub struct Pipeline {
     pub residency: Residency,
     tokenizer: ClipTokenizer,
     clip_config: ClipTextConfig,
+    /// Textual-inversion embeddings, in the order of their token ids.
+    embeddings: Vec<Embedding>,
+    expansions: Expansions,
+    /// The LoRAs the loaded text encoder and U-Net have merged.
+    loras: RefCell<Vec<LoraSpec>>,
     text_encoder: RefCell<Option<Rc<ClipTextModel>>>,
     unet: RefCell<Option<Rc<UNet2DConditionModel>>>,
     vae: RefCell<Option<Rc<Vae>>>,
@@ -148,6 +160,9 @@ impl Pipeline {
             residency: Residency::KeepAll,
             tokenizer,
             clip_config,
+            embeddings: Vec::new(),
+            expansions: Expansions::new(),
+            loras: RefCell::new(Vec::new()),
             text_encoder: RefCell::new(None),
             unet: RefCell::new(None),
             vae: RefCell::new(None),
@@ -166,7 +181,50 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The weights of `component`, for the model's engine.
+    /// Adds a textual-inversion embedding: its words become tokens of the tokenizer, its
+    /// vectors rows of the text encoder's token embedding.
+    pub fn add_embedding(&mut self, path: &Path) -> Result<()> {
+        let e = Embedding::load(path, self.clip_config.hidden_size)?;
+        let ids = self.tokenizer.add_tokens(&e.tokens())?;
+        let next = self.clip_config.vocab_size + self.embeddings.iter().map(|e| e.vectors.dims()[0]).sum::<usize>();
+        if ids.first().is_some_and(|&id| id as usize != next) {
+            bail!(
+                "{}: the tokenizer gives the embedding id {}, but the text encoder's vocabulary ends at {} (a tokenizer smaller than the text encoder's vocab_size {})",
+                path.display(),
+                ids[0],
+                next,
+                self.clip_config.vocab_size
+            );
+        }
+        self.expansions.insert(ids[0], (e.name.clone(), ids));
+        self.embeddings.push(e);
+        *self.text_encoder.borrow_mut() = None;
+        Ok(())
+    }
+
+    pub fn embeddings(&self) -> &[Embedding] {
+        &self.embeddings
+    }
+
+    /// The token id of the embedding word `name`.
+    pub fn embedding_id(&self, name: &str) -> Option<u32> {
+        self.expansions
+            .iter()
+            .find(|(_, (n, _))| n == name)
+            .map(|(&id, _)| id)
+    }
+
+    /// Merges `loras` into the text encoder and the U-Net from now on (both are read again
+    /// when the set changes).
+    fn use_loras(&self, loras: &[LoraSpec]) {
+        if self.loras.borrow().as_slice() != loras {
+            *self.loras.borrow_mut() = loras.to_vec();
+            *self.text_encoder.borrow_mut() = None;
+            *self.unet.borrow_mut() = None;
+        }
+    }
+
+    /// The weights of `component`, for the model's engine, with the LoRAs' updates.
     fn loader(&self, component: Component) -> Result<Loader<'static>> {
         let (dtype, device) = (self.dtype, &self.device);
         let vb = match &self.files.weights {
@@ -193,7 +251,16 @@ impl Pipeline {
                 }
             }
         };
-        Ok(Loader::new(vb, self.engine))
+        let part = match component {
+            Component::TextEncoder => Some(Part::TextEncoder),
+            Component::Unet => Some(Part::Unet),
+            Component::Vae => None,
+        };
+        let lora = match part {
+            Some(part) => LoraPatch::load(&self.loras.borrow(), part)?.map(Rc::new),
+            None => None,
+        };
+        Ok(Loader::new(vb, self.engine, lora))
     }
 
     /// Builds a component, explaining a single-file checkpoint that does not fit its configs.
@@ -202,7 +269,14 @@ impl Pipeline {
         component: Component,
         f: impl FnOnce(Loader<'static>) -> Result<T>,
     ) -> Result<Rc<T>> {
-        let r = self.loader(component).and_then(f);
+        let r = self.loader(component).and_then(|vb| {
+            let lora = vb.lora().cloned();
+            let built = f(vb)?;
+            if let Some(lora) = lora {
+                lora.check_all_used()?;
+            }
+            Ok(built)
+        });
         match (r, &self.files.weights) {
             (Err(e), WeightFiles::SingleFile(_)) => {
                 let configs = self.files.model_index.parent().unwrap_or(Path::new("."));
@@ -224,7 +298,13 @@ impl Pipeline {
             return Ok(m.clone());
         }
         let m = self.build(Component::TextEncoder, |vb| {
-            ClipTextModel::new(vb, &self.clip_config).context("loading the text encoder weights")
+            let m = ClipTextModel::new(vb, &self.clip_config)
+                .context("loading the text encoder weights")?;
+            if self.embeddings.is_empty() {
+                return Ok(m);
+            }
+            let vectors: Vec<&Tensor> = self.embeddings.iter().map(|e| &e.vectors).collect();
+            Ok(m.with_extra_tokens(&Tensor::cat(&vectors, 0)?)?)
         })?;
         *self.text_encoder.borrow_mut() = Some(m.clone());
         Ok(m)
@@ -304,6 +384,9 @@ impl Pipeline {
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
         }
+        // the web UI's syntax can be wrong (a weight that is no number), or too long
+        self.tokenize(&r.prompt, r.prompt_syntax)?;
+        self.tokenize(&r.negative_prompt, r.prompt_syntax)?;
         // Builds the scheduler once to surface configuration errors early.
         schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
         Ok(())
@@ -335,19 +418,22 @@ impl Pipeline {
         unet.max(vae)
     }
 
-    /// Token ids, and whether the prompt was cut at 77 tokens.
-    pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, bool)> {
-        let e = self.tokenizer.encode(prompt)?;
-        Ok((e.ids, e.truncated))
+    /// The token ids of `prompt` read in `syntax` (with whether words were cut off).
+    pub fn tokenize(&self, prompt: &str, syntax: PromptSyntax) -> Result<Chunks> {
+        conditioning::tokenize(&self.tokenizer, &self.expansions, prompt, syntax)
     }
 
-    /// `encode_prompt`'s text-encoder pass: (1, 77, hidden).
-    pub fn encode_text(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        let (ids, _) = self.tokenize(prompt)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self
-            .text_encoder()?
-            .forward(&ids, clip_skip.saturating_sub(1))?)
+    /// The U-Net's context for `prompt`: (1, 77 x chunks, hidden); `encode_prompt`'s
+    /// text-encoder pass in the plain syntax.
+    pub fn encode_text(&self, prompt: &str, syntax: PromptSyntax, clip_skip: usize) -> Result<Tensor> {
+        let chunks = self.tokenize(prompt, syntax)?;
+        let text_encoder = self.text_encoder()?;
+        conditioning::encode(
+            &text_encoder,
+            &chunks,
+            clip_skip.saturating_sub(1),
+            &self.device,
+        )
     }
 
     pub fn unet_forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
@@ -390,10 +476,11 @@ impl Pipeline {
         on_image: &mut dyn FnMut(GeneratedImage) -> Result<()>,
     ) -> Result<()> {
         self.validate(r)?;
+        self.use_loras(&r.loras);
         let cfg = r.guidance > 1.0;
-        let cond = self.encode_text(&r.prompt, r.clip_skip)?;
+        let cond = self.encode_text(&r.prompt, r.prompt_syntax, r.clip_skip)?;
         let uncond = if cfg {
-            Some(self.encode_text(&r.negative_prompt, r.clip_skip)?)
+            Some(self.encode_text(&r.negative_prompt, r.prompt_syntax, r.clip_skip)?)
         } else {
             None
         };
@@ -471,20 +558,32 @@ impl Pipeline {
         let (mut generators, latents) = self.initial_latents(r, first, n)?;
         let mut latents = (latents * scheduler.init_noise_sigma())?;
         let cond = cond.repeat((n, 1, 1))?;
-        let context = match uncond {
-            Some(u) => Tensor::cat(&[&u.repeat((n, 1, 1))?, &cond], 0)?,
-            None => cond,
+        let uncond = uncond.map(|u| u.repeat((n, 1, 1))).transpose()?;
+        // one U-Net pass for both halves when their contexts have the same length; the web
+        // UI's long prompts may not (it then runs them apart, as here)
+        let batched = match &uncond {
+            Some(u) if u.dim(1)? == cond.dim(1)? => Some(Tensor::cat(&[u, &cond], 0)?),
+            _ => None,
         };
         let timesteps = scheduler.timesteps().to_vec();
         let unet = self.unet()?;
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if uncond.is_some() {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
+            let model_input = scheduler.scale_model_input(&latents, i)?;
+            let noise_pred = match (&uncond, &batched) {
+                (_, Some(context)) => unet.forward(
+                    &Tensor::cat(&[&model_input, &model_input], 0)?,
+                    t,
+                    context,
+                )?,
+                (Some(u), None) => Tensor::cat(
+                    &[
+                        &unet.forward(&model_input, t, u)?,
+                        &unet.forward(&model_input, t, &cond)?,
+                    ],
+                    0,
+                )?,
+                (None, None) => unet.forward(&model_input, t, &cond)?,
             };
-            let model_input = scheduler.scale_model_input(&model_input, i)?;
-            let noise_pred = unet.forward(&model_input, t, &context)?;
             let at = || format!("step {} of {} (timestep {t})", i + 1, timesteps.len());
             if !all_finite(&noise_pred)? {
                 bail!(

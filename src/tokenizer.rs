@@ -18,6 +18,8 @@ pub struct ClipTokenizer {
     pub pad_id: u32,
     /// The largest id of vocab.json (what the text encoder's embedding must hold).
     pub max_id: u32,
+    /// `,</w>`, where the web UI's chunking prefers to break a long prompt.
+    pub comma_id: Option<u32>,
 }
 
 /// Token ids of one prompt, padded to 77, and whether it had to be truncated.
@@ -118,16 +120,50 @@ impl ClipTokenizer {
             eos_id,
             pad_id,
             max_id,
+            comma_id: vocab.get(",</w>").and_then(Value::as_u64).map(|v| v as u32),
         })
+    }
+
+    /// Adds words as transformers' `add_tokens` does (matched in the normalized text, so in
+    /// any case), returning their ids: the next ones after the vocabulary, in order. A word
+    /// the vocabulary already has is an error, as in diffusers' `load_textual_inversion`.
+    pub fn add_tokens(&mut self, words: &[String]) -> Result<Vec<u32>> {
+        for w in words {
+            if self.inner.token_to_id(w).is_some() {
+                bail!("the token {w:?} is already in the tokenizer's vocabulary: rename the embedding file");
+            }
+        }
+        let added: Vec<tokenizers::AddedToken> = words
+            .iter()
+            .map(|w| tokenizers::AddedToken::from(w.clone(), false))
+            .collect();
+        self.inner
+            .add_tokens(added)
+            .map_err(|e| anyhow::anyhow!("cannot add tokens to the tokenizer: {e}"))?;
+        words
+            .iter()
+            .map(|w| {
+                self.inner
+                    .token_to_id(w)
+                    .with_context(|| format!("internal error: token {w:?} not added"))
+            })
+            .collect()
+    }
+
+    /// The ids of `text` without start, end or padding, however long
+    /// (`tokenizer(text, add_special_tokens=False, truncation=False)`).
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+            .get_ids()
+            .to_vec())
     }
 
     /// `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
     pub fn encode(&self, prompt: &str) -> Result<Encoded> {
-        let enc = self
-            .inner
-            .encode(prompt, false)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
-        let mut body = enc.get_ids().to_vec();
+        let mut body = self.ids(prompt)?;
         let truncated = body.len() > MAX_LENGTH - 2;
         body.truncate(MAX_LENGTH - 2);
         let mut ids = Vec::with_capacity(MAX_LENGTH);

@@ -791,3 +791,108 @@ fn web_ui_sampler_names() {
         "cannot be reproduced",
     );
 }
+
+fn addon(rel: &str) -> String {
+    model_dir("tiny")
+        .join("../../addons")
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The first 12 hex digits of the SHA-256 of `path`'s bytes after `skip`.
+fn short_sha256(path: &str, skip: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).unwrap();
+    format!("{:x}", Sha256::digest(&bytes[skip..]))[..12].to_string()
+}
+
+/// LoRAs (flag, `<lora:...>` tag, JSON line) and embeddings from the command line: recorded
+/// with the web UI's hashes; a missing LoRA, a tag without --lora-dir and a weight that is no
+/// number are one-line errors before any work.
+#[test]
+fn loras_and_embeddings_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.png");
+    let addons = addon("");
+    let (kohya, peft, shinyfox) = (
+        addon("kohya.safetensors"),
+        addon("peft.safetensors"),
+        addon("emb/shinyfox.pt"),
+    );
+    ok(&sdgen(
+        &[
+            "a (shinyfox:1.2) <lora:kohya:0.8>",
+            "-m",
+            &tiny(),
+            "--prompt-syntax",
+            "a1111",
+            "--lora-dir",
+            &addons,
+            "--lora",
+            &format!("{peft}:0.5"),
+            "--embedding",
+            &shinyfox,
+            "--steps",
+            "1",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let (_, _, text) = png_info(&out);
+    let header = |p: &str| {
+        let b = std::fs::read(p).unwrap();
+        8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize
+    };
+    let params = meta(&text, "parameters");
+    assert!(
+        params.contains(&format!("TI hashes: \"shinyfox: {}\"", short_sha256(&shinyfox, 0))),
+        "{params}"
+    );
+    assert!(
+        params.contains(&format!(
+            "Lora hashes: \"peft: {}, kohya: {}\"",
+            short_sha256(&peft, header(&peft)),
+            short_sha256(&kohya, header(&kohya))
+        )),
+        "{params}"
+    );
+    assert_eq!(meta(&text, "prompt_syntax"), "a1111");
+    assert_eq!(
+        meta(&text, "loras"),
+        format!("{peft}:0.5:0.5\n{}/kohya.safetensors:0.8:0.8", addons.trim_end_matches('/'))
+    );
+    // a JSON line's lora replaces the command line's
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        format!("{{\"prompt\": \"a fox\", \"lora\": \"{kohya}:0.25\", \"output\": \"{}/j.png\"}}\n", dir.path().display()),
+    )
+    .unwrap();
+    ok(&sdgen(
+        &["--prompts", prompts.to_str().unwrap(), "-m", &tiny(), "--lora", &peft, "--steps", "1", "-q"],
+        &[],
+    ));
+    let (_, _, text) = png_info(&dir.path().join("j.png"));
+    assert_eq!(meta(&text, "loras"), format!("{kohya}:0.25:0.25"));
+
+    let bad = dir.path().join("bad.png");
+    let b = bad.to_str().unwrap();
+    let base = ["-m", &tiny(), "--steps", "1", "-q", "-o", b];
+    let with = |extra: &[&str]| -> Vec<String> {
+        extra.iter().chain(base.iter()).map(|s| s.to_string()).collect()
+    };
+    for (args, expect) in [
+        (with(&["a fox", "--lora", "nothere.safetensors"]), "LoRA nothere.safetensors does not exist"),
+        (with(&["a <lora:kohya>", "--prompt-syntax", "a1111"]), "needs --lora-dir"),
+        (with(&["a <lora:nothere>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "no nothere.safetensors"),
+        (with(&["a <lora:../kohya>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "without folders"),
+        (with(&["(a fox:1.2.3)", "--prompt-syntax", "a1111"]), "cannot read the weight"),
+        (with(&["a fox", "--embedding", &kohya]), "not a textual-inversion embedding"),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&args, dir.path(), expect);
+    }
+}

@@ -37,6 +37,8 @@ fn check_model(model: &str, batch_size: usize) {
             height,
             batch_size,
             clip_skip: 1,
+            prompt_syntax: Default::default(),
+            loras: Vec::new(),
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -95,6 +97,8 @@ fn bf16_and_f16_images_stay_near_f32() {
                 height,
                 batch_size: 2,
                 clip_skip: 1,
+                prompt_syntax: Default::default(),
+                loras: Vec::new(),
             };
             pipeline.generate_all(&request).unwrap()
         };

@@ -29,6 +29,8 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         height,
         batch_size: 2,
         clip_skip: 1,
+        prompt_syntax: Default::default(),
+        loras: Vec::new(),
     };
     p.generate_all(&r)
         .unwrap()

@@ -229,7 +229,7 @@ mod tests {
             );
         }
         let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
-        let ff = FeedForward::new(Loader::new(vb, Engine::for_device(&dev)), dim)?;
+        let ff = FeedForward::new(Loader::new(vb, Engine::for_device(&dev), None), dim)?;
         // more tokens than a chunk, and not a multiple of it
         let x = Tensor::randn(0f32, 1.0, (2, 2 * FeedForward::CHUNK + 77, dim), &dev)?;
         let chunked = ff.forward(&x)?;

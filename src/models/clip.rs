@@ -159,6 +159,16 @@ impl ClipTextModel {
         })
     }
 
+    /// The model with `vectors` (n, hidden) as the token embeddings of ids vocab_size..+n
+    /// (textual-inversion words; diffusers' `resize_token_embeddings` and row assignment).
+    pub fn with_extra_tokens(mut self, vectors: &Tensor) -> Result<Self> {
+        let table = self.token_embedding.embeddings();
+        let vectors = vectors.to_dtype(table.dtype())?.to_device(table.device())?;
+        let hidden = table.dim(1)?;
+        self.token_embedding = Embedding::new(Tensor::cat(&[table, &vectors], 0)?, hidden);
+        Ok(self)
+    }
+
     fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))

@@ -117,17 +117,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// diffusers' seed-42 image of a model's e2e prompt pair (`meta`: its e2e.json) at its default
-/// size and scheduler, guidance 7.5, with `clip_skip`, against the PNG `png` under the
-/// references: max 2/255, mean 0.25/255.
-pub fn assert_seed42_image(
+/// The request of diffusers' seed-42 images: the model's e2e prompt pair (`meta`: its
+/// e2e.json) at its default size and scheduler, guidance 7.5.
+pub fn seed42_request(
     pipeline: &sdgen::pipeline::Pipeline,
     meta: &serde_json::Value,
-    clip_skip: usize,
-    png: &str,
-) {
+) -> sdgen::pipeline::Request {
     let (height, width) = pipeline.default_size();
-    let request = sdgen::pipeline::Request {
+    sdgen::pipeline::Request {
         prompt: meta["prompt"].as_str().unwrap().into(),
         negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
         seeds: vec![42],
@@ -137,9 +134,34 @@ pub fn assert_seed42_image(
         width,
         height,
         batch_size: 1,
+        clip_skip: 1,
+        prompt_syntax: Default::default(),
+        loras: Vec::new(),
+    }
+}
+
+/// [`seed42_request`] with `clip_skip`, against the PNG `png` under the references.
+pub fn assert_seed42_image(
+    pipeline: &sdgen::pipeline::Pipeline,
+    meta: &serde_json::Value,
+    clip_skip: usize,
+    png: &str,
+) {
+    let request = sdgen::pipeline::Request {
         clip_skip,
+        ..seed42_request(pipeline, meta)
     };
-    let img = &pipeline.generate_all(&request).unwrap()[0];
+    assert_image(pipeline, &request, png);
+}
+
+/// The request's first image against the PNG `png` under the references: max 2/255, mean
+/// 0.25/255.
+pub fn assert_image(
+    pipeline: &sdgen::pipeline::Pipeline,
+    request: &sdgen::pipeline::Request,
+    png: &str,
+) {
+    let img = &pipeline.generate_all(request).unwrap()[0];
     let want = image::open(reference(png)).unwrap().to_rgb8();
     assert_eq!(
         (img.width as u32, img.height as u32),

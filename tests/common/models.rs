@@ -29,7 +29,7 @@ pub fn text_encoder(model: &str) {
         &"word ".repeat(100),
     ];
     for (i, prompt) in prompts.iter().enumerate() {
-        let got = p.encode_text(prompt, 1).unwrap();
+        let got = p.encode_text(prompt, Default::default(), 1).unwrap();
         assert_close(
             &format!("{model} text{i}"),
             &got,
