@@ -237,6 +237,8 @@ struct ImagePlan {
     /// Images a previous run already wrote (batches resume).
     skipped: usize,
     grid: Option<((usize, usize), PathBuf)>,
+    /// Each job's LoRAs, their files found.
+    loras: HashMap<usize, Vec<LoraSpec>>,
 }
 
 fn plan_images(args: &Args, jobs: &mut Jobs, grid: Option<(usize, usize)>) -> Result<ImagePlan> {
@@ -245,10 +247,14 @@ fn plan_images(args: &Args, jobs: &mut Jobs, grid: Option<(usize, usize)>) -> Re
     let mut images: Vec<Planned> = Vec::new();
     // each path and the line (or command line) that writes it
     let mut owners: HashMap<PathBuf, Option<usize>> = HashMap::new();
+    let mut loras = HashMap::new();
+    let mut resolved = HashMap::new();
     for (j, job) in jobs.list.iter().enumerate() {
-        let planned = plan_job(args, j, job, &owners);
+        let planned = plan_job(args, j, job, &owners)
+            .and_then(|p| Ok((p, job_loras(args, job, &mut resolved)?)));
         match planned {
-            Ok((planned, random_seed)) => {
+            Ok(((planned, random_seed), job_loras)) => {
+                loras.insert(j, job_loras);
                 for p in &planned {
                     owners.insert(p.path.clone(), job.line);
                 }
@@ -304,6 +310,7 @@ fn plan_images(args: &Args, jobs: &mut Jobs, grid: Option<(usize, usize)>) -> Re
         seeds_random,
         skipped,
         grid,
+        loras,
     })
 }
 
@@ -349,9 +356,6 @@ fn plan_job(
             );
         }
         output::check_target(&path)?;
-        if i == 0 {
-            job_loras(args, job)?;
-        }
         if !batch_mode || args.overwrite {
             output::check_writable(&path, args.overwrite)?;
         }
@@ -365,14 +369,28 @@ fn plan_job(
     Ok((planned, random))
 }
 
-/// The LoRAs of a job: its --lora values, then in the a1111 syntax the prompt's
-/// `<lora:NAME:W>` tags, found in --lora-dir.
-fn job_loras(args: &Args, job: &Job) -> Result<Vec<LoraSpec>> {
-    let mut loras = job
-        .loras
-        .iter()
-        .map(|l| LoraSpec::parse(l))
-        .collect::<Result<Vec<_>>>()?;
+/// The LoRAs of a job: its --lora values (local files or Hub files, each resolved once a
+/// run: `resolved`), then in the a1111 syntax the prompt's `<lora:NAME:W>` tags, found in
+/// --lora-dir.
+fn job_loras(
+    args: &Args,
+    job: &Job,
+    resolved: &mut HashMap<PathBuf, PathBuf>,
+) -> Result<Vec<LoraSpec>> {
+    let mut loras = Vec::new();
+    for l in &job.loras {
+        let mut spec = LoraSpec::parse(l)?;
+        if let Some(p) = resolved.get(&spec.path) {
+            spec.path = p.clone();
+        } else {
+            let offline = args.offline || offline_from_env();
+            let p = source::resolve_file(&spec.path.to_string_lossy(), offline, !args.quiet)
+                .context("--lora")?;
+            resolved.insert(spec.path.clone(), p.clone());
+            spec.path = p;
+        }
+        loras.push(spec);
+    }
     if job.prompt_syntax == PromptSyntax::A1111 {
         let (_, tags) = crate::prompt_syntax::take_lora_tags(&job.prompt)?;
         for tag in tags {
@@ -404,11 +422,6 @@ fn job_loras(args: &Args, job: &Job) -> Result<Vec<LoraSpec>> {
             });
         }
     }
-    for l in &loras {
-        if !l.path.is_file() {
-            bail!("LoRA {} does not exist", l.path.display());
-        }
-    }
     Ok(loras)
 }
 
@@ -423,7 +436,9 @@ fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -
     });
     let mut pipeline = Pipeline::load(files, device, dtype)?;
     for e in &args.embedding {
-        pipeline.add_embedding(e)?;
+        let path = source::resolve_file(e, model.offline, model.progress)
+            .with_context(|| format!("--embedding {e}"))?;
+        pipeline.add_embedding(&path)?;
     }
     if args.prompts.is_some() {
         // many prompts: load once, keep everything, find bad weights before any work
@@ -485,13 +500,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             batch_size: args.batch_size,
             clip_skip: job.clip_skip,
             prompt_syntax: job.prompt_syntax,
-            loras: match job_loras(args, job) {
-                Ok(l) => l,
-                Err(e) => {
-                    done.outcome = Err(e);
-                    break;
-                }
-            },
+            loras: plan.loras.get(&j).cloned().unwrap_or_default(),
         };
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {

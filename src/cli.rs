@@ -100,8 +100,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = PromptSyntax::Plain, value_name = "SYNTAX")]
     pub prompt_syntax: PromptSyntax,
 
-    /// Merge a LoRA (kohya/web UI or diffusers/PEFT .safetensors, .pt, .bin) into the text
-    /// encoder and the U-Net, at SCALE (default 1). Repeatable; the LoRAs add up.
+    /// Merge a LoRA (kohya/web UI or diffusers/PEFT .safetensors, .pt, .bin; a file or
+    /// OWNER/REPO/FILE on the Hub) into the text encoder and the U-Net, at SCALE (default 1).
+    /// Repeatable; the LoRAs add up.
     #[arg(long, value_name = "FILE[:SCALE]")]
     pub lora: Vec<String>,
 
@@ -111,10 +112,10 @@ pub struct Args {
     pub lora_dir: Option<PathBuf>,
 
     /// Add a textual-inversion embedding (web UI .pt/.safetensors, diffusers
-    /// learned_embeds): its name (the file name for web UI files) becomes a prompt word.
-    /// Repeatable.
+    /// learned_embeds; a file or OWNER/REPO/FILE on the Hub): its name (the file name for web
+    /// UI files) becomes a prompt word. Repeatable.
     #[arg(long, value_name = "FILE")]
-    pub embedding: Vec<PathBuf>,
+    pub embedding: Vec<String>,
 
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]

@@ -885,7 +885,7 @@ fn loras_and_embeddings_from_the_command_line() {
         extra.iter().chain(base.iter()).map(|s| s.to_string()).collect()
     };
     for (args, expect) in [
-        (with(&["a fox", "--lora", "nothere.safetensors"]), "LoRA nothere.safetensors does not exist"),
+        (with(&["a fox", "--lora", "nothere.safetensors"]), "--lora: nothere.safetensors does not exist"),
         (with(&["a <lora:kohya>", "--prompt-syntax", "a1111"]), "needs --lora-dir"),
         (with(&["a <lora:nothere>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "no nothere.safetensors"),
         (with(&["a <lora:../kohya>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "without folders"),

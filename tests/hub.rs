@@ -485,3 +485,63 @@ fn the_login_token_file_is_used_without_hf_token() {
         .iter()
         .any(|f| f == "unet/diffusion_pytorch_model.safetensors"));
 }
+
+/// `--lora OWNER/REPO/FILE` and `--embedding OWNER/REPO/FILE`: each file downloaded once into
+/// the cache, the image the local files give; offline, the cached files.
+#[test]
+fn loras_and_embeddings_from_the_hub() {
+    const ADDONS: &str = "org/addons";
+    let addon = |rel: &str| fixtures().join("addons").join(rel);
+    let files = std::collections::BTreeMap::from([
+        ("kohya.safetensors".to_string(), std::fs::read(addon("kohya.safetensors")).unwrap()),
+        ("emb/shinyfox.pt".to_string(), std::fs::read(addon("emb/shinyfox.pt")).unwrap()),
+    ]);
+    let server = HubServer::start(ADDONS, files);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let tiny = model_dir("tiny");
+    let run = |out: &Path, lora: &str, emb: &str, env: &[(&str, &str)]| {
+        let args = [
+            "a shinyfox", "-m", tiny.to_str().unwrap(), "-s", "1", "--steps", "2", "-q",
+            "--lora", lora, "--embedding", emb, "-o", out.to_str().unwrap(),
+        ];
+        sdgen(&args, &server.url, &cache, env)
+    };
+    let (hub, local, offline) = (
+        dir.path().join("hub.png"),
+        dir.path().join("local.png"),
+        dir.path().join("offline.png"),
+    );
+    ok(&run(&hub, "org/addons/kohya.safetensors:0.8", "org/addons/emb/shinyfox.pt", &[]));
+    let local_lora = format!("{}:0.8", addon("kohya.safetensors").display());
+    ok(&run(&local, &local_lora, addon("emb/shinyfox.pt").to_str().unwrap(), &[]));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&hub), pixels(&local));
+    let downloads = || -> std::collections::BTreeSet<String> {
+        server
+            .requests()
+            .iter()
+            .filter_map(|r| r.split_whitespace().next())
+            .filter_map(|p| p.strip_prefix("/org/addons/resolve/main/"))
+            .map(str::to_string)
+            .collect()
+    };
+    let requests = server.requests().len();
+    assert_eq!(
+        downloads().into_iter().collect::<Vec<_>>(),
+        ["emb/shinyfox.pt", "kohya.safetensors"]
+    );
+    let snapshot = cache.join("models--org--addons/snapshots").join(COMMIT);
+    assert!(snapshot.join("kohya.safetensors").is_file());
+    ok(&run(
+        &offline,
+        "org/addons/kohya.safetensors:0.8",
+        "org/addons/emb/shinyfox.pt",
+        &[("HF_HUB_OFFLINE", "1")],
+    ));
+    assert_eq!(pixels(&offline), pixels(&local));
+    assert_eq!(server.requests().len(), requests, "offline runs ask the Hub nothing");
+    let missing = run(&dir.path().join("m.png"), "org/addons/nothere.safetensors", "org/addons/emb/shinyfox.pt", &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("has no file nothere.safetensors"), "{}", stderr(&missing));
+}

@@ -47,9 +47,9 @@ pub(crate) fn repo_folder(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 
-/// Resolves a repo from the cache alone.
-pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
-    let (repo_id, revision) = (req.model, req.revision);
+/// The cached snapshot folder of a repo at `revision` (a commit, or a branch or tag the
+/// cache has a ref for), and its commit.
+fn snapshot(repo_id: &str, revision: &str) -> Result<(PathBuf, String)> {
     let cache = hub_cache_dir()?;
     let repo_dir = cache.join(repo_folder(repo_id));
     let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -71,6 +71,26 @@ pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
             snapshot.display()
         );
     }
+    Ok((snapshot, commit))
+}
+
+/// One file of a repo from the cache alone.
+pub fn cached_file(repo_id: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    let (snapshot, _) = snapshot(repo_id, revision)?;
+    let path = snapshot.join(file);
+    if !path.is_file() {
+        bail!(
+            "{file} of {repo_id} is not in the Hugging Face cache ({}); run once without --offline to download it",
+            snapshot.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Resolves a repo from the cache alone.
+pub fn from_cache(req: &ModelRequest) -> Result<ModelFiles> {
+    let (repo_id, revision) = (req.model, req.revision);
+    let (snapshot, commit) = snapshot(repo_id, revision)?;
     let available = list_dir(&snapshot, req.checkpoint);
     let plan = plan_files(
         &available,

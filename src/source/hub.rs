@@ -11,7 +11,7 @@
 //! without `Location`, and asks for those headers again for the transfer, so a check before
 //! calling it would not hold against a server that answers differently the second time.
 
-use super::cache::{from_cache, hub_cache_dir, repo_folder};
+use super::cache::{cached_file, from_cache, hub_cache_dir, repo_folder};
 use super::files::{plan_files, ModelFiles, ModelRequest, Plan};
 use crate::config::ModelIndex;
 use anyhow::{bail, Context, Result};
@@ -161,30 +161,28 @@ fn cached(repo_id: &str, commit: &str, file: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Downloads (or reuses) the files a model needs into the shared cache: the diffusers
-/// components, or one single-file checkpoint.
-pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
-    let (repo_id, revision, progress) = (req.model, req.revision, req.progress);
-    let api = api()?;
-    let repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
-    let info = match repo_info(&repo) {
+/// The repo's file list at `revision`, its commit checked; when the Hub cannot be reached
+/// (or fails), what `cached` finds in the cache instead, with a warning.
+fn listing<T>(
+    repo: &ApiRepo,
+    (repo_id, revision): (&str, &str),
+    progress: bool,
+    cached: impl FnOnce() -> Result<T>,
+) -> Result<std::result::Result<RepoInfo, T>> {
+    let info = match repo_info(repo) {
         Ok(info) => info,
         Err(f) => {
-            // Offline when cached: an unreachable (or failing) Hub is not needed for a model
-            // that is complete in the cache.
+            // Offline when cached: an unreachable (or failing) Hub is not needed for what is
+            // complete in the cache.
             if matches!(f, HubFailure::Unreachable(_) | HubFailure::Status(500..)) {
-                if let Ok(files) = from_cache(req) {
+                if let Ok(found) = cached() {
                     if progress {
                         eprintln!(
                             "warning: {}; using the cached copy",
                             failure_message(repo_id, revision, "Hub", &f)
                         );
                     }
-                    return Ok(files);
+                    return Ok(Err(found));
                 }
             }
             bail!(failure_message(
@@ -201,6 +199,60 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
             info.sha
         );
     }
+    Ok(Ok(info))
+}
+
+fn hub_repo(api: &Api, repo_id: &str, revision: &str) -> ApiRepo {
+    api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ))
+}
+
+/// One file of a repo (a LoRA, an embedding) at `revision`, downloaded into the shared cache
+/// or found there.
+pub fn fetch_file(repo_id: &str, revision: &str, file: &str, progress: bool) -> Result<PathBuf> {
+    if !is_plain_repo_path(file) {
+        bail!("{file:?} is not a file name inside a repo");
+    }
+    let api = api()?;
+    let repo = hub_repo(&api, repo_id, revision);
+    let info = match listing(&repo, (repo_id, revision), progress, || {
+        cached_file(repo_id, revision, file)
+    })? {
+        Ok(info) => info,
+        Err(path) => return Ok(path),
+    };
+    let Some(sibling) = info.siblings.iter().find(|s| s.rfilename == file) else {
+        bail!("{repo_id} (revision {revision}) has no file {file}");
+    };
+    let path = match cached(repo_id, &info.sha, file) {
+        Some(p) => p,
+        None => {
+            let place = Place {
+                repo_id,
+                revision,
+                commit: &info.sha,
+                file,
+            };
+            download(&Client::new(), &repo, &place, sibling, progress)?
+        }
+    };
+    write_ref(repo_id, revision, &info.sha)?;
+    Ok(path)
+}
+
+/// Downloads (or reuses) the files a model needs into the shared cache: the diffusers
+/// components, or one single-file checkpoint.
+pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
+    let (repo_id, revision, progress) = (req.model, req.revision, req.progress);
+    let api = api()?;
+    let repo = hub_repo(&api, repo_id, revision);
+    let info = match listing(&repo, (repo_id, revision), progress, || from_cache(req))? {
+        Ok(info) => info,
+        Err(files) => return Ok(files),
+    };
     let client = Client::new();
     let by_name: BTreeMap<&str, &Sibling> = info
         .siblings

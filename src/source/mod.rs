@@ -9,6 +9,7 @@ mod files;
 mod hub;
 
 pub use cache::{hub_cache_dir, offline_from_env};
+use std::path::PathBuf;
 pub use files::{ModelFiles, ModelRequest, Precision, WeightFiles};
 
 use crate::weights::single_file;
@@ -40,4 +41,27 @@ pub fn resolve(req: &ModelRequest) -> Result<ModelFiles> {
         return cache::from_cache(req);
     }
     hub::fetch(req)
+}
+
+/// A weight file named on the command line (a LoRA, an embedding): a local file, else
+/// `OWNER/REPO/FILE` on the Hub at `main` (cache only when offline).
+pub fn resolve_file(spec: &str, offline: bool, progress: bool) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let parts: Vec<&str> = spec.splitn(3, '/').collect();
+    let hub_like = parts.len() == 3
+        && parts.iter().all(|p| !p.is_empty())
+        && !spec.starts_with('.')
+        && !spec.contains('\\');
+    if !hub_like {
+        bail!("{spec} does not exist (a file, or OWNER/REPO/FILE on the Hugging Face Hub)");
+    }
+    let repo_id = format!("{}/{}", parts[0], parts[1]);
+    if offline {
+        cache::cached_file(&repo_id, "main", parts[2])
+    } else {
+        hub::fetch_file(&repo_id, "main", parts[2], progress)
+    }
 }
