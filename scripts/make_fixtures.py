@@ -1081,7 +1081,15 @@ def record_addons(out):
     peft = os.path.join(addons, "peft.safetensors")
     peft_lora(load_pipe(tiny), peft)
     embeddings = addon_embeddings(addons)
+    tiny2 = os.path.join(out, "models", "tiny2")
+    kohya2 = os.path.join(addons, "kohya_tiny2.safetensors")
+    save_file(kohya_lora(load_pipe(tiny2), 9), kohya2)
     with torch.no_grad():
+        # SD 2.x-shaped: linear projections, the gelu text encoder
+        pipe = load_pipe(tiny2)
+        pipe.load_lora_weights(kohya2)
+        pipe.fuse_lora(lora_scale=0.7)
+        save_seed42_image(pipe, os.path.join(ref, "lora-tiny2-kohya-0.7.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
         # LoRAs, fused as diffusers fuses them; two LoRAs: fuse, unload, fuse the next
         for name, loras in {
             "kohya-0.8": [(kohya, 0.8)],

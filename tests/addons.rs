@@ -75,6 +75,17 @@ fn loras_match_diffusers_fused() {
     assert_image(&p, &tiny_request(&p), "tiny/e2e/pndm-42.png");
 }
 
+/// SD 2.x-shaped: linear projections (kohya's 2-D downs), the gelu text encoder.
+#[test]
+fn lora_on_the_sd2_shaped_model() {
+    let p = load(&model_dir("tiny2"));
+    let r = Request {
+        loras: vec![lora("kohya_tiny2.safetensors", 0.7)],
+        ..seed42_request(&p, &read_json("tiny2/e2e.json"))
+    };
+    assert_image(&p, &r, "addons/lora-tiny2-kohya-0.7.png");
+}
+
 #[test]
 fn lora_tags_of_the_web_ui_syntax() {
     let p = load(&model_dir("tiny"));
