@@ -581,11 +581,8 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
 
 /// Warns about prompts that were cut at CLIP's 77 tokens.
 fn warn_about(pipeline: &Pipeline, request: &Request, bars: &Bars, where_: &str) -> Result<()> {
-    for (what, text) in [
-        ("prompt", &request.prompt),
-        ("negative prompt", &request.negative_prompt),
-    ] {
-        if pipeline.tokenize(text, request.prompt_syntax)?.truncated {
+    for (what, text) in ["prompt", "negative prompt"].into_iter().zip(request.texts()?) {
+        if pipeline.tokenize(&text, request.prompt_syntax)?.truncated {
             bars.println(&format!(
                 "warning: {where_}the {what} is longer than 77 CLIP tokens and was truncated"
             ));
@@ -809,12 +806,13 @@ fn metadata(
     }
     // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
     let mut used = Vec::new();
+    let texts = r.texts()?;
     for e in p.embeddings() {
         let uses = |text: &str| -> Result<bool> {
             let chunks = p.tokenize(text, r.prompt_syntax)?;
             Ok(chunks.ids.iter().flatten().any(|&id| p.embedding_id(&e.name) == Some(id)))
         };
-        if uses(&r.prompt)? || uses(&r.negative_prompt)? {
+        if uses(&texts[0])? || uses(&texts[1])? {
             used.push(format!("{}: {}", e.name.replace([':', ','], ""), e.short_hash));
         }
     }

@@ -51,8 +51,8 @@ pub struct Chunks {
     pub truncated: bool,
 }
 
-/// The ids of `prompt` in `syntax`. For `a1111` the `<lora:...>` tags are taken out first
-/// (the caller has read them).
+/// The ids of `prompt` in `syntax` (a positive prompt's `<lora:...>` tags taken out first:
+/// [`positive_text`]).
 pub fn tokenize(
     tok: &ClipTokenizer,
     expansions: &Expansions,
@@ -61,11 +61,18 @@ pub fn tokenize(
 ) -> Result<Chunks> {
     match syntax {
         PromptSyntax::Plain => plain(tok, expansions, prompt),
-        PromptSyntax::A1111 => {
-            let (text, _) = prompt_syntax::take_lora_tags(prompt)?;
-            web_ui(tok, expansions, &prompt_syntax::parse(&text)?)
-        }
+        PromptSyntax::A1111 => web_ui(tok, expansions, &prompt_syntax::parse(prompt)?),
     }
+}
+
+/// The text of a positive prompt the text encoder reads: in the `a1111` syntax without its
+/// `<lora:...>` tags (the web UI takes them out of the prompt; a negative prompt keeps them as
+/// words).
+pub fn positive_text(prompt: &str, syntax: PromptSyntax) -> Result<std::borrow::Cow<'_, str>> {
+    Ok(match syntax {
+        PromptSyntax::Plain => prompt.into(),
+        PromptSyntax::A1111 => prompt_syntax::take_lora_tags(prompt)?.0.into(),
+    })
 }
 
 fn plain(tok: &ClipTokenizer, expansions: &Expansions, prompt: &str) -> Result<Chunks> {

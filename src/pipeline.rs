@@ -49,6 +49,15 @@ impl Request {
     pub fn num_images(&self) -> usize {
         self.seeds.len()
     }
+
+    /// The prompt and the negative prompt as the text encoder reads them (without the
+    /// prompt's `<lora:...>` tags in the web UI's syntax).
+    pub fn texts(&self) -> Result<[std::borrow::Cow<'_, str>; 2]> {
+        Ok([
+            conditioning::positive_text(&self.prompt, self.prompt_syntax)?,
+            self.negative_prompt.as_str().into(),
+        ])
+    }
 }
 
 /// Called after every denoising step with (steps done, total).
@@ -385,8 +394,9 @@ impl Pipeline {
             bail!("--guidance must be a finite number");
         }
         // the web UI's syntax can be wrong (a weight that is no number), or too long
-        self.tokenize(&r.prompt, r.prompt_syntax)?;
-        self.tokenize(&r.negative_prompt, r.prompt_syntax)?;
+        for text in r.texts()? {
+            self.tokenize(&text, r.prompt_syntax)?;
+        }
         // Builds the scheduler once to surface configuration errors early.
         schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
         Ok(())
@@ -478,9 +488,10 @@ impl Pipeline {
         self.validate(r)?;
         self.use_loras(&r.loras);
         let cfg = r.guidance > 1.0;
-        let cond = self.encode_text(&r.prompt, r.prompt_syntax, r.clip_skip)?;
+        let [prompt, negative] = r.texts()?;
+        let cond = self.encode_text(&prompt, r.prompt_syntax, r.clip_skip)?;
         let uncond = if cfg {
-            Some(self.encode_text(&r.negative_prompt, r.prompt_syntax, r.clip_skip)?)
+            Some(self.encode_text(&negative, r.prompt_syntax, r.clip_skip)?)
         } else {
             None
         };

@@ -95,6 +95,10 @@ fn lora_tags_of_the_web_ui_syntax() {
     r.prompt_syntax = PromptSyntax::A1111;
     r.loras = vec![lora("kohya.safetensors", 0.8)];
     assert_image(&p, &r, "addons/lora-kohya-0.8.png");
+    // the web UI reads tags in the prompt only: a negative prompt's are words
+    r.negative_prompt = "blurry <lora:kohya:0.8>".into();
+    let [prompt, negative] = r.texts().unwrap();
+    assert!(!prompt.contains("<lora") && negative.contains("<lora:kohya:0.8>"));
 }
 
 #[test]
@@ -175,7 +179,8 @@ fn web_ui_chunks_match_its_algorithm() {
         }
         for case in refs["a1111"][model].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
-            let got = p.tokenize(prompt, PromptSyntax::A1111).unwrap();
+            let text = sdgen::conditioning::positive_text(prompt, PromptSyntax::A1111).unwrap();
+            let got = p.tokenize(&text, PromptSyntax::A1111).unwrap();
             let want = case["chunks"].as_array().unwrap();
             assert_eq!(got.ids.len(), want.len(), "{model} {prompt:?}: chunks");
             let weights = got.weights.as_ref().unwrap();
