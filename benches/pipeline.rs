@@ -116,7 +116,8 @@ fn main() {
     let load = t.elapsed().as_secs_f64();
     let text = if want("text") {
         time(&dev, 3, || {
-            p.encode_text("a photo of a cat on a beach", Default::default(), 1).unwrap()
+            p.encode_text("a photo of a cat on a beach", Default::default(), 1)
+                .unwrap()
         })
     } else {
         nan

@@ -3,8 +3,8 @@
 
 use crate::addons::lora::LoraSpec;
 use crate::batch::{self, parse_prompts, Job, Shard};
-use crate::conditioning::PromptSyntax;
 use crate::cli::Args;
+use crate::conditioning::PromptSyntax;
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::interrupt;
 use crate::output::{self, NameFields, Written};
@@ -401,7 +401,10 @@ fn job_loras(
                 );
             };
             if tag.name.is_empty() || tag.name.starts_with('.') || tag.name.contains(['/', '\\']) {
-                bail!("<lora:{}>: a LoRA name is a file name in --lora-dir, without folders", tag.name);
+                bail!(
+                    "<lora:{}>: a LoRA name is a file name in --lora-dir, without folders",
+                    tag.name
+                );
             }
             let path = ["safetensors", "pt", "ckpt", "bin"]
                 .iter()
@@ -581,7 +584,10 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
 
 /// Warns about prompts that were cut at CLIP's 77 tokens.
 fn warn_about(pipeline: &Pipeline, request: &Request, bars: &Bars, where_: &str) -> Result<()> {
-    for (what, text) in ["prompt", "negative prompt"].into_iter().zip(request.texts()?) {
+    for (what, text) in ["prompt", "negative prompt"]
+        .into_iter()
+        .zip(request.texts()?)
+    {
         if pipeline.tokenize(&text, request.prompt_syntax)?.truncated {
             bars.println(&format!(
                 "warning: {where_}the {what} is longer than 77 CLIP tokens and was truncated"
@@ -810,10 +816,18 @@ fn metadata(
     for e in p.embeddings() {
         let uses = |text: &str| -> Result<bool> {
             let chunks = p.tokenize(text, r.prompt_syntax)?;
-            Ok(chunks.ids.iter().flatten().any(|&id| p.embedding_id(&e.name) == Some(id)))
+            Ok(chunks
+                .ids
+                .iter()
+                .flatten()
+                .any(|&id| p.embedding_id(&e.name) == Some(id)))
         };
         if uses(&texts[0])? || uses(&texts[1])? {
-            used.push(format!("{}: {}", e.name.replace([':', ','], ""), e.short_hash));
+            used.push(format!(
+                "{}: {}",
+                e.name.replace([':', ','], ""),
+                e.short_hash
+            ));
         }
     }
     if !used.is_empty() {
@@ -822,7 +836,11 @@ fn metadata(
     let mut lora_hashes = Vec::new();
     for l in &r.loras {
         let name = l.path.file_stem().unwrap_or_default().to_string_lossy();
-        lora_hashes.push(format!("{}: {}", name.replace([':', ','], ""), hashes.lora(&l.path)?));
+        lora_hashes.push(format!(
+            "{}: {}",
+            name.replace([':', ','], ""),
+            hashes.lora(&l.path)?
+        ));
     }
     if !lora_hashes.is_empty() {
         params.push_str(&format!(", Lora hashes: \"{}\"", lora_hashes.join(", ")));
@@ -857,7 +875,11 @@ fn metadata(
         meta.push(("loras".into(), list.join("\n")));
     }
     if !p.embeddings().is_empty() {
-        let list: Vec<String> = p.embeddings().iter().map(|e| e.path.display().to_string()).collect();
+        let list: Vec<String> = p
+            .embeddings()
+            .iter()
+            .map(|e| e.path.display().to_string())
+            .collect();
         meta.push(("embeddings".into(), list.join("\n")));
     }
     Ok(meta)

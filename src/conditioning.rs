@@ -142,9 +142,10 @@ pub fn web_ui(tok: &ClipTokenizer, expansions: &Expansions, pieces: &[Piece]) ->
         for id in tok.ids(text)? {
             if Some(id) == tok.comma_id {
                 b.last_comma = Some(b.chunk.len());
-            } else if let Some(comma) = b.last_comma.filter(|&c| {
-                b.chunk.len() == CHUNK && b.chunk.len() - c <= COMMA_BACKTRACK
-            }) {
+            } else if let Some(comma) = b
+                .last_comma
+                .filter(|&c| b.chunk.len() == CHUNK && b.chunk.len() - c <= COMMA_BACKTRACK)
+            {
                 // the words after the comma move to the next chunk
                 let moved = b.chunk.split_off(comma + 1);
                 let moved_w = b.chunk_w.split_off(comma + 1);
@@ -214,7 +215,8 @@ pub fn encode(te: &ClipTextModel, chunks: &Chunks, skip: usize, device: &Device)
                 let w = Tensor::new(w[i].as_slice(), device)?.reshape((1, MAX_LENGTH, 1))?;
                 let z = z.broadcast_mul(&w)?;
                 let new_mean = z.mean_all()?;
-                z.broadcast_mul(&(original_mean / new_mean)?)?.to_dtype(dtype)?
+                z.broadcast_mul(&(original_mean / new_mean)?)?
+                    .to_dtype(dtype)?
             }
         };
         out.push(z);

@@ -19,8 +19,8 @@ pub(crate) mod allocator;
 pub mod app;
 pub(crate) mod batch;
 pub mod cli;
-pub(crate) mod config;
 pub mod conditioning;
+pub(crate) mod config;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -195,7 +195,12 @@ impl Pipeline {
     pub fn add_embedding(&mut self, path: &Path) -> Result<()> {
         let e = Embedding::load(path, self.clip_config.hidden_size)?;
         let ids = self.tokenizer.add_tokens(&e.tokens())?;
-        let next = self.clip_config.vocab_size + self.embeddings.iter().map(|e| e.vectors.dims()[0]).sum::<usize>();
+        let next = self.clip_config.vocab_size
+            + self
+                .embeddings
+                .iter()
+                .map(|e| e.vectors.dims()[0])
+                .sum::<usize>();
         if ids.first().is_some_and(|&id| id as usize != next) {
             bail!(
                 "{}: the tokenizer gives the embedding id {}, but the text encoder's vocabulary ends at {} (a tokenizer smaller than the text encoder's vocab_size {})",
@@ -435,7 +440,12 @@ impl Pipeline {
 
     /// The U-Net's context for `prompt`: (1, 77 x chunks, hidden); `encode_prompt`'s
     /// text-encoder pass in the plain syntax.
-    pub fn encode_text(&self, prompt: &str, syntax: PromptSyntax, clip_skip: usize) -> Result<Tensor> {
+    pub fn encode_text(
+        &self,
+        prompt: &str,
+        syntax: PromptSyntax,
+        clip_skip: usize,
+    ) -> Result<Tensor> {
         let chunks = self.tokenize(prompt, syntax)?;
         let text_encoder = self.text_encoder()?;
         conditioning::encode(
@@ -581,11 +591,9 @@ impl Pipeline {
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = scheduler.scale_model_input(&latents, i)?;
             let noise_pred = match (&uncond, &batched) {
-                (_, Some(context)) => unet.forward(
-                    &Tensor::cat(&[&model_input, &model_input], 0)?,
-                    t,
-                    context,
-                )?,
+                (_, Some(context)) => {
+                    unet.forward(&Tensor::cat(&[&model_input, &model_input], 0)?, t, context)?
+                }
                 (Some(u), None) => Tensor::cat(
                     &[
                         &unet.forward(&model_input, t, u)?,

@@ -44,7 +44,9 @@ fn next_lexeme(s: &str) -> Option<(Lexeme<'_>, usize)> {
     let c = s.chars().next()?;
     Some(match c {
         '\\' => match s[1..].chars().next() {
-            Some(e @ ('(' | ')' | '[' | ']' | '\\')) => (Lexeme::Escaped(&s[1..1 + e.len_utf8()]), 2),
+            Some(e @ ('(' | ')' | '[' | ']' | '\\')) => {
+                (Lexeme::Escaped(&s[1..1 + e.len_utf8()]), 2)
+            }
             _ => (Lexeme::Escaped(""), 1),
         },
         '(' => (Lexeme::Open, 1),
@@ -64,9 +66,7 @@ fn next_lexeme(s: &str) -> Option<(Lexeme<'_>, usize)> {
         ')' => (Lexeme::Close, 1),
         ']' => (Lexeme::CloseSquare, 1),
         _ => {
-            let n = s
-                .find(['\\', '(', ')', '[', ']', ':'])
-                .unwrap_or(s.len());
+            let n = s.find(['\\', '(', ')', '[', ']', ':']).unwrap_or(s.len());
             (Lexeme::Text(&s[..n]), n)
         }
     })
@@ -207,9 +207,7 @@ pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraTag>)> {
     while let Some(lt) = rest.find('<') {
         out.push_str(&rest[..lt]);
         let after = &rest[lt + 1..];
-        let kind_len = after
-            .find(|c: char| !is_word(c))
-            .unwrap_or(after.len());
+        let kind_len = after.find(|c: char| !is_word(c)).unwrap_or(after.len());
         let args_end = after[kind_len..]
             .strip_prefix(':')
             .and_then(|a| a.find('>').map(|n| (n, a)));
@@ -234,7 +232,9 @@ fn lora_tag(args: &str) -> Result<LoraTag> {
     let items: Vec<&str> = args.split(':').collect();
     let number = |s: &str| -> Result<f64> {
         s.trim().parse::<f64>().map_err(|_| {
-            anyhow::anyhow!("cannot read the weight {s:?} in <lora:{args}> (a number such as 0.8 is expected)")
+            anyhow::anyhow!(
+                "cannot read the weight {s:?} in <lora:{args}> (a number such as 0.8 is expected)"
+            )
         })
     };
     let (mut te, mut unet) = (None, None);

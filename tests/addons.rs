@@ -62,7 +62,10 @@ fn loras_match_diffusers_fused() {
         ("lora-peft-1.0", vec![lora("peft.safetensors", 1.0)]),
         (
             "lora-kohya-0.8+peft-0.5",
-            vec![lora("kohya.safetensors", 0.8), lora("peft.safetensors", 0.5)],
+            vec![
+                lora("kohya.safetensors", 0.8),
+                lora("peft.safetensors", 0.5),
+            ],
         ),
     ] {
         let r = Request {
@@ -110,15 +113,24 @@ fn lora_errors_name_the_layer_or_the_keys() {
         ..seed42_request(&p, &read_json("tiny2/e2e.json"))
     };
     let e = format!("{:#}", p.generate_all(&r).err().unwrap());
-    assert!(e.contains("kohya.safetensors") && e.contains("layer "), "{e}");
+    assert!(
+        e.contains("kohya.safetensors") && e.contains("layer "),
+        "{e}"
+    );
     // a LoRA whose layers the model lacks
     let dir = tempfile::tempdir().unwrap();
     let odd = dir.path().join("odd.safetensors");
     let t = |shape: &[usize]| Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(
         &HashMap::from([
-            ("lora_unet_no_such_block_to_q.lora_down.weight".to_string(), t(&[2, 16])),
-            ("lora_unet_no_such_block_to_q.lora_up.weight".to_string(), t(&[16, 2])),
+            (
+                "lora_unet_no_such_block_to_q.lora_down.weight".to_string(),
+                t(&[2, 16]),
+            ),
+            (
+                "lora_unet_no_such_block_to_q.lora_up.weight".to_string(),
+                t(&[16, 2]),
+            ),
         ]),
         &odd,
     )
@@ -146,7 +158,10 @@ fn embeddings_match_diffusers_textual_inversion() {
     let e = &refs["embeddings"];
     let prompt = e["prompt"].as_str().unwrap();
     let want: Vec<u32> = serde_json::from_value(e["plain_ids"].clone()).unwrap();
-    assert_eq!(p.tokenize(prompt, PromptSyntax::Plain).unwrap().ids, vec![want]);
+    assert_eq!(
+        p.tokenize(prompt, PromptSyntax::Plain).unwrap().ids,
+        vec![want]
+    );
     let r = Request {
         prompt: prompt.into(),
         negative_prompt: e["negative_prompt"].as_str().unwrap().into(),
@@ -159,11 +174,19 @@ fn embeddings_match_diffusers_textual_inversion() {
 fn embedding_errors() {
     let mut p = load(&model_dir("tiny2"));
     // 16 values per vector, tiny2's encoder is 8 wide
-    let e = format!("{:#}", p.add_embedding(&addon("emb/glowcat.safetensors")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        p.add_embedding(&addon("emb/glowcat.safetensors"))
+            .unwrap_err()
+    );
     assert!(e.contains("takes 8"), "{e}");
     let mut p = load(&model_dir("tiny"));
     p.add_embedding(&addon("emb/glowcat.safetensors")).unwrap();
-    let e = format!("{:#}", p.add_embedding(&addon("emb/glowcat.safetensors")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        p.add_embedding(&addon("emb/glowcat.safetensors"))
+            .unwrap_err()
+    );
     assert!(e.contains("already in the tokenizer"), "{e}");
 }
 
@@ -246,6 +269,9 @@ fn loras_in_bf16_on_the_packed_layouts() {
         let img = &p.generate_all(&r).unwrap()[0];
         let (max, mean) = common::pixel_diff(&img.rgb, want.as_raw());
         eprintln!("bf16 {kernel:?}: max {max}/255, mean {mean:.4}/255");
-        assert!(max <= 24 && mean <= 2.5, "bf16 {kernel:?}: max {max}/255, mean {mean:.4}/255");
+        assert!(
+            max <= 24 && mean <= 2.5,
+            "bf16 {kernel:?}: max {max}/255, mean {mean:.4}/255"
+        );
     }
 }

@@ -848,7 +848,10 @@ fn loras_and_embeddings_from_the_command_line() {
     };
     let params = meta(&text, "parameters");
     assert!(
-        params.contains(&format!("TI hashes: \"shinyfox: {}\"", short_sha256(&shinyfox, 0))),
+        params.contains(&format!(
+            "TI hashes: \"shinyfox: {}\"",
+            short_sha256(&shinyfox, 0)
+        )),
         "{params}"
     );
     assert!(
@@ -862,17 +865,33 @@ fn loras_and_embeddings_from_the_command_line() {
     assert_eq!(meta(&text, "prompt_syntax"), "a1111");
     assert_eq!(
         meta(&text, "loras"),
-        format!("{peft}:0.5:0.5\n{}/kohya.safetensors:0.8:0.8", addons.trim_end_matches('/'))
+        format!(
+            "{peft}:0.5:0.5\n{}/kohya.safetensors:0.8:0.8",
+            addons.trim_end_matches('/')
+        )
     );
     // a JSON line's lora replaces the command line's
     let prompts = dir.path().join("p.jsonl");
     std::fs::write(
         &prompts,
-        format!("{{\"prompt\": \"a fox\", \"lora\": \"{kohya}:0.25\", \"output\": \"{}/j.png\"}}\n", dir.path().display()),
+        format!(
+            "{{\"prompt\": \"a fox\", \"lora\": \"{kohya}:0.25\", \"output\": \"{}/j.png\"}}\n",
+            dir.path().display()
+        ),
     )
     .unwrap();
     ok(&sdgen(
-        &["--prompts", prompts.to_str().unwrap(), "-m", &tiny(), "--lora", &peft, "--steps", "1", "-q"],
+        &[
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "-m",
+            &tiny(),
+            "--lora",
+            &peft,
+            "--steps",
+            "1",
+            "-q",
+        ],
         &[],
     ));
     let (_, _, text) = png_info(&dir.path().join("j.png"));
@@ -882,15 +901,49 @@ fn loras_and_embeddings_from_the_command_line() {
     let b = bad.to_str().unwrap();
     let base = ["-m", &tiny(), "--steps", "1", "-q", "-o", b];
     let with = |extra: &[&str]| -> Vec<String> {
-        extra.iter().chain(base.iter()).map(|s| s.to_string()).collect()
+        extra
+            .iter()
+            .chain(base.iter())
+            .map(|s| s.to_string())
+            .collect()
     };
     for (args, expect) in [
-        (with(&["a fox", "--lora", "nothere.safetensors"]), "--lora: nothere.safetensors does not exist"),
-        (with(&["a <lora:kohya>", "--prompt-syntax", "a1111"]), "needs --lora-dir"),
-        (with(&["a <lora:nothere>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "no nothere.safetensors"),
-        (with(&["a <lora:../kohya>", "--prompt-syntax", "a1111", "--lora-dir", &addons]), "without folders"),
-        (with(&["(a fox:1.2.3)", "--prompt-syntax", "a1111"]), "cannot read the weight"),
-        (with(&["a fox", "--embedding", &kohya]), "not a textual-inversion embedding"),
+        (
+            with(&["a fox", "--lora", "nothere.safetensors"]),
+            "--lora: nothere.safetensors does not exist",
+        ),
+        (
+            with(&["a <lora:kohya>", "--prompt-syntax", "a1111"]),
+            "needs --lora-dir",
+        ),
+        (
+            with(&[
+                "a <lora:nothere>",
+                "--prompt-syntax",
+                "a1111",
+                "--lora-dir",
+                &addons,
+            ]),
+            "no nothere.safetensors",
+        ),
+        (
+            with(&[
+                "a <lora:../kohya>",
+                "--prompt-syntax",
+                "a1111",
+                "--lora-dir",
+                &addons,
+            ]),
+            "without folders",
+        ),
+        (
+            with(&["(a fox:1.2.3)", "--prompt-syntax", "a1111"]),
+            "cannot read the weight",
+        ),
+        (
+            with(&["a fox", "--embedding", &kohya]),
+            "not a textual-inversion embedding",
+        ),
     ] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         fails(&args, dir.path(), expect);

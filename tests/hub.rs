@@ -493,8 +493,14 @@ fn loras_and_embeddings_from_the_hub() {
     const ADDONS: &str = "org/addons";
     let addon = |rel: &str| fixtures().join("addons").join(rel);
     let files = std::collections::BTreeMap::from([
-        ("kohya.safetensors".to_string(), std::fs::read(addon("kohya.safetensors")).unwrap()),
-        ("emb/shinyfox.pt".to_string(), std::fs::read(addon("emb/shinyfox.pt")).unwrap()),
+        (
+            "kohya.safetensors".to_string(),
+            std::fs::read(addon("kohya.safetensors")).unwrap(),
+        ),
+        (
+            "emb/shinyfox.pt".to_string(),
+            std::fs::read(addon("emb/shinyfox.pt")).unwrap(),
+        ),
     ]);
     let server = HubServer::start(ADDONS, files);
     let dir = tempfile::tempdir().unwrap();
@@ -502,8 +508,20 @@ fn loras_and_embeddings_from_the_hub() {
     let tiny = model_dir("tiny");
     let run = |out: &Path, lora: &str, emb: &str, env: &[(&str, &str)]| {
         let args = [
-            "a shinyfox", "-m", tiny.to_str().unwrap(), "-s", "1", "--steps", "2", "-q",
-            "--lora", lora, "--embedding", emb, "-o", out.to_str().unwrap(),
+            "a shinyfox",
+            "-m",
+            tiny.to_str().unwrap(),
+            "-s",
+            "1",
+            "--steps",
+            "2",
+            "-q",
+            "--lora",
+            lora,
+            "--embedding",
+            emb,
+            "-o",
+            out.to_str().unwrap(),
         ];
         sdgen(&args, &server.url, &cache, env)
     };
@@ -512,9 +530,19 @@ fn loras_and_embeddings_from_the_hub() {
         dir.path().join("local.png"),
         dir.path().join("offline.png"),
     );
-    ok(&run(&hub, "org/addons/kohya.safetensors:0.8", "org/addons/emb/shinyfox.pt", &[]));
+    ok(&run(
+        &hub,
+        "org/addons/kohya.safetensors:0.8",
+        "org/addons/emb/shinyfox.pt",
+        &[],
+    ));
     let local_lora = format!("{}:0.8", addon("kohya.safetensors").display());
-    ok(&run(&local, &local_lora, addon("emb/shinyfox.pt").to_str().unwrap(), &[]));
+    ok(&run(
+        &local,
+        &local_lora,
+        addon("emb/shinyfox.pt").to_str().unwrap(),
+        &[],
+    ));
     let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
     assert_eq!(pixels(&hub), pixels(&local));
     let downloads = || -> std::collections::BTreeSet<String> {
@@ -540,8 +568,21 @@ fn loras_and_embeddings_from_the_hub() {
         &[("HF_HUB_OFFLINE", "1")],
     ));
     assert_eq!(pixels(&offline), pixels(&local));
-    assert_eq!(server.requests().len(), requests, "offline runs ask the Hub nothing");
-    let missing = run(&dir.path().join("m.png"), "org/addons/nothere.safetensors", "org/addons/emb/shinyfox.pt", &[]);
+    assert_eq!(
+        server.requests().len(),
+        requests,
+        "offline runs ask the Hub nothing"
+    );
+    let missing = run(
+        &dir.path().join("m.png"),
+        "org/addons/nothere.safetensors",
+        "org/addons/emb/shinyfox.pt",
+        &[],
+    );
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("has no file nothere.safetensors"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("has no file nothere.safetensors"),
+        "{}",
+        stderr(&missing)
+    );
 }

@@ -36,7 +36,10 @@ impl Embedding {
                 "{} is an SDXL embedding (clip_l/clip_g vectors); this model is SD 1.x/2.x",
                 path.display()
             )
-        } else if let Some(k) = names.iter().find(|n| *n == "emb_params" || *n == "string_to_param.*") {
+        } else if let Some(k) = names
+            .iter()
+            .find(|n| *n == "emb_params" || *n == "string_to_param.*")
+        {
             (stem(), k.clone())
         } else if names.len() == 1 {
             (names[0].clone(), names[0].clone())

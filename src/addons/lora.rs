@@ -117,7 +117,10 @@ fn classify(name: &str) -> Result<(Part, String, &'static str)> {
         (Part::Unet, m)
     } else if let Some(m) = stem.strip_prefix("text_encoder.") {
         (Part::TextEncoder, m)
-    } else if stem.starts_with("lora_te1_") || stem.starts_with("lora_te2_") || stem.starts_with("text_encoder_2.") {
+    } else if stem.starts_with("lora_te1_")
+        || stem.starts_with("lora_te2_")
+        || stem.starts_with("text_encoder_2.")
+    {
         bail!("{name} belongs to an SDXL LoRA; this model is SD 1.x/2.x");
     } else {
         bail!("{name} names neither the U-Net nor the text encoder (lora_unet_/lora_te_ or unet./text_encoder.)");
@@ -365,13 +368,24 @@ mod tests {
 
     #[test]
     fn both_formats_name_the_same_layer() {
-        let kohya = classify("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight").unwrap();
-        let peft = classify("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight").unwrap();
+        let kohya = classify(
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        )
+        .unwrap();
+        let peft = classify(
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+        )
+        .unwrap();
         assert_eq!(kohya, peft);
-        let te_kohya = classify("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha").unwrap();
-        let te_peft = classify("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha").unwrap();
+        let te_kohya =
+            classify("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha").unwrap();
+        let te_peft =
+            classify("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.alpha").unwrap();
         assert_eq!(te_kohya, te_peft);
-        assert_eq!(te_kohya.1, layer_key(Part::TextEncoder, "encoder.layers.0.self_attn.q_proj"));
+        assert_eq!(
+            te_kohya.1,
+            layer_key(Part::TextEncoder, "encoder.layers.0.self_attn.q_proj")
+        );
         assert!(classify("lora_te1_text_model_x.lora_up.weight").is_err());
         assert!(classify("lora_unet_x.hada_w1_a").is_err());
     }
@@ -379,7 +393,10 @@ mod tests {
     #[test]
     fn scales_parse_from_the_end() {
         let s = LoraSpec::parse("a:b.safetensors:0.5").unwrap();
-        assert_eq!((s.path.to_str().unwrap(), s.unet_scale), ("a:b.safetensors", 0.5));
+        assert_eq!(
+            (s.path.to_str().unwrap(), s.unet_scale),
+            ("a:b.safetensors", 0.5)
+        );
         let s = LoraSpec::parse("x.safetensors").unwrap();
         assert_eq!(s.te_scale, 1.0);
         assert!(LoraSpec::parse("x.safetensors:inf").is_err());

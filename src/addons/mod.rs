@@ -3,4 +3,3 @@
 
 pub mod embedding;
 pub mod lora;
-

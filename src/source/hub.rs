@@ -227,18 +227,13 @@ pub fn fetch_file(repo_id: &str, revision: &str, file: &str, progress: bool) -> 
     let Some(sibling) = info.siblings.iter().find(|s| s.rfilename == file) else {
         bail!("{repo_id} (revision {revision}) has no file {file}");
     };
-    let path = match cached(repo_id, &info.sha, file) {
-        Some(p) => p,
-        None => {
-            let place = Place {
-                repo_id,
-                revision,
-                commit: &info.sha,
-                file,
-            };
-            download(&Client::new(), &repo, &place, sibling, progress)?
-        }
+    let place = Place {
+        repo_id,
+        revision,
+        commit: &info.sha,
+        file,
     };
+    let path = cached_or_download(&Client::new(), &repo, &place, sibling, progress)?;
     write_ref(repo_id, revision, &info.sha)?;
     Ok(path)
 }
@@ -270,18 +265,13 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
     }
     let mut paths = Vec::new();
     for f in &files {
-        let path = match cached(repo_id, &info.sha, f) {
-            Some(p) => p,
-            None => {
-                let place = Place {
-                    repo_id,
-                    revision,
-                    commit: &info.sha,
-                    file: f,
-                };
-                download(&client, &repo, &place, by_name[f.as_str()], progress)?
-            }
+        let place = Place {
+            repo_id,
+            revision,
+            commit: &info.sha,
+            file: f,
         };
+        let path = cached_or_download(&client, &repo, &place, by_name[f.as_str()], progress)?;
         if f == "model_index.json" {
             // Refuse other pipelines before the big downloads.
             ModelIndex::load(&path)?;
@@ -480,6 +470,20 @@ struct Place<'a> {
     /// The commit the file list gave for the revision (checked: 40 hex digits).
     commit: &'a str,
     file: &'a str,
+}
+
+/// The cached copy of a file at its commit, else [`download`]'s.
+fn cached_or_download(
+    client: &Client,
+    repo: &ApiRepo,
+    place: &Place,
+    sibling: &Sibling,
+    progress: bool,
+) -> Result<PathBuf> {
+    match cached(place.repo_id, place.commit, place.file) {
+        Some(p) => Ok(p),
+        None => download(client, repo, place, sibling, progress),
+    }
 }
 
 /// Downloads a file of the repo at its commit into the shared cache: the blob `blobs/ETAG`

@@ -9,8 +9,8 @@ mod files;
 mod hub;
 
 pub use cache::{hub_cache_dir, offline_from_env};
-use std::path::PathBuf;
 pub use files::{ModelFiles, ModelRequest, Precision, WeightFiles};
+use std::path::PathBuf;
 
 use crate::weights::single_file;
 use anyhow::{bail, Result};

@@ -111,7 +111,11 @@ impl TensorFile {
 /// A `VarBuilder` over one weight file, read tensor by tensor.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let file = TensorFile::open(path)?;
-    Ok(VarBuilder::from_backend(file.backend, dtype, device.clone()))
+    Ok(VarBuilder::from_backend(
+        file.backend,
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// The hex SHA-256 of `path`'s bytes from `skip` on (Hub downloads are checked with the whole
