@@ -364,6 +364,126 @@ def record_randn(ref_dir):
     save_file(out, os.path.join(ref_dir, "randn.safetensors"))
 
 
+# ---- torch's CUDA generator, written here from the algorithm (no GPU on the machines) ----
+#
+# torch.randn(..., generator=torch.Generator("cuda").manual_seed(seed), device="cuda"):
+# blocks of 256 threads (at most SMs x 2048 / 256 of them: 132 SMs, the H100/H200, for
+# tensors past one pass), thread idx = curand_init(seed, subsequence idx, offset), each
+# curand_normal4 call = Philox4x32-10 of the counter (offset / 4 + call, idx) -> Box-Muller on
+# word pairs (sin, cos); call j of thread idx fills elements idx + stride * (4j + k); the
+# offset then advances by 4 per call per thread. Box-Muller's uniforms in float32 as curand
+# has them, its log, sqrt, sin and cos in float64 (the GPU's are fast approximations), so
+# sdgen's float32 is checked to ~1e-6, not bit for bit.
+
+CUDA_SMS = 132
+
+
+class CudaRandn:
+    def __init__(self, seed):
+        self.seed = seed
+        self.offset = 0
+
+    @staticmethod
+    def philox(c0, c1, c2, c3, k0, k1):
+        mask = np.uint64(0xFFFFFFFF)
+        c0, c1, c2, c3 = (np.asarray(x, dtype=np.uint64) for x in (c0, c1, c2, c3))
+        k0, k1 = np.uint64(k0), np.uint64(k1)
+        for r in range(10):
+            if r:
+                k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+                k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+            p0 = c0 * np.uint64(0xD2511F53)
+            p1 = c2 * np.uint64(0xCD9E8D57)
+            c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+        return c0, c1, c2, c3
+
+    @staticmethod
+    def box_muller(x, y):
+        # u and v are float32 on the GPU (the words converted to float, then one fused
+        # multiply-add: computed exactly here and rounded once); log, sqrt, sin, cos in float64
+        inv = np.float64(np.float32(2.3283064e-10))
+        inv_2pi = np.float64(np.float32(2.3283064e-10) * np.float32(6.2831855))
+        u = (x.astype(np.float32).astype(np.float64) * inv + inv / 2).astype(np.float32).astype(np.float64)
+        v = (y.astype(np.float32).astype(np.float64) * inv_2pi + inv_2pi / 2).astype(np.float32).astype(np.float64)
+        s = np.sqrt(-2.0 * np.log(u))
+        return s * np.sin(v), s * np.cos(v)
+
+    def randn(self, n):
+        if n == 0:
+            return np.zeros(0)
+        blocks = min(-(-n // 256), CUDA_SMS * 2048 // 256)
+        stride = 256 * blocks
+        calls = (n - 1) // (stride * 4) + 1
+        out = np.zeros(n)
+        idx = np.arange(stride, dtype=np.uint64)
+        for j in range(calls):
+            low = self.offset // 4 + j
+            words = self.philox(np.uint64(low & 0xFFFFFFFF), np.uint64(low >> 32), idx & np.uint64(0xFFFFFFFF), idx >> np.uint64(32),
+                                self.seed & 0xFFFFFFFF, self.seed >> 32)
+            a, b = self.box_muller(words[0], words[1])
+            c, d = self.box_muller(words[2], words[3])
+            for k, vals in enumerate((a, b, c, d)):
+                at = idx.astype(np.int64) + stride * (4 * j + k)
+                keep = at < n
+                out[at[keep]] = vals[keep]
+        self.offset += calls * 4
+        return out
+
+
+# (seed, successive draw sizes); draws past SAMPLE_ABOVE elements are stored at every 997th
+# element and the last 5
+CUDA_RANDN_CASES = [(42, [16384, 16384, 7]), (0, [1, 3, 16]), (2**32 + 5, [1000]), (2**64 - 1, [65536]),
+                    (7, [300000, 1081345, 10])]
+SAMPLE_ABOVE = 20000
+
+
+def record_randn_cuda(ref_dir):
+    out = {}
+    for seed, sizes in CUDA_RANDN_CASES:
+        g = CudaRandn(seed)
+        for k, n in enumerate(sizes):
+            v = g.randn(n)
+            key = f"seed{seed}_draw{k}_n{n}"
+            if n > SAMPLE_ABOVE:
+                idx = np.unique(np.concatenate([np.arange(0, n, 997), np.arange(n - 5, n)]))
+                out[key + "_idx"] = torch.tensor(idx, dtype=torch.int64)
+                v = v[idx]
+            out[key] = torch.tensor(v, dtype=torch.float32)
+    save_file(out, os.path.join(ref_dir, "randn_cuda.safetensors"))
+
+
+def cuda_rng_image(pipe, scheduler, path):
+    """The pipeline's seed-42 image (e2e prompts, E2E_STEPS) with torch's CUDA generator in
+    place of the CPU one: diffusers' randn_tensor (latents, ancestral noise) draws from
+    CudaRandn(42) instead."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion as sd_module
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_module
+
+    cls, extra = SCHEDULERS[scheduler]
+    pipe.scheduler = cls.from_config(dict(pipe.scheduler.config), **extra)
+    gen = CudaRandn(42)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        n = int(np.prod(shape))
+        return torch.tensor(gen.randn(n), dtype=torch.float32).reshape(shape).to(dtype or torch.float32)
+
+    saved = (sd_module.randn_tensor, ea_module.randn_tensor)
+    sd_module.randn_tensor = ea_module.randn_tensor = randn_tensor
+    try:
+        save_seed42_image(pipe, path, prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+    finally:
+        sd_module.randn_tensor, ea_module.randn_tensor = saved
+
+
+def record_cuda_rng(out):
+    ref = os.path.join(out, "reference")
+    record_randn_cuda(ref)
+    os.makedirs(os.path.join(ref, "tiny", "rng_cuda"), exist_ok=True)
+    for scheduler in ["pndm", "euler_a"]:
+        pipe = load_pipe(os.path.join(out, "models", "tiny"))
+        cuda_rng_image(pipe, scheduler, os.path.join(ref, "tiny", "rng_cuda", f"{scheduler}.png"))
+
+
 SCHED_SHAPE = (1, 4, 4, 4)
 
 SCHED_CASES = [
@@ -1166,6 +1286,7 @@ def main():
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
     ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
     ap.add_argument("--only-clip-skip", action="store_true", help="only record the clip skip images (reference/*/clip_skip)")
+    ap.add_argument("--only-cuda-rng", action="store_true", help="only record torch's CUDA generator references (reference/randn_cuda.safetensors, reference/tiny/rng_cuda)")
     ap.add_argument("--only-addons", action="store_true", help="only record the LoRA, embedding and web UI syntax fixtures (addons/, reference/addons)")
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     args = ap.parse_args()
@@ -1176,6 +1297,9 @@ def main():
     out = os.path.abspath(args.out)
     if args.only_real_world:
         record_real_world(out)
+        return
+    if args.only_cuda_rng:
+        record_cuda_rng(out)
         return
     if args.only_addons:
         record_addons(out)
@@ -1200,6 +1324,7 @@ def main():
     record_bin(out)
     record_real_world(out)
     record_addons(out)
+    record_cuda_rng(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

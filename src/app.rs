@@ -177,6 +177,7 @@ fn read_jobs(args: &Args) -> Result<Jobs> {
         clip_skip: args.clip_skip,
         prompt_syntax: args.prompt_syntax,
         loras: args.lora.clone(),
+        rng: args.rng,
     };
     let Some(file) = &args.prompts else {
         return Ok(Jobs {
@@ -504,6 +505,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             clip_skip: job.clip_skip,
             prompt_syntax: job.prompt_syntax,
             loras: plan.loras.get(&j).cloned().unwrap_or_default(),
+            rng: job.rng,
         };
         let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {
@@ -810,6 +812,8 @@ fn metadata(
         // the web UI writes it only when it is not 1, after the model
         params.push_str(&format!(", Clip skip: {}", r.clip_skip));
     }
+    // the web UI's noise source: CPU (torch's CPU generator) or NV (torch's CUDA one)
+    params.push_str(&format!(", RNG: {}", r.rng.web_ui_name()));
     // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
     let mut used = Vec::new();
     let texts = r.texts()?;
@@ -861,6 +865,7 @@ fn metadata(
         ("dtype".into(), dtype_name(p.dtype).to_string()),
         ("clip_skip".into(), r.clip_skip.to_string()),
         ("prompt_syntax".into(), syntax_name(r.prompt_syntax).into()),
+        ("rng".into(), r.rng.name().into()),
         ("software".into(), format!("sdgen {VERSION}")),
     ];
     if let Some(line) = job.line {
@@ -915,5 +920,6 @@ fn image_json(
         "model": p.files.name,
         "revision": p.files.revision,
         "dtype": dtype_name(p.dtype),
+        "rng": r.rng.name(),
     })
 }

@@ -3,6 +3,7 @@
 //! jobs, Kubernetes indexed Jobs).
 
 use crate::conditioning::PromptSyntax;
+use crate::rng::RngKind;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
@@ -26,6 +27,7 @@ pub struct Job {
     pub prompt_syntax: PromptSyntax,
     /// `--lora` values (`FILE[:SCALE]`).
     pub loras: Vec<String>,
+    pub rng: RngKind,
 }
 
 /// The keys a JSON line may set.
@@ -44,6 +46,7 @@ struct LineOverrides {
     output: Option<String>,
     clip_skip: Option<usize>,
     prompt_syntax: Option<PromptSyntax>,
+    rng: Option<RngKind>,
     /// One `FILE[:SCALE]` or a list of them: replaces the command line's --lora.
     lora: Option<OneOrMany>,
 }
@@ -94,6 +97,7 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
                     job.output = o.output.or(job.output);
                     job.clip_skip = o.clip_skip.unwrap_or(job.clip_skip);
                     job.prompt_syntax = o.prompt_syntax.unwrap_or(job.prompt_syntax);
+                    job.rng = o.rng.unwrap_or(job.rng);
                     match o.lora {
                         Some(OneOrMany::One(l)) => job.loras = vec![l],
                         Some(OneOrMany::Many(l)) => job.loras = l,
@@ -241,6 +245,7 @@ mod tests {
             clip_skip: 1,
             prompt_syntax: PromptSyntax::Plain,
             loras: Vec::new(),
+            rng: RngKind::TorchCpu,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Command-line arguments.
 
 use crate::conditioning::PromptSyntax;
+use crate::rng::RngKind;
 use clap::Parser;
 use std::path::PathBuf;
 
@@ -116,6 +117,12 @@ pub struct Args {
     /// UI files) becomes a prompt word. Repeatable.
     #[arg(long, value_name = "FILE")]
     pub embedding: Vec<String>,
+
+    /// The generator the seed seeds: torch-cpu (torch.Generator("cpu"), diffusers on the CPU)
+    /// or torch-cuda (torch.Generator("cuda") computed here: seeds from GPU scripts and the
+    /// web UI on NVIDIA cards).
+    #[arg(long, value_enum, default_value_t = RngKind::TorchCpu, value_name = "RNG")]
+    pub rng: RngKind,
 
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]

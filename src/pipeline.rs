@@ -6,7 +6,7 @@ use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
 use crate::ops::Engine;
-use crate::rng::TorchGenerator;
+use crate::rng::{Generator, RngKind};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig};
 use crate::source::{ModelFiles, WeightFiles};
 use crate::tokenizer::ClipTokenizer;
@@ -26,7 +26,8 @@ pub struct Request {
     pub prompt: String,
     pub negative_prompt: String,
     /// One seed per image (a run with `--seed S` asks for S, S + 1, ...): image i's latents
-    /// and ancestral noise come from `torch.Generator().manual_seed(seeds[i])`.
+    /// and ancestral noise come from `torch.Generator(device).manual_seed(seeds[i])`, the
+    /// device's generator as `rng` says.
     pub seeds: Vec<u64>,
     pub steps: usize,
     pub guidance: f64,
@@ -43,6 +44,8 @@ pub struct Request {
     pub prompt_syntax: PromptSyntax,
     /// The LoRAs merged into the text encoder and the U-Net for this request.
     pub loras: Vec<LoraSpec>,
+    /// The generator behind `seeds`: torch's CPU one, or its CUDA one computed here.
+    pub rng: RngKind,
 }
 
 impl Request {
@@ -470,12 +473,12 @@ impl Pipeline {
         r: &Request,
         first: usize,
         n: usize,
-    ) -> Result<(Vec<TorchGenerator>, Tensor)> {
+    ) -> Result<(Vec<Generator>, Tensor)> {
         let f = self.vae_scale_factor();
         let c = self.unet_config.in_channels;
         let (h, w) = (r.height / f, r.width / f);
-        let mut generators: Vec<TorchGenerator> = (first..first + n)
-            .map(|i| TorchGenerator::new(r.seeds[i]))
+        let mut generators: Vec<Generator> = (first..first + n)
+            .map(|i| Generator::new(r.rng, r.seeds[i]))
             .collect();
         let mut data = Vec::with_capacity(n * c * h * w);
         for g in generators.iter_mut() {

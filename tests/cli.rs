@@ -724,7 +724,7 @@ fn clip_skip_is_recorded_and_checked() {
     ));
     let (_, _, text) = png_info(&out);
     assert_eq!(meta(&text, "clip_skip"), "2");
-    assert!(meta(&text, "parameters").contains(", Clip skip: 2, Version: sdgen"));
+    assert!(meta(&text, "parameters").contains(", Clip skip: 2, RNG: CPU, Version: sdgen"));
     let plain = dir.path().join("p.png");
     let p = plain.to_str().unwrap();
     ok(&sdgen(
@@ -948,4 +948,58 @@ fn loras_and_embeddings_from_the_command_line() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         fails(&args, dir.path(), expect);
     }
+}
+
+/// `--rng torch-cuda` (and a JSON line's `rng`) is recorded as the web UI names the noise
+/// source, and gives another image than the CPU generator's.
+#[test]
+fn the_generator_is_chosen_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cpu, cuda) = (dir.path().join("cpu.png"), dir.path().join("cuda.png"));
+    for (out, rng) in [(&cpu, "torch-cpu"), (&cuda, "torch-cuda")] {
+        ok(&sdgen(
+            &[
+                "a cat",
+                "-m",
+                &tiny(),
+                "-s",
+                "3",
+                "--steps",
+                "2",
+                "--rng",
+                rng,
+                "-q",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        ));
+    }
+    let (_, _, text) = png_info(&cuda);
+    assert_eq!(meta(&text, "rng"), "torch-cuda");
+    assert!(meta(&text, "parameters").contains(", RNG: NV,"));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_ne!(pixels(&cpu), pixels(&cuda));
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        format!(
+            "{{\"prompt\": \"a cat\", \"seed\": 3, \"rng\": \"torch-cuda\", \"output\": \"{}/line.png\"}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    ok(&sdgen(
+        &[
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "-m",
+            &tiny(),
+            "--steps",
+            "2",
+            "-q",
+        ],
+        &[],
+    ));
+    assert_eq!(pixels(&dir.path().join("line.png")), pixels(&cuda));
 }

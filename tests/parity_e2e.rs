@@ -39,6 +39,7 @@ fn check_model(model: &str, batch_size: usize) {
             clip_skip: 1,
             prompt_syntax: Default::default(),
             loras: Vec::new(),
+            rng: Default::default(),
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -99,6 +100,7 @@ fn bf16_and_f16_images_stay_near_f32() {
                 clip_skip: 1,
                 prompt_syntax: Default::default(),
                 loras: Vec::new(),
+                rng: Default::default(),
             };
             pipeline.generate_all(&request).unwrap()
         };
@@ -150,5 +152,26 @@ fn clip_skip_as_the_web_ui_counts_it_matches_diffusers() {
                 &format!("{model}/clip_skip/{clip_skip}.png"),
             );
         }
+    }
+}
+
+/// `--rng torch-cuda`: diffusers' seed-42 images with torch's CUDA generator (the fixture
+/// script's implementation of it drawing the latents and, for euler_a, every step's noise).
+#[test]
+fn images_with_torch_cuda_noise() {
+    let files = ModelFiles::from_folder(&model_dir("tiny"), Precision::Full).unwrap();
+    let pipeline = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let meta = read_json("tiny/e2e.json");
+    for scheduler in ["pndm", "euler_a"] {
+        let request = Request {
+            scheduler: Some(scheduler.into()),
+            rng: sdgen::rng::RngKind::TorchCuda,
+            ..seed42_request(&pipeline, &meta)
+        };
+        assert_image(
+            &pipeline,
+            &request,
+            &format!("tiny/rng_cuda/{scheduler}.png"),
+        );
     }
 }

@@ -5,7 +5,7 @@
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
-use sdgen::rng::TorchGenerator;
+use sdgen::rng::{Generator, TorchGenerator};
 use sdgen::schedulers::{self, NoiseSource, SchedulerConfig, SCHEDULERS};
 
 const STEP_TOL: f32 = 1e-5;
@@ -53,7 +53,7 @@ fn schedulers_match_diffusers_step_by_step() {
             "{key}: init_noise_sigma {} vs {want_sigma}",
             sched.init_noise_sigma()
         );
-        let mut generators = vec![TorchGenerator::new(7)];
+        let mut generators = vec![Generator::Cpu(TorchGenerator::new(7))];
         let mut sample = refs[&format!("{key}/sample0")].clone();
         let shape = sample.dims().to_vec();
         let n: usize = shape.iter().product();

@@ -31,6 +31,7 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         clip_skip: 1,
         prompt_syntax: Default::default(),
         loras: Vec::new(),
+        rng: Default::default(),
     };
     p.generate_all(&r)
         .unwrap()

@@ -23,7 +23,7 @@ pub mod pndm;
 pub mod sigmas;
 pub mod unipc;
 
-use crate::rng::TorchGenerator;
+use crate::rng::Generator;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::Value;
@@ -32,7 +32,7 @@ use std::path::Path;
 /// Per-image noise for ancestral steps: image i of the batch draws from generator i, as
 /// diffusers does when called with a list of generators.
 pub struct NoiseSource<'a> {
-    pub generators: &'a mut [TorchGenerator],
+    pub generators: &'a mut [Generator],
 }
 
 impl NoiseSource<'_> {

@@ -137,6 +137,7 @@ pub fn seed42_request(
         clip_skip: 1,
         prompt_syntax: Default::default(),
         loras: Vec::new(),
+        rng: Default::default(),
     }
 }
 

@@ -1,4 +1,4 @@
-//! torch-compatible random numbers.
+//! torch's CPU generator.
 //!
 //! Reproduces `torch.Generator("cpu").manual_seed(seed)` followed by `torch.randn(..)` in float32,
 //! so that a seed shared by a diffusers user gives the same initial latents (and the same
