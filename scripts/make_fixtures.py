@@ -44,6 +44,7 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -72,6 +73,9 @@ SCHEDULERS = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2s": (DPMSolverSinglestepScheduler, {}),
+    # its Brownian tree seeded as sdgen seeds it: with the image's seed (the traces' generator
+    # seed is 7; images get theirs in record_sde_images)
+    "dpmpp_sde": (DPMSolverSDEScheduler, {"noise_sampler_seed": 7}),
     "deis": (DEISMultistepScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
@@ -475,6 +479,17 @@ def cuda_rng_image(pipe, scheduler, path):
         sd_module.randn_tensor, ea_module.randn_tensor = saved
 
 
+def record_sde_images(out):
+    """dpmpp_sde's seed-42 image on tiny, its Brownian tree seeded with the image's seed
+    (noise_sampler_seed=42), with and without Karras sigmas."""
+    ref = os.path.join(out, "reference", "tiny", "sde")
+    os.makedirs(ref, exist_ok=True)
+    for name, extra in {"dpmpp_sde": {}, "dpmpp_sde_karras": {"use_karras_sigmas": True}}.items():
+        pipe = load_pipe(os.path.join(out, "models", "tiny"))
+        pipe.scheduler = DPMSolverSDEScheduler.from_config(dict(pipe.scheduler.config), noise_sampler_seed=42, **extra)
+        save_seed42_image(pipe, os.path.join(ref, f"{name}-42.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+
+
 def record_cuda_rng(out):
     ref = os.path.join(out, "reference")
     record_randn_cuda(ref)
@@ -506,9 +521,10 @@ SCHED_CASE_ONLY = {
 }
 
 
-def record_schedulers(ref_dir, only_cases=None):
-    """Every case's trace; with only_cases, just those, merged into the existing files (the
-    other cases stay as recorded: their last bits depend on the numpy/scipy of the machine)."""
+def record_schedulers(ref_dir, only_cases=None, only_names=None):
+    """Every case's trace; with only_cases (and only_names), just those, merged into the
+    existing files (the other cases stay as recorded: their last bits depend on the
+    numpy/scipy of the machine)."""
     tensors = {}
     meta = {}
     if only_cases:
@@ -522,6 +538,8 @@ def record_schedulers(ref_dir, only_cases=None):
             continue
         for name, (cls, extra) in SCHEDULERS.items():
             if name not in SCHED_CASE_ONLY.get(case, SCHEDULERS):
+                continue
+            if only_names and name not in only_names:
                 continue
             kwargs = {**extra, **overrides}
             if "use_karras_sigmas" in kwargs and "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
@@ -602,7 +620,9 @@ def record_model(name, model_dir, ref_dir):
     e2e = os.path.join(out, "e2e")
     os.makedirs(e2e, exist_ok=True)
     base_config = dict(pipe.scheduler.config)
-    runs = [(n, 7.5) for n in SCHEDULERS] + [("euler_nocfg", 1.0)]
+    # (dpmpp_sde: one Brownian tree for the whole batch here, one per image in sdgen; its
+    # images are record_sde_images')
+    runs = [(n, 7.5) for n in SCHEDULERS if n != "dpmpp_sde"] + [("euler_nocfg", 1.0)]
     meta = {"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seeds": [42, 43], "runs": {}}
     for run_name, guidance in runs:
         sched_name = run_name.replace("_nocfg", "")
@@ -1289,6 +1309,8 @@ def main():
     ap.add_argument("--only-cuda-rng", action="store_true", help="only record torch's CUDA generator references (reference/randn_cuda.safetensors, reference/tiny/rng_cuda)")
     ap.add_argument("--only-addons", action="store_true", help="only record the LoRA, embedding and web UI syntax fixtures (addons/, reference/addons)")
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
+    ap.add_argument("--scheduler-names", nargs="+", metavar="NAME", help="with --only-schedulers: only these schedulers")
+    ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.full_size:
@@ -1305,7 +1327,11 @@ def main():
         record_addons(out)
         return
     if args.only_schedulers:
-        record_schedulers(os.path.join(out, "reference"), set(args.only_schedulers))
+        names = set(args.scheduler_names) if args.scheduler_names else None
+        record_schedulers(os.path.join(out, "reference"), set(args.only_schedulers), names)
+        return
+    if args.only_sde_images:
+        record_sde_images(out)
         return
     if args.only_clip_skip:
         for name in MODELS:
@@ -1325,6 +1351,7 @@ def main():
     record_real_world(out)
     record_addons(out)
     record_cuda_rng(out)
+    record_sde_images(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

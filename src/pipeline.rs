@@ -630,6 +630,8 @@ impl Pipeline {
             }
             let mut noise = NoiseSource {
                 generators: &mut generators,
+                seeds: &r.seeds[first..first + n],
+                rng: r.rng,
             };
             latents = scheduler.step(&noise_pred, i, &latents, &mut noise)?;
             if !all_finite(&latents)? {

@@ -782,7 +782,7 @@ fn web_ui_sampler_names() {
             "-m",
             &tiny(),
             "--scheduler",
-            "DPM++ SDE",
+            "DPM++ 2S a",
             "-q",
             "-o",
             bad.to_str().unwrap(),

@@ -175,3 +175,22 @@ fn images_with_torch_cuda_noise() {
         );
     }
 }
+
+/// `dpmpp_sde` (the web UI's "DPM++ SDE"), its Brownian tree seeded with the image's seed:
+/// diffusers' images with `noise_sampler_seed=42`, with and without Karras sigmas.
+#[test]
+fn sde_images_match_diffusers() {
+    let files = ModelFiles::from_folder(&model_dir("tiny"), Precision::Full).unwrap();
+    let pipeline = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let meta = read_json("tiny/e2e.json");
+    for (scheduler, png) in [
+        ("dpmpp_sde", "dpmpp_sde"),
+        ("DPM++ SDE Karras", "dpmpp_sde_karras"),
+    ] {
+        let request = Request {
+            scheduler: Some(scheduler.into()),
+            ..seed42_request(&pipeline, &meta)
+        };
+        assert_image(&pipeline, &request, &format!("tiny/sde/{png}-42.png"));
+    }
+}

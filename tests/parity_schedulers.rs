@@ -10,6 +10,12 @@ use sdgen::schedulers::{self, NoiseSource, SchedulerConfig, SCHEDULERS};
 
 const STEP_TOL: f32 = 1e-5;
 
+/// dpmpp_sde's Brownian tree rounds its query points to a 1e-6 grid: a sigma one f32 ulp
+/// away (the trace's torch computes `((1 - a) / a) ** 0.5` an ulp off the square root the
+/// other traces' torch and sdgen take, at sigma 1.3449284) moves a query to the next grid point
+/// and the noise by sqrt(1e-6) of a draw: 4.7e-5 of the sample.
+const SDE_STEP_TOL: f32 = 1e-4;
+
 fn implemented(name: &str) -> bool {
     SCHEDULERS.iter().any(|s| s.0 == name)
 }
@@ -64,16 +70,23 @@ fn schedulers_match_diffusers_step_by_step() {
                 &to_vec(&scaled),
                 &to_vec(&refs[&format!("{key}/scaled{i}")]),
             );
-            assert!(r <= STEP_TOL, "{key}: scale_model_input at step {i}: {r:e}");
+            let tol = if name == "dpmpp_sde" {
+                SDE_STEP_TOL
+            } else {
+                STEP_TOL
+            };
+            assert!(r <= tol, "{key}: scale_model_input at step {i}: {r:e}");
             let out = TorchGenerator::new(1000 + i as u64).randn(n);
             let model_output = Tensor::from_vec(out, shape.clone(), &Device::Cpu).unwrap();
             let mut noise = NoiseSource {
                 generators: &mut generators,
+                seeds: &[7],
+                rng: Default::default(),
             };
             sample = sched.step(&model_output, i, &sample, &mut noise).unwrap();
             let r = rel_diff(&to_vec(&sample), &to_vec(&refs[&format!("{key}/prev{i}")]));
             worst = worst.max(r);
-            assert!(r <= STEP_TOL, "{key}: step {i}: relative difference {r:e}");
+            assert!(r <= tol, "{key}: step {i}: relative difference {r:e}");
         }
         eprintln!(
             "{key}: {} steps, worst relative difference {worst:.2e}",
@@ -127,7 +140,7 @@ fn web_ui_sampler_names_are_diffusers_mapping() {
         checked += 1;
     }
     assert_eq!(checked, schedulers::WEB_UI_NAMES.len());
-    for unmatched in ["DPM++ 2S a", "DPM++ SDE Karras", "DPM fast"] {
+    for unmatched in ["DPM++ 2S a", "DPM++ 2S a Karras", "DPM fast"] {
         let e = schedulers::resolve_name(unmatched).unwrap_err().to_string();
         assert!(e.contains("cannot be reproduced"), "{e}");
     }

@@ -6,9 +6,11 @@
 //!   distribution-kernel layout), computed on the host: the seeds of GPU scripts and of the web
 //!   UI's default "GPU" noise on NVIDIA cards.
 
+mod seed_sequence;
 mod torch_cpu;
 mod torch_cuda;
 
+pub use seed_sequence::SeedSequence;
 pub use torch_cpu::{Mt19937, TorchGenerator};
 pub use torch_cuda::CudaGenerator;
 

@@ -8,6 +8,7 @@
 //! Like diffusers' `from_config`, a scheduler reads the keys of the model's
 //! `scheduler_config.json` that it knows; the others take that scheduler's own defaults.
 
+pub mod brownian_tree;
 pub mod ddim;
 pub mod ddpm;
 pub mod deis;
@@ -15,6 +16,7 @@ pub mod dpm2;
 pub mod dpm_common;
 pub mod dpmpp_2m;
 pub mod dpmpp_2s;
+pub mod dpmpp_sde;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
@@ -23,16 +25,19 @@ pub mod pndm;
 pub mod sigmas;
 pub mod unipc;
 
-use crate::rng::Generator;
+use crate::rng::{Generator, RngKind};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::Value;
 use std::path::Path;
 
 /// Per-image noise for ancestral steps: image i of the batch draws from generator i, as
-/// diffusers does when called with a list of generators.
+/// diffusers does when called with a list of generators; the SDE scheduler seeds its Brownian
+/// trees with the images' seeds, on generators of the same kind.
 pub struct NoiseSource<'a> {
     pub generators: &'a mut [Generator],
+    pub seeds: &'a [u64],
+    pub rng: RngKind,
 }
 
 impl NoiseSource<'_> {
@@ -137,6 +142,11 @@ pub const SCHEDULERS: &[(&str, &str, &str)] = &[
         "DPM-Solver++ 2S, 2nd-order singlestep",
     ),
     (
+        "dpmpp_sde",
+        "DPMSolverSDEScheduler",
+        "DPM++ SDE: 2nd order with Brownian-tree noise seeded by the image's seed",
+    ),
+    (
         "deis",
         "DEISMultistepScheduler",
         "diffusion exponential integrator sampler, 2nd order (solver_order 1-3)",
@@ -169,6 +179,8 @@ pub const WEB_UI_NAMES: &[(&str, &str, bool)] = &[
     ("DDIM", "ddim", false),
     ("PLMS", "pndm", false),
     ("UniPC", "unipc", false),
+    ("DPM++ SDE", "dpmpp_sde", false),
+    ("DPM++ SDE Karras", "dpmpp_sde", true),
 ];
 
 /// Web UI samplers without an exact diffusers (and so sdgen) equivalent, and why.
@@ -180,14 +192,6 @@ const WEB_UI_UNMATCHED: &[(&str, &str)] = &[
     (
         "DPM++ 2S a Karras",
         "diffusers has no exact equivalent (dpmpp_2s --karras is close, not the same)",
-    ),
-    (
-        "DPM++ SDE",
-        "diffusers' DPMSolverSDEScheduler is not in sdgen yet",
-    ),
-    (
-        "DPM++ SDE Karras",
-        "diffusers' DPMSolverSDEScheduler is not in sdgen yet",
     ),
     ("DPM adaptive", "diffusers has no equivalent"),
     ("DPM fast", "diffusers has no equivalent"),
@@ -261,6 +265,7 @@ const KEY_KINDS: &[(&str, Kind)] = &[
     ("num_train_timesteps", Kind::Count),
     ("steps_offset", Kind::Count),
     ("solver_order", Kind::Count),
+    ("noise_sampler_seed", Kind::Count),
     ("beta_start", Kind::Number),
     ("beta_end", Kind::Number),
     ("clip_sample_range", Kind::Number),
@@ -535,6 +540,7 @@ pub fn build(
         )?),
         "dpmpp_2m_sde" => Box::new(dpmpp_2m::DpmppMultistepScheduler::new(config, steps, true)?),
         "dpmpp_2s" => Box::new(dpmpp_2s::DpmppSinglestepScheduler::new(config, steps)?),
+        "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSdeScheduler::new(config, steps)?),
         "deis" => Box::new(deis::DeisScheduler::new(config, steps)?),
         "unipc" => Box::new(unipc::UniPcScheduler::new(config, steps)?),
         other => bail!("unknown scheduler {other:?}; known: {}", known_names()),
