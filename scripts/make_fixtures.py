@@ -479,6 +479,20 @@ def cuda_rng_image(pipe, scheduler, path):
         sd_module.randn_tensor, ea_module.randn_tensor = saved
 
 
+def record_vae_encoder(name, model_dir, ref_dir):
+    """vae.encode on a random image in [-1, 1] at the model's default size: the latent
+    distribution's mean and std, and latent_dist.sample(generator=manual_seed(5))."""
+    pipe = load_pipe(model_dir)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    g = torch.Generator("cpu").manual_seed(9)
+    with torch.no_grad():
+        x = torch.rand((2, 3, size, size), generator=g) * 2 - 1
+        dist = pipe.vae.encode(x).latent_dist
+        sample = dist.sample(generator=torch.Generator("cpu").manual_seed(5))
+    save_file(tensor_dict_to_contig({"image": x, "mean": dist.mean, "std": dist.std, "sample_seed5": sample}),
+              os.path.join(ref_dir, name, "vae_encoder.safetensors"))
+
+
 def record_sde_images(out):
     """dpmpp_sde's seed-42 image on tiny, its Brownian tree seeded with the image's seed
     (noise_sampler_seed=42), with and without Karras sigmas."""
@@ -1310,6 +1324,7 @@ def main():
     ap.add_argument("--only-addons", action="store_true", help="only record the LoRA, embedding and web UI syntax fixtures (addons/, reference/addons)")
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     ap.add_argument("--scheduler-names", nargs="+", metavar="NAME", help="with --only-schedulers: only these schedulers")
+    ap.add_argument("--only-vae-encoder", action="store_true", help="only record the VAE encoder references (reference/*/vae_encoder.safetensors)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -1330,6 +1345,10 @@ def main():
         names = set(args.scheduler_names) if args.scheduler_names else None
         record_schedulers(os.path.join(out, "reference"), set(args.only_schedulers), names)
         return
+    if args.only_vae_encoder:
+        for name in MODELS:
+            record_vae_encoder(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
+        return
     if args.only_sde_images:
         record_sde_images(out)
         return
@@ -1346,6 +1365,7 @@ def main():
         model_dir = build_model(name, spec, out)
         record_model(name, model_dir, ref)
         record_clip_skip(name, model_dir, ref)
+        record_vae_encoder(name, model_dir, ref)
     record_single_files(out)
     record_bin(out)
     record_real_world(out)

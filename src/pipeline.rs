@@ -4,6 +4,8 @@ use crate::addons::embedding::Embedding;
 use crate::addons::lora::{LoraPatch, LoraSpec, Part};
 use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+pub use crate::models::vae_encoder::LatentDistribution;
+use crate::models::vae_encoder::VaeEncoder;
 use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
 use crate::ops::Engine;
 use crate::rng::{Generator, RngKind};
@@ -110,6 +112,7 @@ pub struct Pipeline {
     text_encoder: RefCell<Option<Rc<ClipTextModel>>>,
     unet: RefCell<Option<Rc<UNet2DConditionModel>>>,
     vae: RefCell<Option<Rc<Vae>>>,
+    vae_encoder: RefCell<Option<Rc<VaeEncoder>>>,
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
@@ -178,6 +181,7 @@ impl Pipeline {
             text_encoder: RefCell::new(None),
             unet: RefCell::new(None),
             vae: RefCell::new(None),
+            vae_encoder: RefCell::new(None),
             unet_config,
             vae_config,
             scheduler_config,
@@ -345,6 +349,21 @@ impl Pipeline {
         let m = self.build(Component::Vae, |vb| Vae::new(vb, &self.vae_config))?;
         *self.vae.borrow_mut() = Some(m.clone());
         Ok(m)
+    }
+
+    fn vae_encoder(&self) -> Result<Rc<VaeEncoder>> {
+        if let Some(m) = self.vae_encoder.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let m = self.build(Component::Vae, |vb| VaeEncoder::new(vb, &self.vae_config))?;
+        *self.vae_encoder.borrow_mut() = Some(m.clone());
+        Ok(m)
+    }
+
+    /// `vae.encode(images).latent_dist` for (n, 3, h, w) images in [-1, 1] (the encoder is
+    /// read on first use).
+    pub fn encode_image(&self, images: &Tensor) -> Result<LatentDistribution> {
+        self.vae_encoder()?.encode(&images.to_dtype(self.dtype)?)
     }
 
     pub fn vae_scale_factor(&self) -> usize {

@@ -100,3 +100,22 @@ fn pytorch_bin_weights_load_like_safetensors() {
         .unwrap();
     assert_close("tiny unet from .bin", &got, &refs["unet_out_t500"], TOL);
 }
+
+/// The VAE encoder (image-to-image's start): `vae.encode(x).latent_dist` mean and std, and its
+/// `sample(generator=manual_seed(5))`, for a batch of two random images, on both layouts
+/// (tiny2: four blocks, three downsamplers).
+#[test]
+fn vae_encoder_matches_diffusers() {
+    for model in ["tiny", "tiny2"] {
+        let p = pipeline(model);
+        let refs = load_tensors(&format!("{model}/vae_encoder.safetensors"));
+        let dist = p.encode_image(&refs["image"]).unwrap();
+        assert_close(&format!("{model} mean"), &dist.mean, &refs["mean"], TOL);
+        assert_close(&format!("{model} std"), &dist.std, &refs["std"], TOL);
+        let want = &refs["sample_seed5"];
+        let noise = sdgen::rng::TorchGenerator::new(5).randn(want.elem_count());
+        let noise = Tensor::from_vec(noise, want.dims(), &Device::Cpu).unwrap();
+        let sample = dist.sample(&noise).unwrap();
+        assert_close(&format!("{model} sample"), &sample, want, TOL);
+    }
+}

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod layers;
 pub mod unet;
 pub mod vae;
+pub mod vae_encoder;
 
 use crate::addons::lora::LoraPatch;
 use crate::ops::Engine;

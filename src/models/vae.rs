@@ -25,7 +25,7 @@ fn attn_linear(vb: &Loader, name: &str, c: usize) -> candle_core::Result<Linear>
 }
 
 /// The single-head self-attention of the VAE mid block.
-struct VaeAttention {
+pub(super) struct VaeAttention {
     group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
@@ -35,7 +35,7 @@ struct VaeAttention {
 }
 
 impl VaeAttention {
-    fn new(vb: Loader, c: usize, groups: usize) -> candle_core::Result<Self> {
+    pub(super) fn new(vb: Loader, c: usize, groups: usize) -> candle_core::Result<Self> {
         let new_names = vb.contains_tensor("to_q.weight");
         let (q, k, v, o) = if new_names {
             ("to_q", "to_k", "to_v", "to_out.0")
@@ -52,7 +52,7 @@ impl VaeAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = ops::to_tokens(self.engine, &self.group_norm.forward(x)?)?;
         // one head of dim c
         let a = ops::attention(
