@@ -493,6 +493,68 @@ def record_vae_encoder(name, model_dir, ref_dir):
               os.path.join(ref_dir, name, "vae_encoder.safetensors"))
 
 
+# ---- image to image: StableDiffusionImg2ImgPipeline from a committed picture ----
+
+IMG2IMG_CASES = [("tiny", name, 0.6) for name in SCHEDULERS] + [
+    ("tiny", "euler_a", 0.3),
+    ("tiny", "pndm", 0.3),
+    ("tiny", "dpmpp_2m", 1.0),
+    ("tiny", "heun", 0.5),
+    ("tiny2", "ddim", 0.6),
+    ("tiny2", "euler_a", 0.6),
+]
+
+
+def img2img_picture(path, size, seed):
+    """A smooth picture with a few shapes, deterministic, as an 8-bit PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.25)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
+    Image.fromarray((img * 255).round().astype("uint8")).save(path)
+
+
+def record_img2img(out):
+    """diffusers' img2img image for each case (seed 42, the e2e prompts, E2E_STEPS, guidance
+    7.5) from the committed pictures img2img/{model}.png, at their own size."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pics = os.path.join(out, "img2img")
+    os.makedirs(pics, exist_ok=True)
+    ref = os.path.join(out, "reference", "img2img")
+    os.makedirs(ref, exist_ok=True)
+    for model, size in (("tiny", 32), ("tiny2", 64)):
+        img2img_picture(os.path.join(pics, f"{model}.png"), size, {"tiny": 3, "tiny2": 4}[model])
+    cases = []
+    for model, name, strength in IMG2IMG_CASES:
+        base = load_pipe(os.path.join(out, "models", model))
+        pipe = StableDiffusionImg2ImgPipeline(**base.components, requires_safety_checker=False)
+        cls, extra = SCHEDULERS[name]
+        if name == "dpmpp_sde":
+            extra = {"noise_sampler_seed": 42}
+        pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
+        image = pipe(
+            prompt=E2E_PROMPT,
+            negative_prompt=E2E_NEGATIVE,
+            image=Image.open(os.path.join(pics, f"{model}.png")),
+            strength=strength,
+            num_inference_steps=E2E_STEPS,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(42),
+            output_type="np",
+        ).images[0]
+        png = f"{model}-{name}-{strength}.png"
+        Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, png))
+        cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seed": 42, "cases": cases}, f, indent=1)
+
+
 def record_sde_images(out):
     """dpmpp_sde's seed-42 image on tiny, its Brownian tree seeded with the image's seed
     (noise_sampler_seed=42), with and without Karras sigmas."""
@@ -1325,6 +1387,7 @@ def main():
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     ap.add_argument("--scheduler-names", nargs="+", metavar="NAME", help="with --only-schedulers: only these schedulers")
     ap.add_argument("--only-vae-encoder", action="store_true", help="only record the VAE encoder references (reference/*/vae_encoder.safetensors)")
+    ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -1349,6 +1412,9 @@ def main():
         for name in MODELS:
             record_vae_encoder(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
         return
+    if args.only_img2img:
+        record_img2img(out)
+        return
     if args.only_sde_images:
         record_sde_images(out)
         return
@@ -1372,6 +1438,7 @@ def main():
     record_addons(out)
     record_cuda_rng(out)
     record_sde_images(out)
+    record_img2img(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -6,9 +6,10 @@ use crate::batch::{self, parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::conditioning::PromptSyntax;
 use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::input_image::Picture;
 use crate::interrupt;
 use crate::output::{self, NameFields, Written};
-use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
+use crate::pipeline::{GeneratedImage, InitImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
 use crate::source::{self, offline_from_env, ModelRequest, Precision, WeightFiles};
 use anyhow::{bail, Context, Result};
@@ -141,6 +142,9 @@ fn check_flags(args: &Args) -> Result<Option<(usize, usize)>> {
     if args.num_images == 0 || args.batch_size == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
+    if !(0.0..=1.0).contains(&args.strength) {
+        bail!("--strength {} is outside [0, 1]", args.strength);
+    }
     batch::check_sizes(args.width, args.height, args.num_images)?;
     let grid = args.grid.as_deref().map(output::parse_grid).transpose()?;
     if let Some((r, c)) = grid {
@@ -178,6 +182,8 @@ fn read_jobs(args: &Args) -> Result<Jobs> {
         prompt_syntax: args.prompt_syntax,
         loras: args.lora.clone(),
         rng: args.rng,
+        image: args.image.as_ref().map(|p| p.display().to_string()),
+        strength: args.strength,
     };
     let Some(file) = &args.prompts else {
         return Ok(Jobs {
@@ -325,6 +331,12 @@ fn plan_job(
     owners: &HashMap<PathBuf, Option<usize>>,
 ) -> Result<(Vec<Planned>, bool)> {
     let batch_mode = args.prompts.is_some();
+    if let Some(image) = &job.image {
+        // decoded with the model loaded; a missing file is found now
+        if !std::path::Path::new(image).is_file() {
+            bail!("the image {image} does not exist (or is not a file)");
+        }
+    }
     let random = job.seed.is_none();
     let base = job.seed.unwrap_or_else(random_seed);
     let mut template = job.output.clone().unwrap_or_else(|| args.output.clone());
@@ -491,7 +503,40 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
         if todo.is_empty() {
             continue;
         }
-        let (default_h, default_w) = pipeline.default_size();
+        let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
+        let start = match start_picture(pipeline, job) {
+            Ok(s) => s,
+            Err(e) if batch_mode && !args.strict => {
+                bars.println(&format!("error: {where_}{e:#}"));
+                done.bad_jobs += 1;
+                continue;
+            }
+            Err(e) => {
+                done.outcome = Err(e);
+                break;
+            }
+        };
+        let (default_h, default_w) = match &start {
+            Some((_, (w, h))) => (*h, *w),
+            None => pipeline.default_size(),
+        };
+        let (width, height) = (
+            job.width.unwrap_or(default_w),
+            job.height.unwrap_or(default_h),
+        );
+        let image = match &start {
+            Some((picture, _)) => match picture.to_tensor(width, height) {
+                Ok(pixels) => Some(InitImage {
+                    pixels,
+                    strength: job.strength,
+                }),
+                Err(e) => {
+                    done.outcome = Err(e);
+                    break;
+                }
+            },
+            None => None,
+        };
         let request = Request {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
@@ -499,15 +544,15 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             steps: job.steps,
             guidance: job.guidance,
             scheduler: job.scheduler.clone(),
-            width: job.width.unwrap_or(default_w),
-            height: job.height.unwrap_or(default_h),
+            width,
+            height,
             batch_size: args.batch_size,
             clip_skip: job.clip_skip,
             prompt_syntax: job.prompt_syntax,
             loras: plan.loras.get(&j).cloned().unwrap_or_default(),
             rng: job.rng,
+            image,
         };
-        let where_ = job.line.map(|l| format!("line {l}: ")).unwrap_or_default();
         if let Err(e) = pipeline.validate(&request) {
             if !batch_mode || args.strict {
                 done.outcome = Err(e);
@@ -582,6 +627,16 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
     }
     bars.finish();
     done
+}
+
+/// A job's start picture and its default size (image-to-image), or none.
+fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<(Picture, (usize, usize))>> {
+    let Some(path) = &job.image else {
+        return Ok(None);
+    };
+    let picture = Picture::open(std::path::Path::new(path))?;
+    let size = picture.default_size(pipeline.vae_scale_factor())?;
+    Ok(Some((picture, size)))
 }
 
 /// Warns about prompts that were cut at CLIP's 77 tokens.
@@ -814,6 +869,9 @@ fn metadata(
     }
     // the web UI's noise source: CPU (torch's CPU generator) or NV (torch's CUDA one)
     params.push_str(&format!(", RNG: {}", r.rng.web_ui_name()));
+    if let Some(image) = &r.image {
+        params.push_str(&format!(", Denoising strength: {}", image.strength));
+    }
     // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
     let mut used = Vec::new();
     let texts = r.texts()?;
@@ -878,6 +936,14 @@ fn metadata(
             .map(|l| format!("{}:{}:{}", l.path.display(), l.te_scale, l.unet_scale))
             .collect();
         meta.push(("loras".into(), list.join("\n")));
+    }
+    if let (Some(image), Some(path)) = (&r.image, &job.image) {
+        meta.push(("init_image".into(), path.clone()));
+        meta.push((
+            "init_image_sha256".into(),
+            crate::weights::file_sha256(std::path::Path::new(path), 0)?,
+        ));
+        meta.push(("strength".into(), image.strength.to_string()));
     }
     if !p.embeddings().is_empty() {
         let list: Vec<String> = p

@@ -28,6 +28,9 @@ pub struct Job {
     /// `--lora` values (`FILE[:SCALE]`).
     pub loras: Vec<String>,
     pub rng: RngKind,
+    /// Image-to-image's start picture and strength.
+    pub image: Option<String>,
+    pub strength: f64,
 }
 
 /// The keys a JSON line may set.
@@ -47,6 +50,8 @@ struct LineOverrides {
     clip_skip: Option<usize>,
     prompt_syntax: Option<PromptSyntax>,
     rng: Option<RngKind>,
+    image: Option<String>,
+    strength: Option<f64>,
     /// One `FILE[:SCALE]` or a list of them: replaces the command line's --lora.
     lora: Option<OneOrMany>,
 }
@@ -98,6 +103,8 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
                     job.clip_skip = o.clip_skip.unwrap_or(job.clip_skip);
                     job.prompt_syntax = o.prompt_syntax.unwrap_or(job.prompt_syntax);
                     job.rng = o.rng.unwrap_or(job.rng);
+                    job.image = o.image.or(job.image);
+                    job.strength = o.strength.unwrap_or(job.strength);
                     match o.lora {
                         Some(OneOrMany::One(l)) => job.loras = vec![l],
                         Some(OneOrMany::Many(l)) => job.loras = l,
@@ -119,6 +126,13 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
             bad.push(BadLine {
                 line,
                 message: "steps and num_images must be at least 1".into(),
+            });
+            continue;
+        }
+        if !(0.0..=1.0).contains(&job.strength) {
+            bad.push(BadLine {
+                line,
+                message: format!("strength {} is outside [0, 1]", job.strength),
             });
             continue;
         }
@@ -246,6 +260,8 @@ mod tests {
             prompt_syntax: PromptSyntax::Plain,
             loras: Vec::new(),
             rng: RngKind::TorchCpu,
+            image: None,
+            strength: 0.8,
         }
     }
 

@@ -124,6 +124,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = RngKind::TorchCpu, value_name = "RNG")]
     pub rng: RngKind,
 
+    /// Image-to-image: start from this picture (PNG, JPEG, WebP) instead of pure noise; the
+    /// size defaults to the picture's (rounded down to a multiple of 8).
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+
+    /// With --image: how much of the schedule runs, in [0, 1] (1 = from pure noise; lower
+    /// keeps more of the picture, and runs steps x strength steps).
+    #[arg(long, default_value_t = 0.8, value_name = "S")]
+    pub strength: f64,
+
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,

@@ -48,6 +48,18 @@ pub struct Request {
     pub loras: Vec<LoraSpec>,
     /// The generator behind `seeds`: torch's CPU one, or its CUDA one computed here.
     pub rng: RngKind,
+    /// Image-to-image: the picture to start from.
+    pub image: Option<InitImage>,
+}
+
+/// The start of an image-to-image request (diffusers' `StableDiffusionImg2ImgPipeline`).
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// (1, 3, height, width) in [-1, 1] at the request's size, f32.
+    pub pixels: Tensor,
+    /// How much of the schedule runs, in [0, 1]: 1 starts from pure noise, 0.3 keeps most
+    /// of the picture.
+    pub strength: f64,
 }
 
 impl Request {
@@ -425,7 +437,18 @@ impl Pipeline {
             self.tokenize(&text, r.prompt_syntax)?;
         }
         // Builds the scheduler once to surface configuration errors early.
-        schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
+        let (_, scheduler) =
+            schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
+        if let Some(image) = &r.image {
+            let want = [1, 3, r.height, r.width];
+            if image.pixels.dims() != want {
+                bail!(
+                    "the start image is {:?}, not {want:?} (internal error)",
+                    image.pixels.dims()
+                );
+            }
+            start_index(r.steps, image.strength, scheduler.as_ref())?;
+        }
         Ok(())
     }
 
@@ -509,6 +532,39 @@ impl Pipeline {
         Ok((generators, latents))
     }
 
+    /// Image-to-image's start for images `first..first+n` (one generator each, drawn in
+    /// diffusers' order): the image's latent distribution sampled with the image's
+    /// generator, times the scaling factor, then noised by the scheduler's `add_noise` with
+    /// the next draw.
+    fn noised_image_latents(
+        &self,
+        r: &Request,
+        image: &InitImage,
+        level: schedulers::NoiseLevel,
+        first: usize,
+        n: usize,
+    ) -> Result<(Vec<Generator>, Tensor)> {
+        let dist = self.encode_image(&image.pixels.to_device(&self.device)?)?;
+        let dims = dist.mean.dims().to_vec();
+        let per_image = dist.mean.elem_count();
+        let mut generators: Vec<Generator> = (first..first + n)
+            .map(|i| Generator::new(r.rng, r.seeds[i]))
+            .collect();
+        let mut latents = Vec::with_capacity(n);
+        for g in generators.iter_mut() {
+            let mut draw = || -> Result<Tensor> {
+                Ok(
+                    Tensor::from_vec(g.randn(per_image), dims.as_slice(), &Device::Cpu)?
+                        .to_device(&self.device)?
+                        .to_dtype(self.dtype)?,
+                )
+            };
+            let clean = (dist.sample(&draw()?)? * self.vae_config.scaling_factor)?;
+            latents.push(level.add_noise(&clean, &draw()?)?);
+        }
+        Ok((generators, Tensor::cat(&latents, 0)?))
+    }
+
     /// Runs the whole request, handing each image to `on_image` as soon as it is decoded, in
     /// the order of `r.seeds`.
     pub fn generate(
@@ -540,7 +596,11 @@ impl Pipeline {
         let total_steps = {
             let (_, s) =
                 schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
-            s.timesteps().len() * n_images.div_ceil(r.batch_size)
+            let begin = match &r.image {
+                Some(image) => start_index(r.steps, image.strength, s.as_ref())?,
+                None => 0,
+            };
+            (s.timesteps().len() - begin) * n_images.div_ceil(r.batch_size)
         };
         let mut done = 0;
         let mut first = 0;
@@ -598,8 +658,18 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let (_, mut scheduler) =
             schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
-        let (mut generators, latents) = self.initial_latents(r, first, n)?;
-        let mut latents = (latents * scheduler.init_noise_sigma())?;
+        let (begin, mut generators, mut latents) = match &r.image {
+            None => {
+                let (generators, latents) = self.initial_latents(r, first, n)?;
+                (0, generators, (latents * scheduler.init_noise_sigma())?)
+            }
+            Some(image) => {
+                let begin = start_index(r.steps, image.strength, scheduler.as_ref())?;
+                let level = scheduler.noise_level(begin);
+                let (generators, latents) = self.noised_image_latents(r, image, level, first, n)?;
+                (begin, generators, latents)
+            }
+        };
         let cond = cond.repeat((n, 1, 1))?;
         let uncond = uncond.map(|u| u.repeat((n, 1, 1))).transpose()?;
         // one U-Net pass for both halves when their contexts have the same length; the web
@@ -610,7 +680,7 @@ impl Pipeline {
         };
         let timesteps = scheduler.timesteps().to_vec();
         let unet = self.unet()?;
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let model_input = scheduler.scale_model_input(&latents, i)?;
             let noise_pred = match (&uncond, &batched) {
                 (_, Some(context)) => {
@@ -625,7 +695,13 @@ impl Pipeline {
                 )?,
                 (None, None) => unet.forward(&model_input, t, &cond)?,
             };
-            let at = || format!("step {} of {} (timestep {t})", i + 1, timesteps.len());
+            let at = || {
+                format!(
+                    "step {} of {} (timestep {t})",
+                    i + 1 - begin,
+                    timesteps.len() - begin
+                )
+            };
             if !all_finite(&noise_pred)? {
                 bail!(
                     "the U-Net's output holds NaN or infinity at {} (are its weights finite{}?)",
@@ -660,7 +736,7 @@ impl Pipeline {
                 );
             }
             crate::interrupt::check()?;
-            on_step(i + 1, timesteps.len());
+            on_step(i + 1 - begin, timesteps.len() - begin);
         }
         Ok(latents)
     }
@@ -692,4 +768,23 @@ pub fn to_rgb8(img: &Tensor) -> Result<Vec<u8>> {
         .iter()
         .map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
         .collect())
+}
+
+/// Where image-to-image starts in the scheduler's timesteps, as diffusers' `get_timesteps`:
+/// `floor(steps x strength)` steps run (the last ones), starting at index `t_start x order`.
+fn start_index(
+    steps: usize,
+    strength: f64,
+    scheduler: &dyn schedulers::Scheduler,
+) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        bail!("--strength {strength} is outside [0, 1]");
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        bail!(
+            "--strength {strength} with --steps {steps} leaves no denoising step (steps x strength < 1): raise --strength or --steps"
+        );
+    }
+    Ok((steps - run) * scheduler.order())
 }

@@ -1003,3 +1003,97 @@ fn the_generator_is_chosen_and_recorded() {
     ));
     assert_eq!(pixels(&dir.path().join("line.png")), pixels(&cuda));
 }
+
+/// `--image` / `--strength` from the command line and a JSON line: diffusers' img2img image,
+/// recorded as the web UI records it; missing, broken and unusable inputs are one-line errors.
+#[test]
+fn image_to_image_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let picture = model_dir("tiny").join("../../img2img/tiny.png");
+    let pic = picture.to_str().unwrap();
+    let out = dir.path().join("i.png");
+    ok(&sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            &tiny(),
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--image",
+            pic,
+            "--strength",
+            "0.6",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let want = model_dir("tiny").join("../../reference/img2img/tiny-euler-0.6.png");
+    let (max, _) = common::pixel_diff(&pixels(&out), &pixels(&want));
+    assert!(max <= 1, "max {max}/255");
+    let (w, h, text) = png_info(&out);
+    assert_eq!((w, h), (32, 32));
+    assert!(meta(&text, "parameters").contains(", Denoising strength: 0.6"));
+    assert_eq!(meta(&text, "init_image"), pic);
+    assert_eq!(meta(&text, "strength"), "0.6");
+    // a JSON line's image and strength
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        format!(
+            "{{\"prompt\": \"a photo of a cat on a beach\", \"image\": \"{pic}\", \"strength\": 0.6, \"seed\": 42, \"output\": \"{}/j.png\"}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    ok(&sdgen(
+        &[
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "-m",
+            &tiny(),
+            "-n",
+            "blurry, lowres",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "-q",
+        ],
+        &[],
+    ));
+    assert_eq!(pixels(&dir.path().join("j.png")), pixels(&out));
+
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let bad = dir.path().join("bad.png");
+    let b = bad.to_str().unwrap();
+    let model = tiny();
+    for (args, expect) in [
+        (vec!["a cat", "--image", "nothere.png"], "does not exist"),
+        (
+            vec!["a cat", "--image", broken.to_str().unwrap()],
+            "a PNG, JPEG or WebP file is expected",
+        ),
+        (
+            vec!["a cat", "--image", pic, "--strength", "1.5"],
+            "outside [0, 1]",
+        ),
+        (
+            vec!["a cat", "--image", pic, "--strength", "0.1", "--steps", "6"],
+            "leaves no denoising step",
+        ),
+    ] {
+        let mut all = args.clone();
+        all.extend(["-m", &model, "-q", "-o", b]);
+        fails(&all, dir.path(), expect);
+    }
+}

@@ -40,6 +40,7 @@ fn check_model(model: &str, batch_size: usize) {
             prompt_syntax: Default::default(),
             loras: Vec::new(),
             rng: Default::default(),
+            image: None,
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -101,6 +102,7 @@ fn bf16_and_f16_images_stay_near_f32() {
                 prompt_syntax: Default::default(),
                 loras: Vec::new(),
                 rng: Default::default(),
+                image: None,
             };
             pipeline.generate_all(&request).unwrap()
         };

@@ -32,6 +32,7 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         prompt_syntax: Default::default(),
         loras: Vec::new(),
         rng: Default::default(),
+        image: None,
     };
     p.generate_all(&r)
         .unwrap()

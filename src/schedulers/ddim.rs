@@ -1,6 +1,6 @@
 //! `DDIMScheduler` with eta = 0 (the pipeline's default), `set_alpha_to_one`, `clip_sample`.
 
-use super::{discrete_timesteps, NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{discrete_timesteps, NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -43,6 +43,10 @@ impl DdimScheduler {
 }
 
 impl Scheduler for DdimScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphasCumprod(self.alphas_cumprod[self.timesteps[begin] as usize])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -1,6 +1,6 @@
 //! `DDPMScheduler`: ancestral sampling with fresh noise at every step but the last.
 
-use super::{discrete_timesteps, NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{discrete_timesteps, NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -48,6 +48,10 @@ impl DdpmScheduler {
 }
 
 impl Scheduler for DdpmScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphasCumprod(self.alphas_cumprod[self.timesteps[begin] as usize])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

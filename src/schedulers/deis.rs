@@ -1,7 +1,7 @@
 //! `DEISMultistepScheduler` (algorithm "deis", solver "logrho"), order 1, 2 or 3.
 
 use super::dpm_common::{alpha_sigma, data_prediction, dpm_schedule, lambda, DpmScheduleKind};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -36,6 +36,10 @@ impl DeisScheduler {
 }
 
 impl Scheduler for DeisScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphaSigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

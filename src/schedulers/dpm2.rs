@@ -5,7 +5,7 @@
 use super::sigmas::{
     lerp_half, predict_original, scale_input, sigma_schedule, sigma_to_t, SigmaOptions,
 };
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -101,6 +101,14 @@ impl Dpm2Scheduler {
 }
 
 impl Scheduler for Dpm2Scheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

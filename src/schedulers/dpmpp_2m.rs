@@ -5,7 +5,7 @@
 use super::dpm_common::{
     alpha_sigma, data_prediction, dpm_schedule, dpmpp_first_order, lambda, DpmScheduleKind,
 };
-use super::{NoiseSource, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -138,6 +138,10 @@ impl DpmppMultistepScheduler {
 }
 
 impl Scheduler for DpmppMultistepScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphaSigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -4,7 +4,7 @@
 use super::dpm_common::{
     alpha_sigma, data_prediction, dpm_schedule, dpmpp_first_order, lambda, DpmScheduleKind,
 };
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -64,6 +64,10 @@ impl DpmppSinglestepScheduler {
 }
 
 impl Scheduler for DpmppSinglestepScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphaSigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -10,7 +10,7 @@
 
 use super::brownian_tree::BrownianTree;
 use super::sigmas::{predict_original, scale_input, sigma_schedule, sigma_to_t, SigmaOptions};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -90,6 +90,14 @@ impl DpmppSdeScheduler {
 }
 
 impl Scheduler for DpmppSdeScheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -1,7 +1,7 @@
 //! `EulerDiscreteScheduler` (s_churn = 0, the pipeline's default: deterministic).
 
 use super::sigmas::{predict_original, scale_input, sigma_schedule, SigmaOptions, SigmaSchedule};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -25,6 +25,10 @@ impl EulerScheduler {
 }
 
 impl Scheduler for EulerScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.schedule.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
     }

@@ -2,7 +2,7 @@
 //! sigma_up, drawn from each image's generator at every step (the last one included).
 
 use super::sigmas::{predict_original, scale_input, sigma_schedule, SigmaOptions, SigmaSchedule};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -26,6 +26,10 @@ impl EulerAncestralScheduler {
 }
 
 impl Scheduler for EulerAncestralScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.schedule.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
     }

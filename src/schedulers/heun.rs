@@ -1,7 +1,7 @@
 //! `HeunDiscreteScheduler`: Heun's second-order method; N steps call the U-Net 2N - 1 times.
 
 use super::sigmas::{predict_original, scale_input, sigma_schedule, SigmaOptions};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -47,6 +47,14 @@ impl HeunScheduler {
 }
 
 impl Scheduler for HeunScheduler {
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -3,7 +3,7 @@
 //! scipy's adaptive quadrature, exact for such polynomials too).
 
 use super::sigmas::{predict_original, scale_input, sigma_schedule, SigmaOptions, SigmaSchedule};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -54,6 +54,10 @@ impl LmsScheduler {
 }
 
 impl Scheduler for LmsScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::Sigma(self.schedule.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
     }

@@ -60,8 +60,45 @@ impl NoiseSource<'_> {
     }
 }
 
+/// How a scheduler's `add_noise` noises a clean sample for a start in the middle of its
+/// schedule (image-to-image).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoiseLevel {
+    /// The Euler family: `x + noise * sigma`.
+    Sigma(f32),
+    /// The DPM-Solver family: `alpha_t * x + sigma_t * noise`, alpha_t = 1 / sqrt(sigma^2 + 1),
+    /// sigma_t = sigma * alpha_t.
+    AlphaSigma(f32),
+    /// DDPM, DDIM, PNDM: `sqrt(a) * x + sqrt(1 - a) * noise`, a = alphas_cumprod[t].
+    AlphasCumprod(f32),
+}
+
+impl NoiseLevel {
+    /// `scheduler.add_noise(original, noise, t)`, in f32 as diffusers computes it.
+    pub fn add_noise(self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            NoiseLevel::Sigma(s) => (original + (noise * s as f64)?)?,
+            NoiseLevel::AlphaSigma(s) => {
+                let alpha = 1.0 / (s * s + 1.0).sqrt();
+                ((original * alpha as f64)? + (noise * (s * alpha) as f64)?)?
+            }
+            NoiseLevel::AlphasCumprod(a) => {
+                ((original * a.sqrt() as f64)? + (noise * (1.0 - a).sqrt() as f64)?)?
+            }
+        })
+    }
+}
+
 /// One scheduler of the diffusers family.
 pub trait Scheduler {
+    /// How many entries of `timesteps` one inference step takes (2 for Heun, DPM2 and DPM++
+    /// SDE, which call the U-Net twice per step): image-to-image starts at a multiple of it.
+    fn order(&self) -> usize {
+        1
+    }
+    /// The noise `add_noise` puts on a clean sample to start at index `begin` of `timesteps`
+    /// (diffusers' `set_begin_index`).
+    fn noise_level(&self, begin: usize) -> NoiseLevel;
     /// The timesteps at which the U-Net is called, in order (PNDM, Heun and DPM2 repeat some).
     fn timesteps(&self) -> &[f64];
     /// `init_noise_sigma`: the factor applied to the initial Gaussian latents (1 for the

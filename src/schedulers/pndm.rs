@@ -1,7 +1,7 @@
 //! `PNDMScheduler`: Runge-Kutta warm-up steps (unless `skip_prk_steps`) then linear multistep
 //! (PLMS). With `skip_prk_steps` (every SD 1.x config) N steps call the U-Net N+1 times.
 
-use super::{discrete_timesteps, NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{discrete_timesteps, NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -184,6 +184,10 @@ impl PndmScheduler {
 }
 
 impl Scheduler for PndmScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphasCumprod(self.alphas_cumprod[self.timesteps[begin] as usize])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

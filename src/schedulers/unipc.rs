@@ -3,7 +3,7 @@
 //! (UniP).
 
 use super::dpm_common::{alpha_sigma, data_prediction, dpm_schedule, lambda, DpmScheduleKind};
-use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -203,6 +203,10 @@ fn weighted_sum(rhos: &[f32], d1s: &[Tensor]) -> Result<Tensor> {
 }
 
 impl Scheduler for UniPcScheduler {
+    fn noise_level(&self, begin: usize) -> NoiseLevel {
+        NoiseLevel::AlphaSigma(self.sigmas[begin])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -138,6 +138,7 @@ pub fn seed42_request(
         prompt_syntax: Default::default(),
         loras: Vec::new(),
         rng: Default::default(),
+        image: None,
     }
 }
 

@@ -1,0 +1,110 @@
+//! The start picture of image-to-image (`--image`): decoded (PNG, JPEG, WebP) within limits,
+//! sized as diffusers' `VaeImageProcessor.preprocess` sizes it, as a (1, 3, h, w) tensor in
+//! [-1, 1].
+//!
+//! Size: by default the picture's own, each side rounded down to a multiple of the VAE's
+//! factor (8); `-W`/`-H` ask for another. A picture already at the size is used as it is (the
+//! case diffusers' images are compared in); otherwise it is resized with Lanczos-3 from the
+//! `image` crate, which is close to, not the same as, PIL's Lanczos that diffusers uses.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+/// The largest side and decoded size accepted (a decompression bomb is refused before its
+/// pixels are allocated).
+const MAX_SIDE: u32 = crate::pipeline::MAX_SIDE as u32;
+const MAX_BYTES: u64 = 1 << 30;
+
+/// A decoded picture, RGB8.
+pub struct Picture {
+    pub rgb: image::RgbImage,
+}
+
+impl Picture {
+    pub fn open(path: &Path) -> Result<Self> {
+        let what = || format!("cannot read the image {}", path.display());
+        let mut reader = image::ImageReader::open(path)
+            .with_context(what)?
+            .with_guessed_format()
+            .with_context(what)?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(MAX_BYTES);
+        reader.limits(limits);
+        let decoded = reader.decode().map_err(|e| match e {
+            image::ImageError::Limits(_) => anyhow::anyhow!(
+                "{}: the image is larger than sdgen's limit of {MAX_SIDE} pixels a side (or 1 GiB decoded)",
+                path.display()
+            ),
+            e => anyhow::anyhow!("{}: {e} (a PNG, JPEG or WebP file is expected)", path.display()),
+        })?;
+        if decoded.width() == 0 || decoded.height() == 0 {
+            bail!("{}: the image has no pixels", path.display());
+        }
+        Ok(Self {
+            rgb: decoded.to_rgb8(),
+        })
+    }
+
+    /// diffusers' default size for it: each side rounded down to a multiple of `factor`.
+    pub fn default_size(&self, factor: usize) -> Result<(usize, usize)> {
+        let (w, h) = (self.rgb.width() as usize, self.rgb.height() as usize);
+        let (w, h) = (w - w % factor, h - h % factor);
+        if w == 0 || h == 0 {
+            bail!(
+                "the image is {}x{}, smaller than the model's {factor} pixels a side",
+                self.rgb.width(),
+                self.rgb.height()
+            );
+        }
+        Ok((w, h))
+    }
+
+    /// (1, 3, height, width) in [-1, 1]: `2 x (pixel / 255) - 1`, resized first when the
+    /// picture has another size.
+    pub fn to_tensor(&self, width: usize, height: usize) -> Result<Tensor> {
+        let rgb = if (self.rgb.width() as usize, self.rgb.height() as usize) == (width, height) {
+            std::borrow::Cow::Borrowed(&self.rgb)
+        } else {
+            std::borrow::Cow::Owned(image::imageops::resize(
+                &self.rgb,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            ))
+        };
+        let plane = width * height;
+        let mut data = vec![0f32; 3 * plane];
+        for (i, px) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                data[c * plane + i] = px[c] as f32 / 255.0 * 2.0 - 1.0;
+            }
+        }
+        Ok(Tensor::from_vec(data, (1, 3, height, width), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_down_and_pixels_map_to_minus_one_one() {
+        let mut rgb = image::RgbImage::new(21, 17);
+        rgb.put_pixel(0, 0, image::Rgb([0, 255, 51]));
+        let p = Picture { rgb };
+        assert_eq!(p.default_size(8).unwrap(), (16, 16));
+        assert!(p.default_size(32).is_err());
+        let t = Picture {
+            rgb: image::RgbImage::from_pixel(8, 8, image::Rgb([0, 255, 51])),
+        }
+        .to_tensor(8, 8)
+        .unwrap();
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!((v[0], v[64], v[128]), (-1.0, 1.0, 51.0 / 255.0 * 2.0 - 1.0));
+        // another size: resized
+        assert_eq!(p.to_tensor(16, 8).unwrap().dims(), &[1, 3, 8, 16]);
+    }
+}
