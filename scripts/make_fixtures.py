@@ -555,6 +555,82 @@ def record_img2img(out):
         json.dump({"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seed": 42, "cases": cases}, f, indent=1)
 
 
+# ---- inpainting: StableDiffusionInpaintPipeline with a 9-channel U-Net, and on tiny ----
+
+INPAINT_CASES = [
+    ("tiny_inpaint", "euler_a", 1.0),
+    ("tiny_inpaint", "pndm", 1.0),
+    ("tiny_inpaint", "ddim", 0.75),
+    ("tiny", "euler", 1.0),
+    ("tiny", "euler_a", 0.6),
+    ("tiny", "dpmpp_2m", 1.0),
+    ("tiny", "heun", 0.8),
+]
+
+
+def tiny_inpaint(out, tmp):
+    """tiny with a random 9-channel U-Net (latents, mask, masked-picture latents), its folder
+    in tmp; the U-Net is committed as models/tiny_inpaint_unet and the Rust tests compose the
+    model the same way."""
+    unet_dir = os.path.join(out, "models", "tiny_inpaint_unet")
+    if not os.path.exists(unet_dir):
+        torch.manual_seed(6)
+        unet = UNet2DConditionModel(**{**MODELS["tiny"]["unet"], "in_channels": 9})
+        with torch.no_grad():
+            for p in unet.parameters():
+                if p.dim() > 1:
+                    p.add_(torch.randn_like(p) * 0.02)
+        unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    model_dir = os.path.join(tmp, "tiny_inpaint")
+    shutil.copytree(os.path.join(out, "models", "tiny"), model_dir)
+    shutil.rmtree(os.path.join(model_dir, "unet"))
+    shutil.copytree(unet_dir, os.path.join(model_dir, "unet"))
+    apply_config_edits(model_dir, {"model_index.json": {"_class_name": "StableDiffusionInpaintPipeline"}})
+    return model_dir
+
+
+def record_inpaint(out):
+    """diffusers' inpainting images (seed 42, the e2e prompts, E2E_STEPS, guidance 7.5) from
+    img2img/tiny.png and the mask img2img/tiny-mask.png (white = repaint)."""
+    import tempfile
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    pics = os.path.join(out, "img2img")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 4:20] = 255
+    mask[2:6, 26:31] = 200  # light gray: repainted (binarized at half)
+    mask[26:30, 26:31] = 100  # dark gray: kept
+    Image.fromarray(mask).save(os.path.join(pics, "tiny-mask.png"))
+    ref = os.path.join(out, "reference", "inpaint")
+    os.makedirs(ref, exist_ok=True)
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"tiny": os.path.join(out, "models", "tiny"), "tiny_inpaint": tiny_inpaint(out, tmp)}
+        for model, name, strength in INPAINT_CASES:
+            base = load_pipe(dirs[model]) if model == "tiny" else StableDiffusionInpaintPipeline.from_pretrained(
+                dirs[model], torch_dtype=torch.float32, safety_checker=None)
+            pipe = StableDiffusionInpaintPipeline(**{k: v for k, v in base.components.items()}, requires_safety_checker=False)
+            cls, extra = SCHEDULERS[name]
+            pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
+            image = pipe(
+                prompt=E2E_PROMPT,
+                negative_prompt=E2E_NEGATIVE,
+                image=Image.open(os.path.join(pics, "tiny.png")),
+                mask_image=Image.open(os.path.join(pics, "tiny-mask.png")),
+                strength=strength,
+                num_inference_steps=E2E_STEPS,
+                guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(42),
+                output_type="np",
+            ).images[0]
+            png = f"{model}-{name}-{strength}.png"
+            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, png))
+            cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"cases": cases}, f, indent=1)
+
+
 def record_sde_images(out):
     """dpmpp_sde's seed-42 image on tiny, its Brownian tree seeded with the image's seed
     (noise_sampler_seed=42), with and without Karras sigmas."""
@@ -1387,6 +1463,7 @@ def main():
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     ap.add_argument("--scheduler-names", nargs="+", metavar="NAME", help="with --only-schedulers: only these schedulers")
     ap.add_argument("--only-vae-encoder", action="store_true", help="only record the VAE encoder references (reference/*/vae_encoder.safetensors)")
+    ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
@@ -1411,6 +1488,9 @@ def main():
     if args.only_vae_encoder:
         for name in MODELS:
             record_vae_encoder(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
+        return
+    if args.only_inpaint:
+        record_inpaint(out)
         return
     if args.only_img2img:
         record_img2img(out)
@@ -1439,6 +1519,7 @@ def main():
     record_cuda_rng(out)
     record_sde_images(out)
     record_img2img(out)
+    record_inpaint(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

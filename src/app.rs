@@ -142,8 +142,8 @@ fn check_flags(args: &Args) -> Result<Option<(usize, usize)>> {
     if args.num_images == 0 || args.batch_size == 0 {
         bail!("--num-images and --batch-size must be at least 1");
     }
-    if !(0.0..=1.0).contains(&args.strength) {
-        bail!("--strength {} is outside [0, 1]", args.strength);
+    if let Some(s) = args.strength.filter(|s| !(0.0..=1.0).contains(s)) {
+        bail!("--strength {s} is outside [0, 1]");
     }
     batch::check_sizes(args.width, args.height, args.num_images)?;
     let grid = args.grid.as_deref().map(output::parse_grid).transpose()?;
@@ -184,6 +184,7 @@ fn read_jobs(args: &Args) -> Result<Jobs> {
         rng: args.rng,
         image: args.image.as_ref().map(|p| p.display().to_string()),
         strength: args.strength,
+        mask: args.mask.as_ref().map(|p| p.display().to_string()),
     };
     let Some(file) = &args.prompts else {
         return Ok(Jobs {
@@ -331,10 +332,10 @@ fn plan_job(
     owners: &HashMap<PathBuf, Option<usize>>,
 ) -> Result<(Vec<Planned>, bool)> {
     let batch_mode = args.prompts.is_some();
-    if let Some(image) = &job.image {
+    for picture in job.image.iter().chain(&job.mask) {
         // decoded with the model loaded; a missing file is found now
-        if !std::path::Path::new(image).is_file() {
-            bail!("the image {image} does not exist (or is not a file)");
+        if !std::path::Path::new(picture).is_file() {
+            bail!("the image {picture} does not exist (or is not a file)");
         }
     }
     let random = job.seed.is_none();
@@ -524,18 +525,18 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             job.width.unwrap_or(default_w),
             job.height.unwrap_or(default_h),
         );
-        let image = match &start {
-            Some((picture, _)) => match picture.to_tensor(width, height) {
-                Ok(pixels) => Some(InitImage {
-                    pixels,
-                    strength: job.strength,
-                }),
-                Err(e) => {
-                    done.outcome = Err(e);
-                    break;
-                }
-            },
+        let image = match start.map(|(picture, _)| init_image(&picture, job, width, height)) {
             None => None,
+            Some(Ok(image)) => Some(image),
+            Some(Err(e)) if batch_mode && !args.strict => {
+                bars.println(&format!("error: {where_}{e:#}"));
+                done.bad_jobs += 1;
+                continue;
+            }
+            Some(Err(e)) => {
+                done.outcome = Err(e);
+                break;
+            }
         };
         let request = Request {
             prompt: job.prompt.clone(),
@@ -637,6 +638,22 @@ fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<(Picture, (usi
     let picture = Picture::open(std::path::Path::new(path))?;
     let size = picture.default_size(pipeline.vae_scale_factor())?;
     Ok(Some((picture, size)))
+}
+
+/// The picture (and mask) at the request's size, with the job's strength or diffusers'
+/// default (0.8, 1 when inpainting).
+fn init_image(picture: &Picture, job: &Job, width: usize, height: usize) -> Result<InitImage> {
+    let mask = job
+        .mask
+        .as_ref()
+        .map(|m| Picture::open(std::path::Path::new(m))?.to_mask(width, height))
+        .transpose()?;
+    let default = if mask.is_some() { 1.0 } else { 0.8 };
+    Ok(InitImage {
+        pixels: picture.to_tensor(width, height)?,
+        strength: job.strength.unwrap_or(default),
+        mask,
+    })
 }
 
 /// Warns about prompts that were cut at CLIP's 77 tokens.
@@ -944,6 +961,13 @@ fn metadata(
             crate::weights::file_sha256(std::path::Path::new(path), 0)?,
         ));
         meta.push(("strength".into(), image.strength.to_string()));
+        if let Some(mask) = &job.mask {
+            meta.push(("mask".into(), mask.clone()));
+            meta.push((
+                "mask_sha256".into(),
+                crate::weights::file_sha256(std::path::Path::new(mask), 0)?,
+            ));
+        }
     }
     if !p.embeddings().is_empty() {
         let list: Vec<String> = p

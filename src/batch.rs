@@ -28,9 +28,11 @@ pub struct Job {
     /// `--lora` values (`FILE[:SCALE]`).
     pub loras: Vec<String>,
     pub rng: RngKind,
-    /// Image-to-image's start picture and strength.
+    /// Image-to-image's start picture, its strength (`None`: diffusers' default) and
+    /// inpainting's mask.
     pub image: Option<String>,
-    pub strength: f64,
+    pub strength: Option<f64>,
+    pub mask: Option<String>,
 }
 
 /// The keys a JSON line may set.
@@ -52,6 +54,7 @@ struct LineOverrides {
     rng: Option<RngKind>,
     image: Option<String>,
     strength: Option<f64>,
+    mask: Option<String>,
     /// One `FILE[:SCALE]` or a list of them: replaces the command line's --lora.
     lora: Option<OneOrMany>,
 }
@@ -104,7 +107,8 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
                     job.prompt_syntax = o.prompt_syntax.unwrap_or(job.prompt_syntax);
                     job.rng = o.rng.unwrap_or(job.rng);
                     job.image = o.image.or(job.image);
-                    job.strength = o.strength.unwrap_or(job.strength);
+                    job.strength = o.strength.or(job.strength);
+                    job.mask = o.mask.or(job.mask);
                     match o.lora {
                         Some(OneOrMany::One(l)) => job.loras = vec![l],
                         Some(OneOrMany::Many(l)) => job.loras = l,
@@ -129,10 +133,17 @@ pub fn parse_prompts(text: &str, defaults: &Job) -> (Vec<Job>, Vec<BadLine>) {
             });
             continue;
         }
-        if !(0.0..=1.0).contains(&job.strength) {
+        if let Some(s) = job.strength.filter(|s| !(0.0..=1.0).contains(s)) {
             bad.push(BadLine {
                 line,
-                message: format!("strength {} is outside [0, 1]", job.strength),
+                message: format!("strength {s} is outside [0, 1]"),
+            });
+            continue;
+        }
+        if job.mask.is_some() && job.image.is_none() {
+            bad.push(BadLine {
+                line,
+                message: "a mask needs an image".into(),
             });
             continue;
         }
@@ -261,7 +272,8 @@ mod tests {
             loras: Vec::new(),
             rng: RngKind::TorchCpu,
             image: None,
-            strength: 0.8,
+            strength: None,
+            mask: None,
         }
     }
 

@@ -130,9 +130,15 @@ pub struct Args {
     pub image: Option<PathBuf>,
 
     /// With --image: how much of the schedule runs, in [0, 1] (1 = from pure noise; lower
-    /// keeps more of the picture, and runs steps x strength steps).
-    #[arg(long, default_value_t = 0.8, value_name = "S")]
-    pub strength: f64,
+    /// keeps more of the picture, and runs steps x strength steps). Default 0.8, 1 with
+    /// --mask (diffusers' defaults).
+    #[arg(long, value_name = "S")]
+    pub strength: Option<f64>,
+
+    /// Inpainting, with --image: repaint where this mask is white (kept where black); an
+    /// inpainting model (9-channel U-Net) or any model through diffusers' masked blending.
+    #[arg(long, value_name = "FILE", requires = "image")]
+    pub mask: Option<PathBuf>,
 
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]

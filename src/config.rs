@@ -356,9 +356,10 @@ impl UNetConfig {
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
             bail!("unsupported conv_in_kernel/conv_out_kernel (only 3 is supported)");
         }
-        if self.in_channels != self.out_channels {
+        // inpainting U-Nets take 9 channels (latents, mask, masked picture) and give 4
+        if self.in_channels != self.out_channels && self.in_channels != self.out_channels * 2 + 1 {
             bail!(
-                "in_channels={} differs from out_channels={} (inpainting U-Nets are not text-to-image models)",
+                "in_channels={} and out_channels={}: neither a text-to-image nor an inpainting U-Net",
                 self.in_channels,
                 self.out_channels
             );
@@ -576,6 +577,7 @@ impl ModelIndex {
     pub const SUPPORTED: &'static [&'static str] = &[
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
         "AltDiffusionPipeline",
     ];
 

@@ -86,6 +86,34 @@ impl Picture {
     }
 }
 
+impl Picture {
+    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it: grayscale
+    /// as PIL converts ("L": (299 R + 587 G + 114 B) / 1000), resized when needed, then 0
+    /// below half and 1 from half up. (1, 1, height, width).
+    pub fn to_mask(&self, width: usize, height: usize) -> Result<Tensor> {
+        let gray = image::GrayImage::from_fn(self.rgb.width(), self.rgb.height(), |x, y| {
+            let p = self.rgb.get_pixel(x, y);
+            let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
+            image::Luma([l as u8])
+        });
+        let gray = if (gray.width() as usize, gray.height() as usize) == (width, height) {
+            gray
+        } else {
+            image::imageops::resize(
+                &gray,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        };
+        let data: Vec<f32> = gray
+            .pixels()
+            .map(|p| if p[0] as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
+            .collect();
+        Ok(Tensor::from_vec(data, (1, 1, height, width), &Device::Cpu)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,21 @@ pub struct InitImage {
     /// How much of the schedule runs, in [0, 1]: 1 starts from pure noise, 0.3 keeps most
     /// of the picture.
     pub strength: f64,
+    /// Inpainting: (1, 1, height, width), 1 where the picture is repainted, 0 where it is
+    /// kept (binarized as diffusers' mask processor does).
+    pub mask: Option<Tensor>,
+}
+
+/// Inpainting's state through the denoising loop (diffusers' `StableDiffusionInpaintPipeline`).
+struct Inpaint {
+    /// (n, 1, h, w) at latent size (nearest), 1 = repaint.
+    mask: Tensor,
+    /// 9-channel (inpainting) U-Nets: the mask and the masked picture's latents, concatenated
+    /// to the U-Net's input.
+    condition: Option<Tensor>,
+    /// Other U-Nets: the picture's latents and the start noise; after each step the kept part
+    /// is the picture noised to the next timestep.
+    blend: Option<(Tensor, Tensor)>,
 }
 
 impl Request {
@@ -448,6 +463,28 @@ impl Pipeline {
                 );
             }
             start_index(r.steps, image.strength, scheduler.as_ref())?;
+            if let Some(mask) = &image.mask {
+                if mask.dims() != [1, 1, r.height, r.width] {
+                    bail!(
+                        "the mask is {:?}, not [1, 1, {}, {}] (internal error)",
+                        mask.dims(),
+                        r.height,
+                        r.width
+                    );
+                }
+            }
+        }
+        let inpainting_unet = self.unet_config.in_channels == 9;
+        let masked = r.image.as_ref().is_some_and(|i| i.mask.is_some());
+        if inpainting_unet && !masked {
+            bail!("this is an inpainting model (a 9-channel U-Net): give it --image and --mask");
+        }
+        if !inpainting_unet && self.unet_config.in_channels != self.vae_config.latent_channels {
+            bail!(
+                "the U-Net takes {} channels, the VAE makes {}: sdgen runs 4-channel models and 9-channel inpainting ones",
+                self.unet_config.in_channels,
+                self.vae_config.latent_channels
+            );
         }
         Ok(())
     }
@@ -517,7 +554,7 @@ impl Pipeline {
         n: usize,
     ) -> Result<(Vec<Generator>, Tensor)> {
         let f = self.vae_scale_factor();
-        let c = self.unet_config.in_channels;
+        let c = self.vae_config.latent_channels;
         let (h, w) = (r.height / f, r.width / f);
         let mut generators: Vec<Generator> = (first..first + n)
             .map(|i| Generator::new(r.rng, r.seeds[i]))
@@ -532,37 +569,80 @@ impl Pipeline {
         Ok((generators, latents))
     }
 
-    /// Image-to-image's start for images `first..first+n` (one generator each, drawn in
-    /// diffusers' order): the image's latent distribution sampled with the image's
-    /// generator, times the scaling factor, then noised by the scheduler's `add_noise` with
-    /// the next draw.
-    fn noised_image_latents(
+    /// Where the denoising of images `first..first+n` starts: the index in the timesteps,
+    /// each image's generator, the latents, and inpainting's state. Each generator draws in
+    /// diffusers' order: text to image, the latents; image to image, the picture's latent
+    /// sample, then the noise `add_noise` puts on it; inpainting, the picture's latent sample
+    /// (when the U-Net is not an inpainting one, or strength < 1), the noise, then the masked
+    /// picture's latent sample.
+    fn start(
         &self,
         r: &Request,
-        image: &InitImage,
-        level: schedulers::NoiseLevel,
+        scheduler: &dyn schedulers::Scheduler,
         first: usize,
         n: usize,
-    ) -> Result<(Vec<Generator>, Tensor)> {
-        let dist = self.encode_image(&image.pixels.to_device(&self.device)?)?;
+    ) -> Result<(usize, Vec<Generator>, Tensor, Option<Inpaint>)> {
+        let Some(image) = &r.image else {
+            let (generators, latents) = self.initial_latents(r, first, n)?;
+            let latents = (latents * scheduler.init_noise_sigma())?;
+            return Ok((0, generators, latents, None));
+        };
+        let begin = start_index(r.steps, image.strength, scheduler)?;
+        let level = scheduler.noise_level(begin);
+        let pixels = image.pixels.to_device(&self.device)?;
+        let dist = self.encode_image(&pixels)?;
         let dims = dist.mean.dims().to_vec();
         let per_image = dist.mean.elem_count();
+        let sf = self.vae_config.scaling_factor;
         let mut generators: Vec<Generator> = (first..first + n)
             .map(|i| Generator::new(r.rng, r.seeds[i]))
             .collect();
-        let mut latents = Vec::with_capacity(n);
+        let draws = |g: &mut Generator| -> Result<Tensor> {
+            Ok(
+                Tensor::from_vec(g.randn(per_image), dims.as_slice(), &Device::Cpu)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)?,
+            )
+        };
+        let Some(mask) = &image.mask else {
+            let mut latents = Vec::with_capacity(n);
+            for g in generators.iter_mut() {
+                let clean = (dist.sample(&draws(g)?)? * sf)?;
+                latents.push(level.add_noise(&clean, &draws(g)?)?);
+            }
+            return Ok((begin, generators, Tensor::cat(&latents, 0)?, None));
+        };
+        let mask = mask.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let nine = self.unet_config.in_channels == 9;
+        let full = image.strength == 1.0;
+        let masked_dist = self.encode_image(&pixels.broadcast_mul(&(1.0 - &mask)?)?)?;
+        let (mut latents, mut cleans, mut noises, mut masked) = (vec![], vec![], vec![], vec![]);
         for g in generators.iter_mut() {
-            let mut draw = || -> Result<Tensor> {
-                Ok(
-                    Tensor::from_vec(g.randn(per_image), dims.as_slice(), &Device::Cpu)?
-                        .to_device(&self.device)?
-                        .to_dtype(self.dtype)?,
-                )
+            let clean = if !nine || !full {
+                Some((dist.sample(&draws(g)?)? * sf)?)
+            } else {
+                None
             };
-            let clean = (dist.sample(&draw()?)? * self.vae_config.scaling_factor)?;
-            latents.push(level.add_noise(&clean, &draw()?)?);
+            let noise = draws(g)?;
+            latents.push(match &clean {
+                Some(c) if !full => level.add_noise(c, &noise)?,
+                _ => (&noise * scheduler.init_noise_sigma())?,
+            });
+            cleans.extend(clean);
+            noises.push(noise);
+            masked.push((masked_dist.sample(&draws(g)?)? * sf)?);
         }
-        Ok((generators, Tensor::cat(&latents, 0)?))
+        let mask = nearest_to(&mask, dims[2], dims[3])?.repeat((n, 1, 1, 1))?;
+        let inpaint = Inpaint {
+            condition: nine
+                .then(|| Tensor::cat(&[&mask, &Tensor::cat(&masked, 0)?], 1))
+                .transpose()?,
+            blend: (!nine)
+                .then(|| -> Result<_> { Ok((Tensor::cat(&cleans, 0)?, Tensor::cat(&noises, 0)?)) })
+                .transpose()?,
+            mask,
+        };
+        Ok((begin, generators, Tensor::cat(&latents, 0)?, Some(inpaint)))
     }
 
     /// Runs the whole request, handing each image to `on_image` as soon as it is decoded, in
@@ -658,18 +738,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let (_, mut scheduler) =
             schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
-        let (begin, mut generators, mut latents) = match &r.image {
-            None => {
-                let (generators, latents) = self.initial_latents(r, first, n)?;
-                (0, generators, (latents * scheduler.init_noise_sigma())?)
-            }
-            Some(image) => {
-                let begin = start_index(r.steps, image.strength, scheduler.as_ref())?;
-                let level = scheduler.noise_level(begin);
-                let (generators, latents) = self.noised_image_latents(r, image, level, first, n)?;
-                (begin, generators, latents)
-            }
-        };
+        let (begin, mut generators, mut latents, inpaint) =
+            self.start(r, scheduler.as_ref(), first, n)?;
         let cond = cond.repeat((n, 1, 1))?;
         let uncond = uncond.map(|u| u.repeat((n, 1, 1))).transpose()?;
         // one U-Net pass for both halves when their contexts have the same length; the web
@@ -682,6 +752,10 @@ impl Pipeline {
         let unet = self.unet()?;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let model_input = scheduler.scale_model_input(&latents, i)?;
+            let model_input = match inpaint.as_ref().and_then(|p| p.condition.as_ref()) {
+                Some(c) => Tensor::cat(&[&model_input, c], 1)?,
+                None => model_input,
+            };
             let noise_pred = match (&uncond, &batched) {
                 (_, Some(context)) => {
                     unet.forward(&Tensor::cat(&[&model_input, &model_input], 0)?, t, context)?
@@ -729,6 +803,19 @@ impl Pipeline {
                 rng: r.rng,
             };
             latents = scheduler.step(&noise_pred, i, &latents, &mut noise)?;
+            if let Some(Inpaint {
+                mask,
+                blend: Some((clean, start_noise)),
+                ..
+            }) = &inpaint
+            {
+                // the kept part: the picture, noised to the next timestep (clean at the end)
+                let kept = match i + 1 < timesteps.len() {
+                    true => scheduler.noise_level(i + 1).add_noise(clean, start_noise)?,
+                    false => clean.clone(),
+                };
+                latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+            }
             if !all_finite(&latents)? {
                 bail!(
                     "the latents hold NaN or infinity after {}: the scheduler's config (betas, sigmas) or the guidance put them out of range",
@@ -787,4 +874,18 @@ fn start_index(
         );
     }
     Ok((steps - run) * scheduler.order())
+}
+
+/// `F.interpolate(mask, size=(h, w))` (nearest): source index floor(i x in / out).
+fn nearest_to(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, mh, mw) = mask.dims4()?;
+    let pick = |len: usize, out: usize| -> Vec<u32> {
+        let scale = len as f32 / out as f32;
+        (0..out)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(len - 1) as u32)
+            .collect()
+    };
+    let rows = Tensor::new(pick(mh, h).as_slice(), mask.device())?;
+    let cols = Tensor::new(pick(mw, w).as_slice(), mask.device())?;
+    Ok(mask.index_select(&rows, 2)?.index_select(&cols, 3)?)
 }

@@ -1097,3 +1097,52 @@ fn image_to_image_from_the_command_line() {
         fails(&all, dir.path(), expect);
     }
 }
+
+/// `--mask` with `--image`: diffusers' inpainting image for a plain model (strength defaults
+/// to 1 as in diffusers), the mask recorded; a mask without an image is refused by clap.
+#[test]
+fn inpainting_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pics = model_dir("tiny").join("../../img2img");
+    let (pic, mask) = (pics.join("tiny.png"), pics.join("tiny-mask.png"));
+    let out = dir.path().join("m.png");
+    ok(&sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            &tiny(),
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--image",
+            pic.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let want = model_dir("tiny").join("../../reference/inpaint/tiny-euler-1.0.png");
+    let (max, _) = common::pixel_diff(&pixels(&out), &pixels(&want));
+    assert!(max <= 1, "max {max}/255");
+    let (_, _, text) = png_info(&out);
+    assert_eq!(meta(&text, "mask"), mask.to_str().unwrap());
+    assert_eq!(meta(&text, "strength"), "1");
+    let o = sdgen(
+        &["a cat", "-m", &tiny(), "--mask", mask.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "clap refuses --mask without --image"
+    );
+}

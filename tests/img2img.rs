@@ -25,6 +25,7 @@ fn request(p: &Pipeline, model: &str, scheduler: &str, strength: f64) -> Request
         image: Some(InitImage {
             pixels: picture.to_tensor(width, height).unwrap(),
             strength,
+            mask: None,
         }),
         ..seed42_request(p, &read_json(&format!("{model}/e2e.json")))
     }

@@ -1,0 +1,80 @@
+//! Inpainting against diffusers' `StableDiffusionInpaintPipeline` (scripts/make_fixtures.py
+//! `record_inpaint`): a 9-channel inpainting U-Net (tiny with models/tiny_inpaint_unet) and the
+//! masked blending of a plain model, several schedulers and strengths, a mask with gray areas
+//! on both sides of the binarization threshold.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{assert_image, fixtures, model_dir, read_json, seed42_request};
+use sdgen::input_image::Picture;
+use sdgen::pipeline::{InitImage, Pipeline, Request};
+use sdgen::source::{ModelFiles, Precision};
+use std::path::Path;
+
+fn load(dir: &Path) -> Pipeline {
+    let files = ModelFiles::from_folder(dir, Precision::Full).unwrap();
+    Pipeline::load(files, Device::Cpu, DType::F32).unwrap()
+}
+
+/// tiny with the 9-channel U-Net, as the fixture script composes it.
+fn tiny_inpaint(dir: &Path) -> Pipeline {
+    common::edited_tiny(
+        &serde_json::json!({"model_index.json": {"_class_name": "StableDiffusionInpaintPipeline"}}),
+        dir,
+    );
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(
+            model_dir("tiny_inpaint_unet").join(f),
+            dir.join("unet").join(f),
+        )
+        .unwrap();
+    }
+    load(dir)
+}
+
+fn request(p: &Pipeline, scheduler: &str, strength: f64) -> Request {
+    let picture = Picture::open(&fixtures().join("img2img/tiny.png")).unwrap();
+    let mask = Picture::open(&fixtures().join("img2img/tiny-mask.png")).unwrap();
+    Request {
+        scheduler: Some(scheduler.into()),
+        width: 32,
+        height: 32,
+        image: Some(InitImage {
+            pixels: picture.to_tensor(32, 32).unwrap(),
+            strength,
+            mask: Some(mask.to_mask(32, 32).unwrap()),
+        }),
+        ..seed42_request(p, &read_json("tiny/e2e.json"))
+    }
+}
+
+#[test]
+fn inpainting_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tiny, inpaint) = (load(&model_dir("tiny")), tiny_inpaint(dir.path()));
+    let cases = read_json("inpaint/cases.json");
+    for case in cases["cases"].as_array().unwrap() {
+        let p = if case["model"] == "tiny" {
+            &tiny
+        } else {
+            &inpaint
+        };
+        let r = request(
+            p,
+            case["scheduler"].as_str().unwrap(),
+            case["strength"].as_f64().unwrap(),
+        );
+        assert_image(p, &r, &format!("inpaint/{}", case["png"].as_str().unwrap()));
+    }
+}
+
+/// An inpainting model needs a picture and a mask.
+#[test]
+fn an_inpainting_model_without_a_mask_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_inpaint(dir.path());
+    let r = seed42_request(&p, &read_json("tiny/e2e.json"));
+    let e = format!("{:#}", p.validate(&r).unwrap_err());
+    assert!(e.contains("inpainting model"), "{e}");
+}
