@@ -7,7 +7,8 @@
 //!
 //! Timings are medians of a few runs after a warm-up; never asserted anywhere.
 //! `SDGEN_BENCH_PARTS=unet512,vae` runs only some parts (load, text, unet256, unet512, vae,
-//! generate), to iterate on one of them. `SDGEN_BENCH_DEVICE=cuda` (a build with `--features
+//! generate, vae2048), to iterate on one of them. `vae2048` decodes 2048x2048 in tiles with
+//! only the VAE loaded and reports the process's peak RSS: run it alone for that figure. `SDGEN_BENCH_DEVICE=cuda` (a build with `--features
 //! cuda`) times the same parts on the GPU, waiting for the device after each run.
 
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,17 @@ use sdgen::pipeline::Pipeline;
 use sdgen::source::{ModelFiles, Precision};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// This process's peak resident memory so far (VmHWM), MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -109,6 +121,20 @@ fn main() {
     } else {
         (nan, nan)
     };
+    let (vae2048, vae2048_rss) = if want("vae2048") {
+        let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
+        let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
+        let lat = Tensor::randn(0f32, 1.0, (1, 4, 256, 256), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let tiles = Some(sdgen::pipeline::Tiles::new(&p.vae_config));
+        let t = Instant::now();
+        p.vae_decode_raw(&lat, tiles).unwrap();
+        (t.elapsed().as_secs_f64(), peak_rss_mb())
+    } else {
+        (nan, nan)
+    };
     let t = Instant::now();
     let files = ModelFiles::from_folder(model.as_ref(), precision).unwrap();
     let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
@@ -150,7 +176,7 @@ fn main() {
         .to_dtype(dtype)
         .unwrap();
     let vae = if want("vae") {
-        time(&dev, more, || p.vae_decode_raw(&lat).unwrap())
+        time(&dev, more, || p.vae_decode_raw(&lat, None).unwrap())
     } else {
         nan
     };
@@ -169,6 +195,8 @@ fn main() {
             "vae_decode_512_s": vae,
             "generation_512_2steps_s": gen_wall,
             "peak_rss_mb": rss_mb,
+            "vae_decode_2048_tiled_s": vae2048,
+            "vae_decode_2048_tiled_peak_rss_mb": vae2048_rss,
         })
     );
 }

@@ -631,6 +631,31 @@ def record_inpaint(out):
         json.dump({"cases": cases}, f, indent=1)
 
 
+def record_vae_tiling(out):
+    """With pipe.enable_vae_tiling() on tiny (tiles of 32 pixels, 16 latents): a 64x64
+    text-to-image (tiled decode) and a 64x64 image-to-image from img2img/tiny2.png (tiled
+    encode and decode), seed 42, euler, the e2e prompts."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    ref = os.path.join(out, "reference", "vae_tiling")
+    os.makedirs(ref, exist_ok=True)
+    pipe = load_pipe(os.path.join(out, "models", "tiny"))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(dict(pipe.scheduler.config))
+    pipe.vae.enable_tiling()
+    save_seed42_image(pipe, os.path.join(ref, "txt2img-64.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      width=64, height=64)
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    image = i2i(prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE, image=Image.open(os.path.join(out, "img2img", "tiny2.png")),
+                strength=0.6, num_inference_steps=E2E_STEPS, guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(42), output_type="np").images[0]
+    Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, "img2img-64.png"))
+    # the same two untiled, to show the tiling matters
+    pipe.vae.disable_tiling()
+    save_seed42_image(pipe, os.path.join(ref, "txt2img-64-untiled.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      width=64, height=64)
+
+
 def record_sde_images(out):
     """dpmpp_sde's seed-42 image on tiny, its Brownian tree seeded with the image's seed
     (noise_sampler_seed=42), with and without Karras sigmas."""
@@ -1463,6 +1488,7 @@ def main():
     ap.add_argument("--only-schedulers", nargs="+", metavar="CASE", help="only record these scheduler cases, merged into reference/schedulers.*")
     ap.add_argument("--scheduler-names", nargs="+", metavar="NAME", help="with --only-schedulers: only these schedulers")
     ap.add_argument("--only-vae-encoder", action="store_true", help="only record the VAE encoder references (reference/*/vae_encoder.safetensors)")
+    ap.add_argument("--only-vae-tiling", action="store_true", help="only record the VAE tiling references (reference/vae_tiling)")
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
@@ -1488,6 +1514,9 @@ def main():
     if args.only_vae_encoder:
         for name in MODELS:
             record_vae_encoder(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
+        return
+    if args.only_vae_tiling:
+        record_vae_tiling(out)
         return
     if args.only_inpaint:
         record_inpaint(out)
@@ -1520,6 +1549,7 @@ def main():
     record_sde_images(out)
     record_img2img(out)
     record_inpaint(out)
+    record_vae_tiling(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

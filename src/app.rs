@@ -553,6 +553,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             loras: plan.loras.get(&j).cloned().unwrap_or_default(),
             rng: job.rng,
             image,
+            vae_tiling: args.vae_tiling,
         };
         if let Err(e) = pipeline.validate(&request) {
             if !batch_mode || args.strict {

@@ -140,6 +140,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "image")]
     pub mask: Option<PathBuf>,
 
+    /// Decode (and encode) the VAE in overlapping tiles, as diffusers' enable_vae_tiling: large
+    /// pictures in bounded memory (also chosen whenever the whole picture would not fit).
+    #[arg(long)]
+    pub vae_tiling: bool,
+
     /// Images per U-Net batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,

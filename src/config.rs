@@ -417,6 +417,10 @@ fn default_scaling() -> f64 {
 /// `vae/config.json` of an `AutoencoderKL`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
+    /// The picture size the VAE was trained at (diffusers' tile size with tiling; its first
+    /// number for a list).
+    #[serde(default)]
+    pub sample_size: Option<SampleSize>,
     #[serde(default = "default_three")]
     pub in_channels: usize,
     #[serde(default = "default_three")]

@@ -6,6 +6,7 @@ use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
 pub use crate::models::vae_encoder::LatentDistribution;
 use crate::models::vae_encoder::VaeEncoder;
+pub use crate::models::vae_tiling::Tiles;
 use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
 use crate::ops::Engine;
 use crate::rng::{Generator, RngKind};
@@ -50,6 +51,9 @@ pub struct Request {
     pub rng: RngKind,
     /// Image-to-image: the picture to start from.
     pub image: Option<InitImage>,
+    /// Decode (and encode) in tiles as diffusers' `enable_vae_tiling` does (also done
+    /// whenever the untiled VAE would not fit in memory).
+    pub vae_tiling: bool,
 }
 
 /// The start of an image-to-image request (diffusers' `StableDiffusionImg2ImgPipeline`).
@@ -388,9 +392,29 @@ impl Pipeline {
     }
 
     /// `vae.encode(images).latent_dist` for (n, 3, h, w) images in [-1, 1] (the encoder is
-    /// read on first use).
-    pub fn encode_image(&self, images: &Tensor) -> Result<LatentDistribution> {
-        self.vae_encoder()?.encode(&images.to_dtype(self.dtype)?)
+    /// read on first use), in tiles when `tiles` is given.
+    pub fn encode_image(
+        &self,
+        images: &Tensor,
+        tiles: Option<Tiles>,
+    ) -> Result<LatentDistribution> {
+        self.vae_encoder()?
+            .encode(&images.to_dtype(self.dtype)?, tiles)
+    }
+
+    /// The VAE's tiles for request `r`: with `--vae-tiling`, and whenever the untiled VAE
+    /// would not fit in memory.
+    fn tiles(&self, r: &Request) -> Option<Tiles> {
+        let untiled = self.vae_bytes(r.width, r.height);
+        (r.vae_tiling || crate::allocator::beyond_memory(untiled).is_some())
+            .then(|| Tiles::new(&self.vae_config))
+    }
+
+    /// The VAE's activations at `width` x `height` pixels (the decoder's last block, a few
+    /// tensors of its first block's width alive at once).
+    fn vae_bytes(&self, width: usize, height: usize) -> u64 {
+        let elem = self.dtype.size_in_bytes() as u64;
+        self.vae_config.block_out_channels[0] as u64 * (width * height) as u64 * 4 * elem
     }
 
     pub fn vae_scale_factor(&self) -> usize {
@@ -511,7 +535,10 @@ impl Pipeline {
         let batch = r.batch_size.min(r.seeds.len()) as u64 * 2;
         let unet_ch = self.unet_config.block_out_channels[0] as u64;
         let unet = batch * (w / f) * (h / f) * unet_ch * 16 * elem;
-        let vae = self.vae_config.block_out_channels[0] as u64 * w * h * 4 * elem;
+        let vae = match self.tiles(r) {
+            Some(t) => self.vae_bytes(t.sample.min(r.width), t.sample.min(r.height)),
+            None => self.vae_bytes(r.width, r.height),
+        };
         unet.max(vae)
     }
 
@@ -542,8 +569,9 @@ impl Pipeline {
         Ok(self.unet()?.forward(sample, timestep, context)?)
     }
 
-    pub fn vae_decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae()?.decode_raw(latents)
+    /// The VAE decoder's raw output for `latents`, in `tiles` when given.
+    pub fn vae_decode_raw(&self, latents: &Tensor, tiles: Option<Tiles>) -> Result<Tensor> {
+        self.vae()?.decode_raw(latents, tiles)
     }
 
     /// The initial latents of images `first..first+n` (one generator each), drawn on the host.
@@ -590,7 +618,8 @@ impl Pipeline {
         let begin = start_index(r.steps, image.strength, scheduler)?;
         let level = scheduler.noise_level(begin);
         let pixels = image.pixels.to_device(&self.device)?;
-        let dist = self.encode_image(&pixels)?;
+        let tiles = self.tiles(r);
+        let dist = self.encode_image(&pixels, tiles)?;
         let dims = dist.mean.dims().to_vec();
         let per_image = dist.mean.elem_count();
         let sf = self.vae_config.scaling_factor;
@@ -615,7 +644,7 @@ impl Pipeline {
         let mask = mask.to_device(&self.device)?.to_dtype(self.dtype)?;
         let nine = self.unet_config.in_channels == 9;
         let full = image.strength == 1.0;
-        let masked_dist = self.encode_image(&pixels.broadcast_mul(&(1.0 - &mask)?)?)?;
+        let masked_dist = self.encode_image(&pixels.broadcast_mul(&(1.0 - &mask)?)?, tiles)?;
         let (mut latents, mut cleans, mut noises, mut masked) = (vec![], vec![], vec![], vec![]);
         for g in generators.iter_mut() {
             let clean = if !nine || !full {
@@ -696,7 +725,7 @@ impl Pipeline {
             }
             let vae = self.vae()?;
             for i in 0..n {
-                let image = vae.decode(&latents.narrow(0, i, 1)?)?;
+                let image = vae.decode(&latents.narrow(0, i, 1)?, self.tiles(r))?;
                 if !all_finite(&image)? {
                     bail!(
                         "the VAE decoder's output holds NaN or infinity (are its weights finite, is scaling_factor {} right{}?)",

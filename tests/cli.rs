@@ -1146,3 +1146,57 @@ fn inpainting_from_the_command_line() {
         "clap refuses --mask without --image"
     );
 }
+
+/// `--vae-tiling` gives diffusers' tiled image; a picture over the size limit is refused
+/// before it is decoded.
+#[test]
+fn vae_tiling_and_oversized_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.png");
+    ok(&sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            &tiny(),
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--vae-tiling",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let want = model_dir("tiny").join("../../reference/vae_tiling/txt2img-64.png");
+    let (max, _) = common::pixel_diff(&pixels(&out), &pixels(&want));
+    assert!(max <= 1, "max {max}/255");
+    // 16385 x 1 pixels: a valid PNG of a few bytes, one pixel past the limit
+    let wide = dir.path().join("wide.png");
+    image::GrayImage::new(16385, 1).save(&wide).unwrap();
+    let bad = dir.path().join("bad.png");
+    fails(
+        &[
+            "a cat",
+            "-m",
+            &tiny(),
+            "--image",
+            wide.to_str().unwrap(),
+            "-q",
+            "-o",
+            bad.to_str().unwrap(),
+        ],
+        dir.path(),
+        "larger than sdgen's limit",
+    );
+}

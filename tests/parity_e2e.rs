@@ -41,6 +41,7 @@ fn check_model(model: &str, batch_size: usize) {
             loras: Vec::new(),
             rng: Default::default(),
             image: None,
+            vae_tiling: false,
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -103,6 +104,7 @@ fn bf16_and_f16_images_stay_near_f32() {
                 loras: Vec::new(),
                 rng: Default::default(),
                 image: None,
+                vae_tiling: false,
             };
             pipeline.generate_all(&request).unwrap()
         };

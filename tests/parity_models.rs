@@ -54,9 +54,11 @@ fn unet_and_vae_match_diffusers_with_winograd_everywhere_then_nowhere() {
 fn vae_batch_decodes_each_image_like_a_single_one() {
     let p = pipeline("tiny");
     let lat = Tensor::randn(0f32, 1.0, (3, 4, 16, 16), &Device::Cpu).unwrap();
-    let all = p.vae_decode_raw(&lat).unwrap();
+    let all = p.vae_decode_raw(&lat, None).unwrap();
     for i in 0..3 {
-        let one = p.vae_decode_raw(&lat.narrow(0, i, 1).unwrap()).unwrap();
+        let one = p
+            .vae_decode_raw(&lat.narrow(0, i, 1).unwrap(), None)
+            .unwrap();
         assert_eq!(
             to_vec(&all.narrow(0, i, 1).unwrap()),
             to_vec(&one),
@@ -109,7 +111,7 @@ fn vae_encoder_matches_diffusers() {
     for model in ["tiny", "tiny2"] {
         let p = pipeline(model);
         let refs = load_tensors(&format!("{model}/vae_encoder.safetensors"));
-        let dist = p.encode_image(&refs["image"]).unwrap();
+        let dist = p.encode_image(&refs["image"], None).unwrap();
         assert_close(&format!("{model} mean"), &dist.mean, &refs["mean"], TOL);
         assert_close(&format!("{model} std"), &dist.std, &refs["std"], TOL);
         let want = &refs["sample_seed5"];

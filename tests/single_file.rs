@@ -33,6 +33,7 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         loras: Vec::new(),
         rng: Default::default(),
         image: None,
+        vae_tiling: false,
     };
     p.generate_all(&r)
         .unwrap()

@@ -8,6 +8,7 @@ pub mod layers;
 pub mod unet;
 pub mod vae;
 pub mod vae_encoder;
+pub mod vae_tiling;
 
 use crate::addons::lora::LoraPatch;
 use crate::ops::Engine;

@@ -7,6 +7,7 @@
 //! which made the 512x512 decode 4.5x slower than diffusers on CPU.
 
 use super::layers::{Conv2d, GroupNorm, Linear, ResnetBlock2D};
+use super::vae_tiling::Tiles;
 use super::Loader;
 use crate::config::VaeConfig;
 use crate::ops::{self, Engine};
@@ -181,19 +182,29 @@ impl Vae {
         self.conv_out.forward(&x)
     }
 
-    /// `vae.decode(latents / scaling_factor)`, then diffusers' post-processing to [0, 1].
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let image = self.decode_raw(latents)?;
+    /// `vae.decode(latents / scaling_factor)`, then diffusers' post-processing to [0, 1];
+    /// in tiles as `enable_tiling` decodes when `tiles` is given.
+    pub fn decode(&self, latents: &Tensor, tiles: Option<Tiles>) -> Result<Tensor> {
+        let image = self.decode_raw(latents, tiles)?;
         Ok(((image / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
     }
 
     /// The raw decoder output (before post-processing), one image at a time (like diffusers'
     /// `enable_vae_slicing`): on CPU a batch saves nothing and multiplies the peak memory of
     /// the 512x512 activations.
-    pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
+    pub fn decode_raw(&self, latents: &Tensor, tiles: Option<Tiles>) -> Result<Tensor> {
         let scaled = (latents / self.scaling_factor)?;
+        let (_, _, h, w) = scaled.dims4()?;
         let images = (0..scaled.dim(0)?)
-            .map(|i| self.decode_scaled(&scaled.narrow(0, i, 1)?))
+            .map(|i| {
+                let z = scaled.narrow(0, i, 1)?;
+                match tiles {
+                    Some(t) if Tiles::needed(h, w, t.latent) => {
+                        t.decode(&z, |tile| self.decode_scaled(tile))
+                    }
+                    _ => self.decode_scaled(&z),
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }

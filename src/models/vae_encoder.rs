@@ -4,6 +4,7 @@
 
 use super::layers::{Conv2d, GroupNorm, ResnetBlock2D};
 use super::vae::VaeAttention;
+use super::vae_tiling::Tiles;
 use super::Loader;
 use crate::config::VaeConfig;
 use anyhow::{Context, Result};
@@ -79,10 +80,20 @@ impl VaeEncoder {
         })
     }
 
-    /// `vae.encode(image).latent_dist` for images in [-1, 1], one at a time.
-    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
+    /// `vae.encode(image).latent_dist` for images in [-1, 1], one at a time; in tiles as
+    /// `enable_tiling` encodes when `tiles` is given.
+    pub fn encode(&self, images: &Tensor, tiles: Option<Tiles>) -> Result<LatentDistribution> {
+        let (_, _, h, w) = images.dims4()?;
         let moments = (0..images.dim(0)?)
-            .map(|i| self.moments(&images.narrow(0, i, 1)?))
+            .map(|i| {
+                let x = images.narrow(0, i, 1)?;
+                match tiles {
+                    Some(t) if Tiles::needed(h, w, t.sample) => {
+                        t.encode(&x, |tile| self.moments(tile))
+                    }
+                    _ => self.moments(&x),
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let moments = Tensor::cat(&moments, 0)?;
         let half = moments.dim(1)? / 2;

@@ -139,6 +139,7 @@ pub fn seed42_request(
         loras: Vec::new(),
         rng: Default::default(),
         image: None,
+        vae_tiling: false,
     }
 }
 

@@ -76,6 +76,6 @@ pub fn vae(model: &str) {
 pub fn vae_on(model: &str, engine: Engine) {
     let p = pipeline_on(model, engine);
     let refs = load_tensors(&format!("{model}/tensors.safetensors"));
-    let got = p.vae_decode_raw(&refs["vae_latents"]).unwrap();
+    let got = p.vae_decode_raw(&refs["vae_latents"], None).unwrap();
     assert_close(&format!("{model} vae"), &got, &refs["vae_decoded"], TOL);
 }
