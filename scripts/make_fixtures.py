@@ -538,18 +538,9 @@ def record_img2img(out):
         if name == "dpmpp_sde":
             extra = {"noise_sampler_seed": 42}
         pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
-        image = pipe(
-            prompt=E2E_PROMPT,
-            negative_prompt=E2E_NEGATIVE,
-            image=Image.open(os.path.join(pics, f"{model}.png")),
-            strength=strength,
-            num_inference_steps=E2E_STEPS,
-            guidance_scale=7.5,
-            generator=torch.Generator("cpu").manual_seed(42),
-            output_type="np",
-        ).images[0]
         png = f"{model}-{name}-{strength}.png"
-        Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, png))
+        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                          image=Image.open(os.path.join(pics, f"{model}.png")), strength=strength)
         cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seed": 42, "cases": cases}, f, indent=1)
@@ -613,19 +604,10 @@ def record_inpaint(out):
             pipe = StableDiffusionInpaintPipeline(**{k: v for k, v in base.components.items()}, requires_safety_checker=False)
             cls, extra = SCHEDULERS[name]
             pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
-            image = pipe(
-                prompt=E2E_PROMPT,
-                negative_prompt=E2E_NEGATIVE,
-                image=Image.open(os.path.join(pics, "tiny.png")),
-                mask_image=Image.open(os.path.join(pics, "tiny-mask.png")),
-                strength=strength,
-                num_inference_steps=E2E_STEPS,
-                guidance_scale=7.5,
-                generator=torch.Generator("cpu").manual_seed(42),
-                output_type="np",
-            ).images[0]
             png = f"{model}-{name}-{strength}.png"
-            Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, png))
+            save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                              image=Image.open(os.path.join(pics, "tiny.png")),
+                              mask_image=Image.open(os.path.join(pics, "tiny-mask.png")), strength=strength)
             cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"cases": cases}, f, indent=1)
@@ -646,10 +628,8 @@ def record_vae_tiling(out):
     save_seed42_image(pipe, os.path.join(ref, "txt2img-64.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
                       width=64, height=64)
     i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
-    image = i2i(prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE, image=Image.open(os.path.join(out, "img2img", "tiny2.png")),
-                strength=0.6, num_inference_steps=E2E_STEPS, guidance_scale=7.5,
-                generator=torch.Generator("cpu").manual_seed(42), output_type="np").images[0]
-    Image.fromarray((image * 255).round().astype("uint8")).save(os.path.join(ref, "img2img-64.png"))
+    save_seed42_image(i2i, os.path.join(ref, "img2img-64.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      image=Image.open(os.path.join(out, "img2img", "tiny2.png")), strength=0.6)
     # the same two untiled, to show the tiling matters
     pipe.vae.disable_tiling()
     save_seed42_image(pipe, os.path.join(ref, "txt2img-64-untiled.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
@@ -1043,7 +1023,9 @@ def full_size(out_dir):
 
 def save_seed42_image(pipe, path, **prompt):
     """The pipeline's seed-42 image at its default size and scheduler, E2E_STEPS steps, guidance
-    7.5, as an 8-bit PNG (what tests/common's assert_seed42_image compares with)."""
+    7.5, as an 8-bit PNG (what tests/common's assert_seed42_image compares with); `prompt`
+    also carries the other inputs (prompt embeddings, width/height, image, mask_image,
+    strength)."""
     from PIL import Image
 
     image = pipe(
