@@ -609,6 +609,12 @@ def record_inpaint(out):
                               image=Image.open(os.path.join(pics, "tiny.png")),
                               mask_image=Image.open(os.path.join(pics, "tiny-mask.png")), strength=strength)
             cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
+    # the picture pasted back where the mask keeps it, with the mask as given (gray levels blend)
+    from diffusers.image_processor import VaeImageProcessor
+
+    overlaid = VaeImageProcessor().apply_overlay(Image.open(os.path.join(pics, "tiny-mask.png")), Image.open(os.path.join(pics, "tiny.png")),
+                                                 Image.open(os.path.join(ref, "tiny-euler-1.0.png")))
+    overlaid.save(os.path.join(ref, "overlay-tiny-euler-1.0.png"))
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"cases": cases}, f, indent=1)
 

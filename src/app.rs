@@ -525,6 +525,19 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             job.width.unwrap_or(default_w),
             job.height.unwrap_or(default_h),
         );
+        // --keep-unmasked: the picture and the mask as given, at the image's size
+        let overlay = match (&start, &job.mask) {
+            (Some((picture, _)), Some(mask)) if args.keep_unmasked => {
+                match Picture::open(std::path::Path::new(mask)) {
+                    Ok(m) => Some((picture.rgb_at(width, height), m.gray(width, height))),
+                    Err(e) => {
+                        done.outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+            _ => None,
+        };
         let image = match start.map(|(picture, _)| init_image(&picture, job, width, height)) {
             None => None,
             Some(Ok(image)) => Some(image),
@@ -585,10 +598,21 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
         let result = pipeline.generate(
             &request,
             &mut |steps, total| bars.step(steps, total),
-            &mut |img| {
+            &mut |mut img| {
+                if let Some((picture, mask)) = &overlay {
+                    crate::input_image::overlay(&mut img.rgb, picture, mask);
+                }
                 let p = &todo[k];
                 k += 1;
-                let meta = metadata(pipeline, &request, job, &scheduler_name, &img, &mut hashes)?;
+                let meta = metadata(
+                    pipeline,
+                    &request,
+                    job,
+                    &scheduler_name,
+                    &img,
+                    &mut hashes,
+                    args.keep_unmasked,
+                )?;
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
                 match output::write_atomic(&p.path, &png, args.overwrite)? {
                     Written::New => done.written += 1,
@@ -870,6 +894,7 @@ fn metadata(
     scheduler: &str,
     img: &GeneratedImage,
     hashes: &mut FileHashes,
+    keep_unmasked: bool,
 ) -> Result<output::Metadata> {
     let model = p.files.name.clone();
     let revision = p.files.revision.clone().unwrap_or_default();
@@ -962,6 +987,9 @@ fn metadata(
             crate::weights::file_sha256(std::path::Path::new(path), 0)?,
         ));
         meta.push(("strength".into(), image.strength.to_string()));
+        if keep_unmasked && job.mask.is_some() {
+            meta.push(("keep_unmasked".into(), "true".into()));
+        }
         if let Some(mask) = &job.mask {
             meta.push(("mask".into(), mask.clone()));
             meta.push((

@@ -140,6 +140,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "image")]
     pub mask: Option<PathBuf>,
 
+    /// With --mask: paste the picture back where the mask keeps it (black; gray blends), as
+    /// diffusers' image_processor.apply_overlay does, so the kept pixels are the picture's own.
+    #[arg(long, requires = "mask")]
+    pub keep_unmasked: bool,
+
     /// Decode (and encode) the VAE in overlapping tiles, as diffusers' enable_vae_tiling: large
     /// pictures in bounded memory (also chosen whenever the whole picture would not fit).
     #[arg(long)]

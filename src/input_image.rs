@@ -87,16 +87,15 @@ impl Picture {
 }
 
 impl Picture {
-    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it: grayscale
-    /// as PIL converts ("L": (299 R + 587 G + 114 B) / 1000), resized when needed, then 0
-    /// below half and 1 from half up. (1, 1, height, width).
-    pub fn to_mask(&self, width: usize, height: usize) -> Result<Tensor> {
+    /// The picture as PIL's "L" grayscale ((299 R + 587 G + 114 B) / 1000, PIL's rounding) at
+    /// (width, height), resized when needed.
+    pub fn gray(&self, width: usize, height: usize) -> image::GrayImage {
         let gray = image::GrayImage::from_fn(self.rgb.width(), self.rgb.height(), |x, y| {
             let p = self.rgb.get_pixel(x, y);
             let l = (p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16;
             image::Luma([l as u8])
         });
-        let gray = if (gray.width() as usize, gray.height() as usize) == (width, height) {
+        if (gray.width() as usize, gray.height() as usize) == (width, height) {
             gray
         } else {
             image::imageops::resize(
@@ -105,12 +104,69 @@ impl Picture {
                 height as u32,
                 image::imageops::FilterType::Lanczos3,
             )
-        };
-        let data: Vec<f32> = gray
+        }
+    }
+
+    /// The picture's RGB at (width, height), resized when needed.
+    pub fn rgb_at(&self, width: usize, height: usize) -> image::RgbImage {
+        if (self.rgb.width() as usize, self.rgb.height() as usize) == (width, height) {
+            self.rgb.clone()
+        } else {
+            image::imageops::resize(
+                &self.rgb,
+                width as u32,
+                height as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        }
+    }
+
+    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it: [`gray`],
+    /// then 0 below half and 1 from half up. (1, 1, height, width).
+    ///
+    /// [`gray`]: Picture::gray
+    pub fn to_mask(&self, width: usize, height: usize) -> Result<Tensor> {
+        let data: Vec<f32> = self
+            .gray(width, height)
             .pixels()
             .map(|p| if p[0] as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
             .collect();
         Ok(Tensor::from_vec(data, (1, 1, height, width), &Device::Cpu)?)
+    }
+}
+
+/// diffusers' `image_processor.apply_overlay(mask, picture, generated)`: the picture pasted
+/// back over the generated image where the mask is black, blended where it is gray (the mask
+/// as given, not binarized), with PIL's integer arithmetic: the picture premultiplied by the
+/// inverted mask (`paste`), unpremultiplied (`RGBa` to `RGBA`), then `alpha_composite` over
+/// the generated image (7 bits of extra precision). `generated` is RGB8, changed in place.
+pub fn overlay(generated: &mut [u8], picture: &image::RgbImage, mask: &image::GrayImage) {
+    let div255 = |a: u32| {
+        let t = a + 128;
+        ((t >> 8) + t) >> 8
+    };
+    const P: u32 = 7;
+    for ((out, src), m) in generated
+        .chunks_exact_mut(3)
+        .zip(picture.pixels())
+        .zip(mask.pixels())
+    {
+        let alpha = 255 - m[0] as u32;
+        if alpha == 0 {
+            continue;
+        }
+        let coef1 = alpha * 255 * 255 * (1 << P) / (alpha * 255 + 255 * (255 - alpha));
+        let coef2 = 255 * (1 << P) - coef1;
+        for c in 0..3 {
+            let premultiplied = div255(src[c] as u32 * alpha);
+            let straight = if alpha == 255 {
+                premultiplied
+            } else {
+                (255 * premultiplied / alpha).min(255)
+            };
+            let t = straight * coef1 + out[c] as u32 * coef2 + (0x80 << P);
+            out[c] = ((((t >> 8) + t) >> 8) >> P) as u8;
+        }
     }
 }
 

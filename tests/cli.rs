@@ -1145,6 +1145,37 @@ fn inpainting_from_the_command_line() {
         Some(2),
         "clap refuses --mask without --image"
     );
+    // --keep-unmasked: the picture pasted back as diffusers' apply_overlay pastes it
+    let kept = dir.path().join("k.png");
+    ok(&sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            &tiny(),
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--image",
+            pic.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--keep-unmasked",
+            "-q",
+            "-o",
+            kept.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    let want = model_dir("tiny").join("../../reference/inpaint/overlay-tiny-euler-1.0.png");
+    let (max, _) = common::pixel_diff(&pixels(&kept), &pixels(&want));
+    assert!(max <= 1, "max {max}/255");
+    let (_, _, text) = png_info(&kept);
+    assert_eq!(meta(&text, "keep_unmasked"), "true");
 }
 
 /// `--vae-tiling` gives diffusers' tiled image; a picture over the size limit is refused

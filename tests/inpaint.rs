@@ -78,3 +78,18 @@ fn an_inpainting_model_without_a_mask_is_an_error() {
     let e = format!("{:#}", p.validate(&r).unwrap_err());
     assert!(e.contains("inpainting model"), "{e}");
 }
+
+/// `--keep-unmasked`: diffusers' `apply_overlay` (PIL's paste, unpremultiply and alpha
+/// composite) of the picture over an inpainted image, with the mask as given: exact.
+#[test]
+fn overlay_is_pils() {
+    let rgb = |rel: &str| image::open(fixtures().join(rel)).unwrap().to_rgb8();
+    let mut generated = rgb("reference/inpaint/tiny-euler-1.0.png").into_raw();
+    let picture = Picture::open(&fixtures().join("img2img/tiny.png")).unwrap();
+    let mask = Picture::open(&fixtures().join("img2img/tiny-mask.png")).unwrap();
+    sdgen::input_image::overlay(&mut generated, &picture.rgb_at(32, 32), &mask.gray(32, 32));
+    let want = rgb("reference/inpaint/overlay-tiny-euler-1.0.png").into_raw();
+    assert_eq!(common::pixel_diff(&generated, &want).0, 0);
+    // where the mask keeps (black), the picture's own pixels
+    assert_eq!(&generated[..3], &picture.rgb.as_raw()[..3]);
+}
