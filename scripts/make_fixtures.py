@@ -615,6 +615,16 @@ def record_inpaint(out):
     overlaid = VaeImageProcessor().apply_overlay(Image.open(os.path.join(pics, "tiny-mask.png")), Image.open(os.path.join(pics, "tiny.png")),
                                                  Image.open(os.path.join(ref, "tiny-euler-1.0.png")))
     overlaid.save(os.path.join(ref, "overlay-tiny-euler-1.0.png"))
+    # --mask-blur 4: the mask blurred by diffusers' mask_processor.blur (PIL's GaussianBlur),
+    # binarized by the pipeline, soft in the overlay
+    pipe = StableDiffusionInpaintPipeline(**load_pipe(os.path.join(out, "models", "tiny")).components, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(dict(pipe.scheduler.config))
+    blurred = pipe.mask_processor.blur(Image.open(os.path.join(pics, "tiny-mask.png")), blur_factor=4)
+    save_seed42_image(pipe, os.path.join(ref, "blur4-tiny-euler-1.0.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      image=Image.open(os.path.join(pics, "tiny.png")), mask_image=blurred, strength=1.0)
+    VaeImageProcessor().apply_overlay(blurred, Image.open(os.path.join(pics, "tiny.png")),
+                                      Image.open(os.path.join(ref, "blur4-tiny-euler-1.0.png"))).save(
+        os.path.join(ref, "blur4-overlay-tiny-euler-1.0.png"))
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"cases": cases}, f, indent=1)
 

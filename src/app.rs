@@ -529,7 +529,10 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
         let overlay = match (&start, &job.mask) {
             (Some((picture, _)), Some(mask)) if args.keep_unmasked => {
                 match Picture::open(std::path::Path::new(mask)) {
-                    Ok(m) => Some((picture.rgb_at(width, height), m.gray(width, height))),
+                    Ok(m) => Some((
+                        picture.rgb_at(width, height),
+                        m.mask_gray(width, height, args.mask_blur),
+                    )),
                     Err(e) => {
                         done.outcome = Err(e);
                         break;
@@ -538,7 +541,9 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             }
             _ => None,
         };
-        let image = match start.map(|(picture, _)| init_image(&picture, job, width, height)) {
+        let image = match start
+            .map(|(picture, _)| init_image(&picture, job, (width, height), args.mask_blur))
+        {
             None => None,
             Some(Ok(image)) => Some(image),
             Some(Err(e)) if batch_mode && !args.strict => {
@@ -611,7 +616,7 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
                     &scheduler_name,
                     &img,
                     &mut hashes,
-                    args.keep_unmasked,
+                    (args.keep_unmasked, args.mask_blur),
                 )?;
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
                 match output::write_atomic(&p.path, &png, args.overwrite)? {
@@ -667,11 +672,16 @@ fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<(Picture, (usi
 
 /// The picture (and mask) at the request's size, with the job's strength or diffusers'
 /// default (0.8, 1 when inpainting).
-fn init_image(picture: &Picture, job: &Job, width: usize, height: usize) -> Result<InitImage> {
+fn init_image(
+    picture: &Picture,
+    job: &Job,
+    (width, height): (usize, usize),
+    mask_blur: f32,
+) -> Result<InitImage> {
     let mask = job
         .mask
         .as_ref()
-        .map(|m| Picture::open(std::path::Path::new(m))?.to_mask(width, height))
+        .map(|m| Picture::open(std::path::Path::new(m))?.to_mask(width, height, mask_blur))
         .transpose()?;
     let default = if mask.is_some() { 1.0 } else { 0.8 };
     Ok(InitImage {
@@ -894,7 +904,7 @@ fn metadata(
     scheduler: &str,
     img: &GeneratedImage,
     hashes: &mut FileHashes,
-    keep_unmasked: bool,
+    (keep_unmasked, mask_blur): (bool, f32),
 ) -> Result<output::Metadata> {
     let model = p.files.name.clone();
     let revision = p.files.revision.clone().unwrap_or_default();
@@ -914,6 +924,9 @@ fn metadata(
     params.push_str(&format!(", RNG: {}", r.rng.web_ui_name()));
     if let Some(image) = &r.image {
         params.push_str(&format!(", Denoising strength: {}", image.strength));
+        if image.mask.is_some() && mask_blur > 0.0 {
+            params.push_str(&format!(", Mask blur: {mask_blur}"));
+        }
     }
     // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
     let mut used = Vec::new();
@@ -989,6 +1002,9 @@ fn metadata(
         meta.push(("strength".into(), image.strength.to_string()));
         if keep_unmasked && job.mask.is_some() {
             meta.push(("keep_unmasked".into(), "true".into()));
+        }
+        if mask_blur > 0.0 && job.mask.is_some() {
+            meta.push(("mask_blur".into(), mask_blur.to_string()));
         }
         if let Some(mask) = &job.mask {
             meta.push(("mask".into(), mask.clone()));

@@ -140,6 +140,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "image")]
     pub mask: Option<PathBuf>,
 
+    /// With --mask: blur the mask by this radius first (PIL's Gaussian blur, diffusers'
+    /// mask_processor.blur): the repainted area's edge moves where the blur crosses half, and
+    /// --keep-unmasked pastes with soft edges. 0 = no blur.
+    #[arg(long, default_value_t = 0.0, value_name = "R", requires = "mask")]
+    pub mask_blur: f32,
+
     /// With --mask: paste the picture back where the mask keeps it (black; gray blends), as
     /// diffusers' image_processor.apply_overlay does, so the kept pixels are the picture's own.
     #[arg(long, requires = "mask")]

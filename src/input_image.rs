@@ -121,18 +121,112 @@ impl Picture {
         }
     }
 
-    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it: [`gray`],
-    /// then 0 below half and 1 from half up. (1, 1, height, width).
+    /// The mask as the user gives it to inpainting: [`gray`], blurred by `blur` pixels with
+    /// PIL's Gaussian blur (diffusers' `mask_processor.blur`) when `blur` > 0.
     ///
     /// [`gray`]: Picture::gray
-    pub fn to_mask(&self, width: usize, height: usize) -> Result<Tensor> {
+    pub fn mask_gray(&self, width: usize, height: usize, blur: f32) -> image::GrayImage {
+        let gray = self.gray(width, height);
+        if blur > 0.0 {
+            gaussian_blur(&gray, blur)
+        } else {
+            gray
+        }
+    }
+
+    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it from
+    /// [`Picture::mask_gray`]: 0 below half and 1 from half up. (1, 1, height, width).
+    pub fn to_mask(&self, width: usize, height: usize, blur: f32) -> Result<Tensor> {
         let data: Vec<f32> = self
-            .gray(width, height)
+            .mask_gray(width, height, blur)
             .pixels()
             .map(|p| if p[0] as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
             .collect();
         Ok(Tensor::from_vec(data, (1, 1, height, width), &Device::Cpu)?)
     }
+}
+
+/// PIL's `ImageFilter.GaussianBlur(radius)` on an 8-bit image (`BoxBlur.c`): three box blurs
+/// of a fractional radius (`_gaussian_blur_radius`, in f32 as PIL's C computes it) along the
+/// rows, then three along the columns, each in 24-bit fixed point with the edges extended.
+/// Checked against PIL 13 on random masks for radii 2 to 33 while writing it.
+pub fn gaussian_blur(img: &image::GrayImage, radius: f32) -> image::GrayImage {
+    let box_radius = {
+        let sigma2 = radius * radius / 3.0;
+        let l_box = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
+        let l = ((l_box as f64 - 1.0) / 2.0).floor() as f32;
+        let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2);
+        l + a / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)))
+    };
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut rows: Vec<Vec<u8>> = (0..h)
+        .map(|y| img.as_raw()[y * w..(y + 1) * w].to_vec())
+        .collect();
+    for _ in 0..3 {
+        rows = rows.iter().map(|r| box_blur_line(r, box_radius)).collect();
+    }
+    let mut cols: Vec<Vec<u8>> = (0..w)
+        .map(|x| rows.iter().map(|r| r[x]).collect())
+        .collect();
+    for _ in 0..3 {
+        cols = cols.iter().map(|c| box_blur_line(c, box_radius)).collect();
+    }
+    image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Luma([cols[x as usize][y as usize]])
+    })
+}
+
+/// `ImagingLineBoxBlur8`: one line, a box of `radius` (fractional: the two far pixels get
+/// the remaining weight), edges repeated.
+fn box_blur_line(line: &[u8], radius_f: f32) -> Vec<u8> {
+    let n = line.len();
+    let last = n - 1;
+    let radius = radius_f as usize;
+    let ww = ((1u32 << 24) as f32 / (radius_f * 2.0 + 1.0)) as u64;
+    let fw = ((1u64 << 24) - (radius as u64 * 2 + 1) * ww) / 2;
+    let edge_a = (radius + 1).min(n);
+    let edge_b = n.saturating_sub(radius + 1);
+    let px = |i: usize| line[i] as i64;
+    let mut acc: i64 = px(0) * (radius as i64 + 1);
+    for x in 0..edge_a.saturating_sub(1) {
+        acc += px(x);
+    }
+    acc += px(last) * (radius as i64 - edge_a as i64 + 1);
+    let mut out = vec![0u8; n];
+    let mut step = |x: usize, sub: usize, add: usize, left: usize, right: usize| {
+        acc += px(add) - px(sub);
+        let bulk = acc as u64 * ww + (px(left) + px(right)) as u64 * fw;
+        out[x] = ((bulk + (1 << 23)) >> 24) as u8;
+    };
+    // (the three spans of PIL's loop, by where the box touches an edge)
+    if edge_a <= edge_b {
+        for x in 0..edge_a {
+            step(x, 0, x + radius, 0, x + radius + 1);
+        }
+        for x in edge_a..edge_b {
+            step(
+                x,
+                x - radius - 1,
+                x + radius,
+                x - radius - 1,
+                x + radius + 1,
+            );
+        }
+        for x in edge_b..=last {
+            step(x, x - radius - 1, last, x - radius - 1, last);
+        }
+    } else {
+        for x in 0..edge_b {
+            step(x, 0, x + radius, 0, x + radius + 1);
+        }
+        for x in edge_b..edge_a {
+            step(x, 0, last, 0, last);
+        }
+        for x in edge_a..=last {
+            step(x, x - radius - 1, last, x - radius - 1, last);
+        }
+    }
+    out
 }
 
 /// diffusers' `image_processor.apply_overlay(mask, picture, generated)`: the picture pasted

@@ -33,7 +33,7 @@ fn tiny_inpaint(dir: &Path) -> Pipeline {
     load(dir)
 }
 
-fn request(p: &Pipeline, scheduler: &str, strength: f64) -> Request {
+fn request(p: &Pipeline, scheduler: &str, strength: f64, blur: f32) -> Request {
     let picture = Picture::open(&fixtures().join("img2img/tiny.png")).unwrap();
     let mask = Picture::open(&fixtures().join("img2img/tiny-mask.png")).unwrap();
     Request {
@@ -43,7 +43,7 @@ fn request(p: &Pipeline, scheduler: &str, strength: f64) -> Request {
         image: Some(InitImage {
             pixels: picture.to_tensor(32, 32).unwrap(),
             strength,
-            mask: Some(mask.to_mask(32, 32).unwrap()),
+            mask: Some(mask.to_mask(32, 32, blur).unwrap()),
         }),
         ..seed42_request(p, &read_json("tiny/e2e.json"))
     }
@@ -64,6 +64,7 @@ fn inpainting_matches_diffusers() {
             p,
             case["scheduler"].as_str().unwrap(),
             case["strength"].as_f64().unwrap(),
+            0.0,
         );
         assert_image(p, &r, &format!("inpaint/{}", case["png"].as_str().unwrap()));
     }
@@ -77,6 +78,26 @@ fn an_inpainting_model_without_a_mask_is_an_error() {
     let r = seed42_request(&p, &read_json("tiny/e2e.json"));
     let e = format!("{:#}", p.validate(&r).unwrap_err());
     assert!(e.contains("inpainting model"), "{e}");
+}
+
+/// `--mask-blur 4`: diffusers' `mask_processor.blur(mask, 4)` (PIL's Gaussian blur) before the
+/// pipeline binarizes it, and the blurred mask's soft overlay.
+#[test]
+fn blurred_masks_are_pils() {
+    let p = load(&model_dir("tiny"));
+    assert_image(
+        &p,
+        &request(&p, "euler", 1.0, 4.0),
+        "inpaint/blur4-tiny-euler-1.0.png",
+    );
+    let rgb = |rel: &str| image::open(fixtures().join(rel)).unwrap().to_rgb8();
+    let mut generated = rgb("reference/inpaint/blur4-tiny-euler-1.0.png").into_raw();
+    let picture = Picture::open(&fixtures().join("img2img/tiny.png")).unwrap();
+    let mask = Picture::open(&fixtures().join("img2img/tiny-mask.png")).unwrap();
+    let blurred = mask.mask_gray(32, 32, 4.0);
+    sdgen::input_image::overlay(&mut generated, &picture.rgb_at(32, 32), &blurred);
+    let want = rgb("reference/inpaint/blur4-overlay-tiny-euler-1.0.png").into_raw();
+    assert_eq!(common::pixel_diff(&generated, &want).0, 0);
 }
 
 /// `--keep-unmasked`: diffusers' `apply_overlay` (PIL's paste, unpremultiply and alpha
