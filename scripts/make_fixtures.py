@@ -542,6 +542,16 @@ def record_img2img(out):
         save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
                           image=Image.open(os.path.join(pics, f"{model}.png")), strength=strength)
         cases.append({"model": model, "scheduler": name, "strength": strength, "png": png})
+    # a picture whose sides are no multiple of the VAE factor: diffusers resizes it (PIL's
+    # Lanczos) to 44x36
+    img2img_picture(os.path.join(pics, "odd.png"), 45, 5)
+    Image.open(os.path.join(pics, "odd.png")).resize((45, 37)).save(os.path.join(pics, "odd.png"))
+    Image.open(os.path.join(pics, "odd.png")).resize((44, 36), resample=Image.LANCZOS).save(os.path.join(ref, "odd-pil-44x36.png"))
+    Image.open(os.path.join(pics, "odd.png")).resize((64, 80), resample=Image.LANCZOS).save(os.path.join(ref, "odd-pil-64x80.png"))
+    pipe = StableDiffusionImg2ImgPipeline(**load_pipe(os.path.join(out, "models", "tiny")).components, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(dict(pipe.scheduler.config))
+    save_seed42_image(pipe, os.path.join(ref, "tiny-odd-euler-0.6.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      image=Image.open(os.path.join(pics, "odd.png")), strength=0.6)
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seed": 42, "cases": cases}, f, indent=1)
 
@@ -615,6 +625,13 @@ def record_inpaint(out):
     overlaid = VaeImageProcessor().apply_overlay(Image.open(os.path.join(pics, "tiny-mask.png")), Image.open(os.path.join(pics, "tiny.png")),
                                                  Image.open(os.path.join(ref, "tiny-euler-1.0.png")))
     overlaid.save(os.path.join(ref, "overlay-tiny-euler-1.0.png"))
+    # a 40x40 mask for the 32x32 picture: resized by PIL's Lanczos, then binarized
+    Image.open(os.path.join(pics, "tiny-mask.png")).resize((40, 40), resample=Image.NEAREST).save(os.path.join(pics, "tiny-mask-40.png"))
+    pipe = StableDiffusionInpaintPipeline(**load_pipe(os.path.join(out, "models", "tiny")).components, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(dict(pipe.scheduler.config))
+    save_seed42_image(pipe, os.path.join(ref, "mask40-tiny-euler-1.0.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                      image=Image.open(os.path.join(pics, "tiny.png")), mask_image=Image.open(os.path.join(pics, "tiny-mask-40.png")),
+                      strength=1.0)
     # --mask-blur 4: the mask blurred by diffusers' mask_processor.blur (PIL's GaussianBlur),
     # binarized by the pipeline, soft in the overlay
     pipe = StableDiffusionInpaintPipeline(**load_pipe(os.path.join(out, "models", "tiny")).components, requires_safety_checker=False)

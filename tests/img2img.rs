@@ -51,6 +51,44 @@ fn img2img_matches_diffusers_for_every_scheduler() {
     assert!(checked >= sdgen::schedulers::SCHEDULERS.len() + 4);
 }
 
+/// A picture of 45x37 (no multiple of tiny's factor 2): diffusers' preprocessing resizes it
+/// to 44x36 with PIL's Lanczos, as sdgen does.
+#[test]
+fn pictures_are_resized_as_diffusers_resizes_them() {
+    let p = load("tiny");
+    let picture = Picture::open(&fixtures().join("img2img/odd.png")).unwrap();
+    let (width, height) = picture.default_size(p.vae_scale_factor()).unwrap();
+    assert_eq!((width, height), (44, 36));
+    let r = Request {
+        scheduler: Some("euler".into()),
+        width,
+        height,
+        image: Some(InitImage {
+            pixels: picture.to_tensor(width, height).unwrap(),
+            strength: 0.6,
+            mask: None,
+        }),
+        ..seed42_request(&p, &read_json("tiny/e2e.json"))
+    };
+    assert_image(&p, &r, "img2img/tiny-odd-euler-0.6.png");
+}
+
+/// The resize itself, down and up, byte for byte against PIL's `resize(LANCZOS)`.
+#[test]
+fn lanczos_is_pils() {
+    let picture = Picture::open(&fixtures().join("img2img/odd.png")).unwrap();
+    for (w, h) in [(44, 36), (64, 80)] {
+        let want = image::open(common::reference(&format!("img2img/odd-pil-{w}x{h}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(
+            sdgen::input_image::lanczos(&picture.rgb, w, h),
+            want,
+            "{w}x{h}"
+        );
+    }
+}
+
 /// A strength that leaves no step, and one outside [0, 1], are errors before any work.
 #[test]
 fn strengths_that_cannot_run() {

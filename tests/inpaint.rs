@@ -80,6 +80,16 @@ fn an_inpainting_model_without_a_mask_is_an_error() {
     assert!(e.contains("inpainting model"), "{e}");
 }
 
+/// A 40x40 mask for a 32x32 picture: resized with PIL's Lanczos, then binarized.
+#[test]
+fn masks_of_another_size_are_resized_as_diffusers_resizes_them() {
+    let p = load(&model_dir("tiny"));
+    let mut r = request(&p, "euler", 1.0, 0.0);
+    let mask = Picture::open(&fixtures().join("img2img/tiny-mask-40.png")).unwrap();
+    r.image.as_mut().unwrap().mask = Some(mask.to_mask(32, 32, 0.0).unwrap());
+    assert_image(&p, &r, "inpaint/mask40-tiny-euler-1.0.png");
+}
+
 /// `--mask-blur 4`: diffusers' `mask_processor.blur(mask, 4)` (PIL's Gaussian blur) before the
 /// pipeline binarizes it, and the blurred mask's soft overlay.
 #[test]
