@@ -792,6 +792,30 @@ fn web_ui_sampler_names() {
     );
 }
 
+/// sdgen with the e2e prompt pair, seed 42 and 6 euler steps on tiny, plus `extra`, into
+/// `out` (the settings of the seed-42 references).
+fn seed42_euler(extra: &[&str], out: &Path) -> Output {
+    let tiny = tiny();
+    let mut args = vec![
+        "a photo of a cat on a beach",
+        "-n",
+        "blurry, lowres",
+        "-m",
+        &tiny,
+        "-s",
+        "42",
+        "--steps",
+        "6",
+        "--scheduler",
+        "euler",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    sdgen(&args, &[])
+}
+
 fn addon(rel: &str) -> String {
     model_dir("tiny")
         .join("../../addons")
@@ -1012,29 +1036,7 @@ fn image_to_image_from_the_command_line() {
     let picture = model_dir("tiny").join("../../img2img/tiny.png");
     let pic = picture.to_str().unwrap();
     let out = dir.path().join("i.png");
-    ok(&sdgen(
-        &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            &tiny(),
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
-            "--image",
-            pic,
-            "--strength",
-            "0.6",
-            "-q",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    ));
+    ok(&seed42_euler(&["--image", pic, "--strength", "0.6"], &out));
     let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
     let want = model_dir("tiny").join("../../reference/img2img/tiny-euler-0.6.png");
     let (max, _) = common::pixel_diff(&pixels(&out), &pixels(&want));
@@ -1106,28 +1108,14 @@ fn inpainting_from_the_command_line() {
     let pics = model_dir("tiny").join("../../img2img");
     let (pic, mask) = (pics.join("tiny.png"), pics.join("tiny-mask.png"));
     let out = dir.path().join("m.png");
-    ok(&sdgen(
+    ok(&seed42_euler(
         &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            &tiny(),
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
             "--image",
             pic.to_str().unwrap(),
             "--mask",
             mask.to_str().unwrap(),
-            "-q",
-            "-o",
-            out.to_str().unwrap(),
         ],
-        &[],
+        &out,
     ));
     let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
     let want = model_dir("tiny").join("../../reference/inpaint/tiny-euler-1.0.png");
@@ -1147,29 +1135,15 @@ fn inpainting_from_the_command_line() {
     );
     // --keep-unmasked: the picture pasted back as diffusers' apply_overlay pastes it
     let kept = dir.path().join("k.png");
-    ok(&sdgen(
+    ok(&seed42_euler(
         &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            &tiny(),
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
             "--image",
             pic.to_str().unwrap(),
             "--mask",
             mask.to_str().unwrap(),
             "--keep-unmasked",
-            "-q",
-            "-o",
-            kept.to_str().unwrap(),
         ],
-        &[],
+        &kept,
     ));
     let want = model_dir("tiny").join("../../reference/inpaint/overlay-tiny-euler-1.0.png");
     let (max, _) = common::pixel_diff(&pixels(&kept), &pixels(&want));
@@ -1184,29 +1158,9 @@ fn inpainting_from_the_command_line() {
 fn vae_tiling_and_oversized_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.png");
-    ok(&sdgen(
-        &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            &tiny(),
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
-            "-W",
-            "64",
-            "-H",
-            "64",
-            "--vae-tiling",
-            "-q",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        &[],
+    ok(&seed42_euler(
+        &["-W", "64", "-H", "64", "--vae-tiling"],
+        &out,
     ));
     let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
     let want = model_dir("tiny").join("../../reference/vae_tiling/txt2img-64.png");
