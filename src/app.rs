@@ -518,31 +518,28 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             }
         };
         let (default_h, default_w) = match &start {
-            Some((_, (w, h))) => (*h, *w),
+            Some(s) => (s.size.1, s.size.0),
             None => pipeline.default_size(),
         };
         let (width, height) = (
             job.width.unwrap_or(default_w),
             job.height.unwrap_or(default_h),
         );
-        // --keep-unmasked: the picture and the mask as given, at the image's size
-        let overlay = match (&start, &job.mask) {
-            (Some((picture, _)), Some(mask)) if args.keep_unmasked => {
-                match Picture::open(std::path::Path::new(mask)) {
-                    Ok(m) => Some((
-                        picture.rgb_at(width, height),
-                        m.mask_gray(width, height, args.mask_blur),
-                    )),
-                    Err(e) => {
-                        done.outcome = Err(e);
-                        break;
-                    }
-                }
+        // the mask as given (blurred), at the image's size: binarized for the pipeline, as it
+        // is for --keep-unmasked
+        let mask_gray = start
+            .as_ref()
+            .and_then(|s| s.mask.as_ref())
+            .map(|m| m.mask_gray(width, height, args.mask_blur));
+        let overlay = match (&start, &mask_gray) {
+            (Some(s), Some(gray)) if args.keep_unmasked => {
+                Some((s.picture.rgb_at(width, height), gray.clone()))
             }
             _ => None,
         };
         let image = match start
-            .map(|(picture, _)| init_image(&picture, job, (width, height), args.mask_blur))
+            .as_ref()
+            .map(|s| init_image(&s.picture, mask_gray.as_ref(), job, (width, height)))
         {
             None => None,
             Some(Ok(image)) => Some(image),
@@ -660,29 +657,42 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
     done
 }
 
-/// A job's start picture and its default size (image-to-image), or none.
-fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<(Picture, (usize, usize))>> {
+/// A job's start picture, its mask, and the default size (the picture's, rounded down).
+struct StartPictures {
+    picture: Picture,
+    mask: Option<Picture>,
+    /// (width, height)
+    size: (usize, usize),
+}
+
+/// A job's start picture and mask, decoded once, or none (text to image).
+fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<StartPictures>> {
     let Some(path) = &job.image else {
         return Ok(None);
     };
     let picture = Picture::open(std::path::Path::new(path))?;
     let size = picture.default_size(pipeline.vae_scale_factor())?;
-    Ok(Some((picture, size)))
+    let mask = job
+        .mask
+        .as_ref()
+        .map(|m| Picture::open(std::path::Path::new(m)))
+        .transpose()?;
+    Ok(Some(StartPictures {
+        picture,
+        mask,
+        size,
+    }))
 }
 
 /// The picture (and mask) at the request's size, with the job's strength or diffusers'
 /// default (0.8, 1 when inpainting).
 fn init_image(
     picture: &Picture,
+    mask_gray: Option<&image::GrayImage>,
     job: &Job,
     (width, height): (usize, usize),
-    mask_blur: f32,
 ) -> Result<InitImage> {
-    let mask = job
-        .mask
-        .as_ref()
-        .map(|m| Picture::open(std::path::Path::new(m))?.to_mask(width, height, mask_blur))
-        .transpose()?;
+    let mask = mask_gray.map(crate::input_image::binarize).transpose()?;
     let default = if mask.is_some() { 1.0 } else { 0.8 };
     Ok(InitImage {
         pixels: picture.to_tensor(width, height)?,
@@ -929,25 +939,21 @@ fn metadata(
         }
     }
     // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
-    let mut used = Vec::new();
-    let texts = r.texts()?;
-    for e in p.embeddings() {
-        let uses = |text: &str| -> Result<bool> {
-            let chunks = p.tokenize(text, r.prompt_syntax)?;
-            Ok(chunks
+    let mut ids = std::collections::HashSet::new();
+    for text in r.texts()? {
+        ids.extend(
+            p.tokenize(&text, r.prompt_syntax)?
                 .ids
-                .iter()
-                .flatten()
-                .any(|&id| p.embedding_id(&e.name) == Some(id)))
-        };
-        if uses(&texts[0])? || uses(&texts[1])? {
-            used.push(format!(
-                "{}: {}",
-                e.name.replace([':', ','], ""),
-                e.short_hash
-            ));
-        }
+                .into_iter()
+                .flatten(),
+        );
     }
+    let used: Vec<String> = p
+        .embeddings()
+        .iter()
+        .filter(|e| p.embedding_id(&e.name).is_some_and(|id| ids.contains(&id)))
+        .map(|e| format!("{}: {}", e.name.replace([':', ','], ""), e.short_hash))
+        .collect();
     if !used.is_empty() {
         params.push_str(&format!(", TI hashes: \"{}\"", used.join(", ")));
     }

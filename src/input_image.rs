@@ -124,17 +124,24 @@ impl Picture {
         }
     }
 
-    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it from
-    /// [`Picture::mask_gray`]: 0 below half and 1 from half up. (1, 1, height, width).
+    /// Inpainting's mask at (width, height) as diffusers' mask processor makes it:
+    /// [`binarize`] of [`Picture::mask_gray`].
     pub fn to_mask(&self, width: usize, height: usize, blur: f32) -> Result<Tensor> {
-        let data: Vec<f32> = self
-            .mask_gray(width, height, blur)
-            .pixels()
-            .map(|p| if p[0] as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
-            .collect();
-        Ok(Tensor::from_vec(data, (1, 1, height, width), &Device::Cpu)?)
+        binarize(&self.mask_gray(width, height, blur))
     }
 }
+
+/// diffusers' mask binarization: 0 below half, 1 from half up; (1, 1, height, width).
+pub fn binarize(gray: &image::GrayImage) -> Result<Tensor> {
+    let data: Vec<f32> = gray
+        .pixels()
+        .map(|p| if p[0] as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 })
+        .collect();
+    let (w, h) = (gray.width() as usize, gray.height() as usize);
+    Ok(Tensor::from_vec(data, (1, 1, h, w), &Device::Cpu)?)
+}
+
+impl Picture {}
 
 /// PIL's `Image.resize(size, LANCZOS)` on 8-bit pixels (`Resample.c`): per axis (width
 /// first, then height; an axis of the same size is left alone), each output pixel the
