@@ -1,4 +1,6 @@
-//! The text-to-image pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle.
+//! The pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle, and its image-to-image
+//! and inpainting siblings (`StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`),
+//! whose start is `start`'s.
 
 mod start;
 
@@ -753,9 +755,10 @@ impl Pipeline {
             }) = &inpaint
             {
                 // the kept part: the picture, noised to the next timestep (clean at the end)
-                let kept = match i + 1 < timesteps.len() {
-                    true => scheduler.noise_level(i + 1).add_noise(clean, start_noise)?,
-                    false => clean.clone(),
+                let kept = if i + 1 < timesteps.len() {
+                    scheduler.noise_level(i + 1).add_noise(clean, start_noise)?
+                } else {
+                    clean.clone()
                 };
                 latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
             }
