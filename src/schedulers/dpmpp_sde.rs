@@ -9,7 +9,9 @@
 //! tensors).
 
 use super::brownian_tree::BrownianTree;
-use super::sigmas::{predict_original, scale_input, sigma_schedule, sigma_to_t, SigmaOptions};
+use super::sigmas::{
+    predict_original, repeat_inner, scale_input, sigma_schedule, sigma_to_t, SigmaOptions,
+};
 use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -46,11 +48,7 @@ impl DpmppSdeScheduler {
         };
         let s = sigma_schedule(config, steps, opts)?;
         let n = s.sigmas.len();
-        let mut sigmas = vec![s.sigmas[0]];
-        for &x in &s.sigmas[1..n - 1] {
-            sigmas.extend([x, x]);
-        }
-        sigmas.push(s.sigmas[n - 1]);
+        let sigmas = repeat_inner(&s.sigmas);
         // the midpoints' timesteps, from the sigmas in f64 as numpy has them
         let t: Vec<f64> = s.sigmas[..n - 1]
             .iter()

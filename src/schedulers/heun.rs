@@ -1,6 +1,6 @@
 //! `HeunDiscreteScheduler`: Heun's second-order method; N steps call the U-Net 2N - 1 times.
 
-use super::sigmas::{predict_original, scale_input, sigma_schedule, SigmaOptions};
+use super::sigmas::{predict_original, repeat_inner, scale_input, sigma_schedule, SigmaOptions};
 use super::{NoiseLevel, NoiseSource, Prediction, Scheduler, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -23,12 +23,7 @@ impl HeunScheduler {
             ..Default::default()
         };
         let s = sigma_schedule(config, steps, opts)?;
-        let n = s.sigmas.len();
-        let mut sigmas = vec![s.sigmas[0]];
-        for &x in &s.sigmas[1..n - 1] {
-            sigmas.extend([x, x]);
-        }
-        sigmas.push(s.sigmas[n - 1]);
+        let sigmas = repeat_inner(&s.sigmas);
         let mut timesteps = vec![s.timesteps[0]];
         for &t in &s.timesteps[1..] {
             timesteps.extend([t, t]);

@@ -171,6 +171,18 @@ pub fn sigma_schedule(
     })
 }
 
+/// The sigmas of the two-evaluation schedulers (Heun, DPM++ SDE): diffusers'
+/// `cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])`.
+pub fn repeat_inner(s: &[f32]) -> Vec<f32> {
+    let n = s.len();
+    let mut out = vec![s[0]];
+    for &x in &s[1..n - 1] {
+        out.extend([x, x]);
+    }
+    out.push(s[n - 1]);
+    out
+}
+
 /// `sample / (sigma^2 + 1)^0.5`, the input scaling of every sigma-based scheduler.
 pub fn scale_input(sample: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
     sample / ((sigma * sigma + 1.0).sqrt() as f64)
