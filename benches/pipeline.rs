@@ -9,7 +9,9 @@
 //! `SDGEN_BENCH_PARTS=unet512,vae` runs only some parts (load, text, unet256, unet512, vae,
 //! generate, vae2048), to iterate on one of them. `vae2048` decodes 2048x2048 in tiles with
 //! only the VAE loaded and reports the process's peak RSS: run it alone for that figure. `SDGEN_BENCH_DEVICE=cuda` (a build with `--features
-//! cuda`) times the same parts on the GPU, waiting for the device after each run.
+//! cuda`) times the same parts on the GPU, waiting for the device after each run
+//! (`SDGEN_CUDA_KERNELS=0`: on candle's kernels alone). `SDGEN_PROFILE_OPS=1` prints the time
+//! per operation of the 512x512 steps (`ops::profile`; the timings are then not comparable).
 
 use candle_core::{DType, Device, Tensor};
 use sdgen::pipeline::Pipeline;
@@ -166,11 +168,16 @@ fn main() {
     } else {
         nan
     };
+    sdgen::ops::profile::report(); // SDGEN_PROFILE_OPS=1: from here on
     let unet512 = if want("unet512") {
         unet(512, 2 * more)
     } else {
         nan
     };
+    let profile = sdgen::ops::profile::report();
+    if !profile.is_empty() {
+        eprintln!("time per operation over the 512x512 U-Net steps (warm-up included):\n{profile}");
+    }
     let lat = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &dev)
         .unwrap()
         .to_dtype(dtype)

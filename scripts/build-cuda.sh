@@ -7,11 +7,11 @@
 # The toolkit comes from NVIDIA's wheels on PyPI (nvcc, the headers with CCCL, cudart, nvrtc,
 # cuBLAS, cuRAND), all of the CUDA 13.0 series: a newer nvcc writes PTX that a CUDA 13.0 driver
 # cannot load. They are unpacked once into $SDGEN_CUDA_TOOLKIT (default target/cuda-toolkit).
-# No wheel has the driver library, libcuda, so a stub that only defines the driver functions
-# cudarc declares is made for the linker (soname libcuda.so.1); it lives in the toolkit's
-# `stub/` folder and must never be put on a run-time library path: at run time the real driver
-# and the CUDA 13 libraries of the GPU machine are used (a CUDA 13 PyTorch has them in its
-# `nvidia/*/lib` folders). Needs: python3 with pip, a C compiler, cargo. ~6 min on 2 cores.
+# No wheel has the driver library, libcuda, and cuDNN's is large, so stubs that only define the
+# functions cudarc declares are made for the linker (sonames libcuda.so.1, libcudnn.so.9); they
+# live in the toolkit's `stub/` folder and must never be put on a run-time library path: at
+# run time the real driver and the CUDA 13 libraries and cuDNN 9 of the GPU machine are used
+# (a CUDA 13 PyTorch has them in its `nvidia/*/lib` folders). Needs: python3 with pip, a C compiler, cargo. ~6 min on 2 cores.
 # Extra arguments go to `cargo build` (default `--release --bin sdgen`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,19 +35,23 @@ for lib in "$root"/lib/lib*.so.*; do
     [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
 done
 
-# the driver stub: every cu* function cudarc's bindings name, returning an error
+# link stubs for the libraries no wheel here provides: the driver (libcuda.so.1) and cuDNN
+# (libcudnn.so.9, ~800 MB as a wheel), each defining every function cudarc's bindings name
 cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)"
 if [ -z "$cudarc" ]; then
     cargo fetch --locked
     cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)"
 fi
-if [ ! -e "$tk/stub/libcuda.so" ]; then
+stub() { # library soname bindings prefix
+    [ -e "$tk/stub/$1.so" ] && return
     mkdir -p "$tk/stub"
-    grep -hoE '^ +fn cu[A-Za-z0-9_]+\(' "$cudarc/src/driver/sys/mod.rs" \
+    grep -hoE "^ +fn $4[A-Za-z0-9_]+\(" "$cudarc/src/$3/sys/mod.rs" \
         | sed -E 's/^ +fn ([A-Za-z0-9_]+)\(/int \1(void) { return 999; }/' | sort -u \
-        >"$tk/stub/cuda_stub.c"
-    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$tk/stub/libcuda.so" "$tk/stub/cuda_stub.c"
-fi
+        >"$tk/stub/$1.c"
+    cc -shared -fPIC -Wl,-soname,"$2" -o "$tk/stub/$1.so" "$tk/stub/$1.c"
+}
+stub libcuda libcuda.so.1 driver cu
+stub libcudnn libcudnn.so.9 cudnn cudnn
 
 export CUDA_ROOT="$root" CUDA_HOME="$root" CUDA_PATH="$root"
 export PATH="$root/bin:$PATH"

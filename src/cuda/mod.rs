@@ -1,8 +1,24 @@
-//! The home of sdgen's own CUDA kernels, compiled only with the `cuda` feature; the same shape
-//! as `cpu/` (`common/`, then a folder per number type or engine).
+//! sdgen's own CUDA kernels (`cuda` feature): the operations where candle's CUDA path costs
+//! most, each a candle custom op over one kernel file in `kernels/` (compiled to PTX by
+//! `build.rs` for `CUDA_COMPUTE_CAP`, loaded once per device).
+//! - [`attention`]: fused attention on the tensor cores for f16/bf16 (flash-attention style);
+//!   candle materialised the scores in f32.
+//! - [`group_norm`]: GroupNorm (+ SiLU) in one kernel; candle_nn's is eleven.
+//! - [`geglu`]: diffusers' GEGLU after its projection in one pass; candle's is four kernels.
+//! - [`conv2d`]: convolutions through cuDNN with plans kept per shape; opt-in
+//!   (`SDGEN_CUDA_CONV=cudnn`) until measured on a GPU.
 //!
-//! Empty today: on a CUDA device every operation runs on `ops::Engine::Reference`, candle's
-//! CUDA kernels (checked on an H200 against the committed diffusers images; 2.7-3x slower
-//! than diffusers per U-Net step, BENCHMARKS.md). A kernel added here gets a variant of
-//! `ops::Engine` (and of the prepared weights it needs) and an arm in each `ops` function it
-//! serves; model code does not change.
+//! `ops` decides when they run ([`crate::ops::Engine::Cuda`]); every other operation runs on
+//! candle's CUDA kernels (`ops::reference`). The tests in `ops` compare each against the
+//! reference on a GPU (`cargo test --features cuda`).
+
+mod attention;
+mod conv;
+mod geglu;
+mod launch;
+mod norm;
+
+pub use attention::{attention, attention_takes};
+pub use conv::{conv2d, conv_enabled};
+pub use geglu::geglu;
+pub use norm::group_norm;

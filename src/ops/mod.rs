@@ -8,14 +8,17 @@
 //! - [`Engine::Cpu`]: sdgen's CPU kernels (`crate::cpu`); bf16 matrix work on the
 //!   [`Bf16Kernel`] the engine names (AMX tiles or AVX512-BF16 dot products), each weight
 //!   rearranged at load into the layout its kernel reads; other types widened to f32.
-//! - [`Engine::Reference`]: candle's own ops composed ([`reference`]), on any device. CUDA
-//!   devices run this one (candle's CUDA kernels) until `crate::cuda` holds kernels of its
-//!   own; the kernel tests compare the CPU engine against it.
+//! - `Engine::Cuda` (`cuda` feature): sdgen's CUDA kernels (`crate::cuda`) for attention in
+//!   f16/bf16, GroupNorm and GEGLU; candle's CUDA kernels (the reference) for the rest.
+//! - [`Engine::Reference`]: candle's own ops composed ([`reference`]), on any device; the
+//!   kernel tests compare the other engines against it. `SDGEN_CUDA_KERNELS=0` runs CUDA
+//!   models on it (to compare).
 //!
 //! A prepared weight is a variant that names its implementation, so `forward` matches on it and
 //! reads no global state: two models loaded with different engines run side by side in one
 //! process (the tests compare the engines that way).
 
+pub mod profile;
 pub mod reference;
 #[cfg(test)]
 mod tests;
@@ -33,6 +36,9 @@ pub enum Engine {
     Reference,
     /// sdgen's CPU kernels.
     Cpu(CpuEngine),
+    /// sdgen's CUDA kernels where it has them, candle's elsewhere.
+    #[cfg(feature = "cuda")]
+    Cuda,
 }
 
 /// The choices inside the CPU engine.
@@ -65,20 +71,24 @@ impl Default for CpuEngine {
 }
 
 impl Engine {
-    /// The engine for models on `device`: the CPU kernels on the CPU, the reference elsewhere.
+    /// The engine for models on `device`: the CPU kernels on the CPU, sdgen's CUDA kernels on
+    /// a CUDA device (the reference with `SDGEN_CUDA_KERNELS=0`), the reference elsewhere.
     pub fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
-            Engine::Cpu(CpuEngine::default())
-        } else {
-            Engine::Reference
+            return Engine::Cpu(CpuEngine::default());
         }
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && std::env::var("SDGEN_CUDA_KERNELS").as_deref() != Ok("0") {
+            return Engine::Cuda;
+        }
+        Engine::Reference
     }
 
     /// The bf16 kernel bf16 layers run on, if any.
     fn bf16_kernel(self) -> Option<Bf16Kernel> {
         match self {
             Engine::Cpu(c) => c.bf16,
-            Engine::Reference => None,
+            _ => None,
         }
     }
 }
@@ -133,13 +143,15 @@ enum LinearWeight {
         panels: Tensor,
         kernel: Bf16Kernel,
     },
+    /// diffusers' GEGLU projection on CUDA: candle's product, then sdgen's GEGLU kernel.
+    #[cfg(feature = "cuda")]
+    CudaGeglu(Tensor),
 }
 
 impl LinearWeights {
     /// weight (out, in), bias (out), for `engine`.
     pub fn prepare(engine: Engine, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = match engine {
-            Engine::Reference => LinearWeight::Reference(weight),
             Engine::Cpu(c) => match c.bf16 {
                 Some(kernel) if all_bf16(&[&weight]) && cpu::bf16::layers::linear_fits(&weight) => {
                     LinearWeight::Bf16Panels {
@@ -150,6 +162,7 @@ impl LinearWeights {
                 }
                 _ => LinearWeight::CpuF32(weight),
             },
+            _ => LinearWeight::Reference(weight),
         };
         Ok(Self { weight, bias })
     }
@@ -158,6 +171,13 @@ impl LinearWeights {
     /// [`geglu`]: fused with the GELU for bf16 on a bf16 kernel.
     pub fn prepare_geglu(engine: Engine, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         use cpu::bf16::layers::{geglu_order, linear_fits, pack_linear_weight};
+        #[cfg(feature = "cuda")]
+        if engine == Engine::Cuda {
+            return Ok(Self {
+                weight: LinearWeight::CudaGeglu(weight),
+                bias,
+            });
+        }
         match engine.bf16_kernel() {
             Some(kernel)
                 if all_bf16(&[&weight]) && linear_fits(&weight) && weight.dim(0)? % 32 == 0 =>
@@ -182,6 +202,7 @@ impl LinearWeights {
 
 /// `nn.Linear`: x (..., in) -> (..., out).
 pub fn linear(x: &Tensor, w: &LinearWeights) -> Result<Tensor> {
+    let _span = profile::span("linear", x);
     let bias = w.bias.as_ref();
     match &w.weight {
         LinearWeight::Reference(weight) => reference::linear(x, weight, bias),
@@ -201,16 +222,25 @@ pub fn linear(x: &Tensor, w: &LinearWeights) -> Result<Tensor> {
         LinearWeight::Bf16Geglu { .. } => {
             candle_core::bail!("a GEGLU projection runs through ops::geglu")
         }
+        #[cfg(feature = "cuda")]
+        LinearWeight::CudaGeglu(_) => {
+            candle_core::bail!("a GEGLU projection runs through ops::geglu")
+        }
     }
 }
 
 /// diffusers' `GEGLU`: the projection to [hidden | gate], then hidden * gelu(gate) (exact erf).
 pub fn geglu(x: &Tensor, w: &LinearWeights) -> Result<Tensor> {
+    let _span = profile::span("geglu", x);
     match &w.weight {
         LinearWeight::Bf16Geglu { panels, kernel } => {
             cpu::bf16::layers::linear_geglu(*kernel, x, panels, w.bias.as_ref())
         }
         LinearWeight::Reference(_) => reference::geglu(&linear(x, w)?),
+        #[cfg(feature = "cuda")]
+        LinearWeight::CudaGeglu(weight) => {
+            crate::cuda::geglu(&reference::linear(x, weight, w.bias.as_ref())?)
+        }
         LinearWeight::CpuF32(_) | LinearWeight::Bf16Panels { .. } => {
             let h = linear(x, w)?;
             if h.dtype() == DType::BF16 {
@@ -232,6 +262,9 @@ pub struct ConvWeights {
 
 enum ConvWeight {
     Reference(Tensor),
+    /// cuDNN with kept plans (`crate::cuda::conv2d`; `SDGEN_CUDA_CONV=cudnn`).
+    #[cfg(feature = "cuda")]
+    Cudnn(Tensor),
     /// The f32 kernels (im2col, or Winograd from `winograd_min_tiles` tiles); other types
     /// widened.
     CpuF32 {
@@ -270,7 +303,6 @@ impl ConvWeights {
         use cpu::bf16::layers::{conv3x3_fits, conv3x3_taps};
         let cout = weight.dim(0)?;
         let weight = match engine {
-            Engine::Reference => ConvWeight::Reference(weight),
             Engine::Cpu(c) => match c.bf16 {
                 Some(kernel) if all_bf16(&[&weight, &bias]) => {
                     if !conv3x3_fits(&weight, geometry) {
@@ -294,6 +326,9 @@ impl ConvWeights {
                     winograd_min_tiles: c.winograd_min_tiles,
                 },
             },
+            #[cfg(feature = "cuda")]
+            Engine::Cuda if crate::cuda::conv_enabled() => ConvWeight::Cudnn(weight),
+            _ => ConvWeight::Reference(weight),
         };
         Ok(Self {
             weight,
@@ -305,9 +340,13 @@ impl ConvWeights {
 
 /// `nn.Conv2d`: x (b, cin, h, w) -> (b, cout, ho, wo).
 pub fn conv2d(x: &Tensor, w: &ConvWeights) -> Result<Tensor> {
+    let _span = profile::span("conv2d", x);
     let (bias, g) = (&w.bias, w.geometry);
     match &w.weight {
         ConvWeight::Reference(weight) => reference::conv2d(x, weight, bias, g),
+        #[cfg(feature = "cuda")]
+        ConvWeight::Cudnn(weight) => crate::cuda::conv2d(x, weight, g.padding, g.stride)?
+            .broadcast_add(&bias.reshape((1, (), 1, 1))?),
         ConvWeight::CpuF32 {
             weight,
             winograd_min_tiles,
@@ -334,12 +373,12 @@ pub struct NormWeights {
 }
 
 impl NormWeights {
-    /// A GroupNorm's weight and bias (channels). The CPU kernel computes in f32 and takes
-    /// them in f32 (exact) whatever the model's type: converted here once.
+    /// A GroupNorm's weight and bias (channels). The CPU and CUDA kernels compute in f32
+    /// and take them in f32 (exact) whatever the model's type: converted here once.
     pub fn group_norm(engine: Engine, weight: Tensor, bias: Tensor) -> Result<Self> {
         let (weight, bias) = match engine {
-            Engine::Cpu(_) => (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?),
             Engine::Reference => (weight, bias),
+            _ => (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?),
         };
         Ok(Self {
             weight,
@@ -366,6 +405,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let _span = profile::span("group_norm", x);
     match w.engine {
         Engine::Reference => reference::group_norm(x, &w.weight, &w.bias, groups, eps, silu),
         Engine::Cpu(_) if x.dtype() == DType::BF16 => {
@@ -375,11 +415,14 @@ pub fn group_norm(
         Engine::Cpu(_) => in_f32(&[x, &w.weight, &w.bias], |t| {
             cpu::norm::group_norm(&t[0], groups, &t[1], &t[2], eps, silu)
         }),
+        #[cfg(feature = "cuda")]
+        Engine::Cuda => crate::cuda::group_norm(x, &w.weight, &w.bias, groups, eps, silu),
     }
 }
 
 /// `nn.LayerNorm` (weight and bias) over the last dimension.
 pub fn layer_norm(x: &Tensor, w: &NormWeights, eps: f64) -> Result<Tensor> {
+    let _span = profile::span("layer_norm", x);
     let dtype = x.dtype();
     match w.engine {
         Engine::Cpu(_)
@@ -397,6 +440,11 @@ pub fn layer_norm(x: &Tensor, w: &NormWeights, eps: f64) -> Result<Tensor> {
 /// it is; otherwise the heads are split into (b, heads, t, d) (no copy for one head) and
 /// merged back.
 pub fn attention(engine: Engine, q: Tensor, k: Tensor, v: Tensor, heads: usize) -> Result<Tensor> {
+    let _span = profile::span("attention", &q);
+    #[cfg(feature = "cuda")]
+    if engine == Engine::Cuda && crate::cuda::attention_takes(&q, &k, &v, heads) {
+        return crate::cuda::attention(&q, &k, &v, heads);
+    }
     if let Some(kernel) = engine.bf16_kernel() {
         if all_bf16(&[&q, &k, &v]) {
             return cpu::bf16::layers::attention(kernel, &q, &k, &v, heads);
@@ -416,7 +464,7 @@ pub fn attention(engine: Engine, q: Tensor, k: Tensor, v: Tensor, heads: usize) 
         Engine::Cpu(_) => in_f32(&[&q, &k, &v], |t| {
             cpu::f32::attention::fused_attention(&t[0], &t[1], &t[2])
         })?,
-        Engine::Reference => reference::attention(&q, &k, &v)?,
+        _ => reference::attention(&q, &k, &v)?,
     };
     let dv = out.dim(3)?;
     out.transpose(1, 2)?.reshape((b, tq, heads * dv))
@@ -424,6 +472,7 @@ pub fn attention(engine: Engine, q: Tensor, k: Tensor, v: Tensor, heads: usize) 
 
 /// (b, c, h, w) -> (b, h w, c): an image's pixels as tokens, channels last.
 pub fn to_tokens(engine: Engine, x: &Tensor) -> Result<Tensor> {
+    let _span = profile::span("to_tokens", x);
     match engine {
         Engine::Cpu(_) if cpu::token_layout::takes(x) => cpu::token_layout::to_tokens(x),
         _ => reference::to_tokens(x),
@@ -432,6 +481,7 @@ pub fn to_tokens(engine: Engine, x: &Tensor) -> Result<Tensor> {
 
 /// residual (b, c, h, w) + tokens (b, h w, c) seen as an image: a transformer's output.
 pub fn to_image_add(engine: Engine, tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let _span = profile::span("to_image_add", tokens);
     match engine {
         Engine::Cpu(_)
             if cpu::token_layout::takes(tokens) && tokens.dtype() == residual.dtype() =>
@@ -448,6 +498,7 @@ pub fn to_image_add(engine: Engine, tokens: &Tensor, residual: &Tensor) -> Resul
 
 /// a + b, b broadcast to a's shape: residual additions and the time embedding's shift.
 pub fn add(engine: Engine, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _span = profile::span("add", a);
     match engine {
         Engine::Cpu(_) if cpu::elementwise::takes(a, b) => cpu::elementwise::add(a, b),
         _ => a.broadcast_add(b),

@@ -180,3 +180,149 @@ fn prepared_weights_name_their_kernel() {
         ConvWeight::Reference(_)
     ));
 }
+
+/// The CUDA engine against the reference on a GPU (`cargo test --features cuda`; these fail
+/// without one): each kernel on the same inputs as candle's composition in f32.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("the CUDA engine's tests need a CUDA GPU")
+    }
+
+    /// `rand`'s values (exact in bf16 and f16) on the GPU in `dtype`.
+    fn on_gpu(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        rand(shape, seed)
+            .to_device(&gpu())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// The bound for a result rounded to `dtype` once or twice from f32 arithmetic.
+    fn bound(dtype: DType) -> f32 {
+        match dtype {
+            DType::F32 => 1e-5,
+            DType::F16 => 1.0 / 512.0,
+            _ => 1.0 / 128.0,
+        }
+    }
+
+    #[test]
+    fn cuda_attention_matches_the_reference() {
+        // (b, heads, tq, tk, d): SD 1.5's three head widths at its token counts (64x64 latents
+        // with 8 heads of 40, the prompt's 77 keys), SD 2's and SDXL's 64, widths padded to
+        // the fragment (8, 100), query and key counts off the 64-row tiles
+        for dtype in [DType::F16, DType::BF16] {
+            for &(b, h, tq, tk, d) in &[
+                (2usize, 8usize, 4096usize, 4096usize, 40usize),
+                (2, 8, 1024, 77, 80),
+                (2, 8, 256, 256, 160),
+                (2, 5, 300, 77, 64),
+                (1, 3, 33, 100, 8),
+                (1, 2, 65, 129, 100),
+            ] {
+                // scores spread wider than +-0.5 inputs give: q times 8 (exact)
+                let q = (on_gpu(&[b, tq, h * d], 7, dtype) * 8.0).unwrap();
+                let k = on_gpu(&[b, tk, h * d], 8, dtype);
+                let v = on_gpu(&[b, tk, h * d], 9, dtype);
+                let want = attention(Engine::Reference, f32(&q), f32(&k), f32(&v), h).unwrap();
+                let got = attention(Engine::Cuda, q, k, v, h).unwrap();
+                assert_eq!((got.dtype(), got.dims()), (dtype, want.dims()));
+                let r = rel(&got, &want);
+                assert!(
+                    r < bound(dtype),
+                    "{dtype:?} ({b}, {h}, {tq}, {tk}, {d}): {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cuda_group_norm_matches_the_reference() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            // SD's widest GroupNorm at 64x64 latents, an odd pixel count, one group per channel
+            for &(b, c, hh, ww, groups) in &[
+                (2usize, 320usize, 64usize, 64usize, 32usize),
+                (1, 64, 7, 9, 8),
+                (2, 16, 5, 5, 16),
+            ] {
+                for silu in [false, true] {
+                    let x = on_gpu(&[b, c, hh, ww], 3, dtype).affine(4.0, 1.0).unwrap();
+                    let w = on_gpu(&[c], 4, dtype);
+                    let bias = on_gpu(&[c], 5, dtype);
+                    let want =
+                        reference::group_norm(&f32(&x), &f32(&w), &f32(&bias), groups, 1e-6, silu)
+                            .unwrap();
+                    let gn = NormWeights::group_norm(Engine::Cuda, w, bias).unwrap();
+                    let got = group_norm(&x, &gn, groups, 1e-6, silu).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let r = rel(&got, &want);
+                    assert!(
+                        r < bound(dtype),
+                        "{dtype:?} ({b}, {c}, {hh}, {ww}) / {groups}, silu {silu}: {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cudnn_conv2d_matches_the_reference() {
+        // SD's 3x3 (padding 1), its stride-2 downsampler, a 1x1 skip; f32 on TF32 (cuDNN's
+        // default math, as torch's): a 10-bit mantissa on the products
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for &(b, cin, cout, hw, k, stride, padding) in &[
+                (2usize, 320usize, 320usize, 64usize, 3usize, 1usize, 1usize),
+                (2, 64, 32, 17, 3, 2, 1),
+                (1, 48, 96, 9, 1, 1, 0),
+            ] {
+                let x = on_gpu(&[b, cin, hw, hw], 21, dtype);
+                let w = on_gpu(&[cout, cin, k, k], 22, dtype);
+                let want = reference::conv2d(
+                    &f32(&x),
+                    &f32(&w),
+                    &f32(&on_gpu(&[cout], 23, dtype)),
+                    ConvGeometry { stride, padding },
+                )
+                .unwrap();
+                let got = crate::cuda::conv2d(&x, &w, padding, stride)
+                    .unwrap()
+                    .broadcast_add(&on_gpu(&[cout], 23, dtype).reshape((1, (), 1, 1)).unwrap())
+                    .unwrap();
+                assert_eq!((got.dtype(), got.dims()), (dtype, want.dims()));
+                let r = rel(&got, &want);
+                let tol = if dtype == DType::F32 {
+                    1.0 / 512.0
+                } else {
+                    2.0 * bound(dtype)
+                };
+                assert!(
+                    r < tol,
+                    "{dtype:?} ({b}, {cin}->{cout}, {hw}, {k}x{k} / {stride}): {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cuda_geglu_matches_the_reference() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let x = on_gpu(&[2, 77, 64], 11, dtype);
+            let w = on_gpu(&[2 * 96, 64], 12, dtype);
+            let bias = on_gpu(&[2 * 96], 13, dtype);
+            let want = reference::geglu(
+                &reference::linear(&f32(&x), &f32(&w), Some(&f32(&bias))).unwrap(),
+            )
+            .unwrap();
+            let prepared = LinearWeights::prepare_geglu(Engine::Cuda, w, Some(bias)).unwrap();
+            assert!(matches!(prepared.weight, LinearWeight::CudaGeglu(_)));
+            let got = geglu(&x, &prepared).unwrap();
+            assert_eq!((got.dtype(), got.dims()), (dtype, &[2usize, 77, 96][..]));
+            // the projection's product rounds to the type too
+            let r = rel(&got, &want);
+            assert!(r < 2.0 * bound(dtype), "{dtype:?}: {r}");
+        }
+    }
+}

@@ -1,0 +1,42 @@
+// diffusers' GEGLU after its projection: h = [hidden | gate] (rows, 2 inner) ->
+// hidden * gelu_erf(gate) (rows, inner), one pass. candle's path is a narrow copy of each half,
+// the GELU and the product: four kernels and two (rows, inner) temporaries.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ inline float to_f32(float x) { return x; }
+__device__ inline float to_f32(__half x) { return __half2float(x); }
+__device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ inline T from_f32(float x);
+template <> __device__ inline float from_f32(float x) { return x; }
+template <> __device__ inline __half from_f32(float x) { return __float2half_rn(x); }
+template <> __device__ inline __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+__device__ void geglu(const T* __restrict__ h, T* __restrict__ out, size_t rows, int inner) {
+    const size_t n = rows * inner;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / inner, c = i % inner;
+        const float hidden = to_f32(h[r * 2 * inner + c]);
+        const float gate = to_f32(h[r * 2 * inner + inner + c]);
+        // in the type, as candle's gelu_erf then the product round
+        const T g = from_f32<T>(0.5f * gate * (1.f + erff(gate * 0.70710678118654752f)));
+        out[i] = from_f32<T>(hidden * to_f32(g));
+    }
+}
+
+}  // namespace
+
+#define GEGLU(NAME, T)                                                                   \
+    extern "C" __global__ void sdgen_geglu_##NAME(const T* h, T* out, size_t rows,      \
+                                                  int inner) {                          \
+        geglu<T>(h, out, rows, inner);                                                   \
+    }
+
+GEGLU(f32, float)
+GEGLU(f16, __half)
+GEGLU(bf16, __nv_bfloat16)
