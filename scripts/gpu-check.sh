@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The one GPU session's check, run on the GPU machine from the repository root: the CUDA
+# kernels' tests, image parity, torch's CUDA generator, then the benchmark (sdgen's kernels,
+# candle's alone, diffusers) with a per-operation profile. Prepared where the code is built:
+#
+#   scripts/build-cuda.sh --release --bin sdgen --bench pipeline
+#   scripts/build-cuda.sh --release --lib --tests --no-run     # the ops tests binary
+#   mkdir -p .dev; xz -T0 -c <binary> > .dev/{sdgen,bench,ops-tests}.xz
+#   pip download diffusers==0.42.1 importlib_metadata into .dev/whl (when the GPU machine
+#   has no diffusers)
+#
+# then, there: `bash scripts/gpu-check.sh [PARTS]` with PARTS among tests, parity, rng, bench,
+# profile, diffusers (default all; ROUNDS=N repeats the alternated bench). Writes logs and
+# results to $OUT (or /tmp/gpu-check).
+# Needs on the GPU machine: an NVIDIA driver, a CUDA 13 PyTorch (its libraries serve sdgen).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out" /tmp/sdgen-bin
+parts=${1:-tests,parity,rng,bench,profile,diffusers}
+want() { [[ ",$parts," == *",$1,"* ]]; }
+py=${PYTHON:-python3}
+
+# the CUDA 13 libraries sdgen links (cuBLAS, cuRAND, cudart, nvrtc, cuDNN 9) from the machine's PyTorch
+libs=$("$py" - <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for name in ["libcublas.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13", "libcudnn.so.9"]:
+        for f in glob.glob(os.path.join(sp, "nvidia", "**", name), recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+for b in sdgen bench ops-tests; do
+    [ -f ".dev/$b.xz" ] && xz -dc ".dev/$b.xz" >"/tmp/sdgen-bin/$b" && chmod +x "/tmp/sdgen-bin/$b"
+done
+if [ -d .dev/whl ] && ! "$py" -c "import diffusers" 2>/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev/whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
+status=0
+
+if want tests; then
+    echo "== kernel tests (ops::tests::cuda)"
+    /tmp/sdgen-bin/ops-tests cuda --test-threads=1 2>&1 | tee "$out/tests.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if want parity; then
+    echo "== image parity (tiny, tiny2; every scheduler; f32 vs diffusers, f16/bf16 vs f32)"
+    rm -rf /tmp/parity && mkdir -p /tmp/parity
+    "$py" scripts/gpu_parity.py /tmp/sdgen-bin/sdgen /tmp/parity cuda 2>&1 | tee "$out/parity.txt" || status=1
+fi
+
+if want rng; then
+    echo "== torch's CUDA generator against tests/fixtures/reference/randn_cuda.safetensors"
+    "$py" - <<'PY' 2>&1 | tee "$out/rng.txt"
+import re, torch
+from safetensors.torch import load_file
+ref = load_file("tests/fixtures/reference/randn_cuda.safetensors")
+cases = {}
+for key in ref:
+    m = re.fullmatch(r"seed(\d+)_draw(\d+)_n(\d+)", key)
+    if m:
+        cases.setdefault(int(m[1]), []).append((int(m[2]), int(m[3]), key))
+worst = 0.0
+for seed, draws in sorted(cases.items()):
+    g = torch.Generator("cuda").manual_seed(seed)
+    for k, n, key in sorted(draws):
+        x = torch.randn(n, generator=g, device="cuda").cpu()
+        idx = ref.get(key + "_idx")
+        x = x[idx] if idx is not None else x
+        d = (x - ref[key]).abs().max().item()
+        worst = max(worst, d)
+        print(f"seed {seed} draw {k} n {n}: max |difference| {d:.2e}")
+x = torch.randn((1, 4, 64, 64), generator=torch.Generator("cuda").manual_seed(42), device="cuda")
+print("seed 42 (1,4,64,64) first values", x.flatten()[:4].tolist())
+# the reference is the fixture script's float32 numpy: a few ulps of values up to ~5
+print("worst", worst, "PASS" if worst < 4e-6 else "FAIL")
+PY
+fi
+
+model=/tmp/sd15-random
+if want bench || want profile || want diffusers; then
+    if [ ! -f $model/model_index.json ]; then
+        t=$(date +%s)
+        "$py" scripts/make_fixtures.py --full-size $model >"$out/make.log" 2>&1 || { tail -5 "$out/make.log"; exit 1; }
+        echo "full-size random SD 1.5 made in $(( $(date +%s) - t )) s"
+    fi
+fi
+bench() { # dtype kernels(1|0) parts
+    SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=$1 SDGEN_CUDA_KERNELS=$2 \
+        SDGEN_BENCH_PARTS=$3 /tmp/sdgen-bin/bench --bench 2>>"$out/bench.err" | tail -1
+}
+if want bench; then
+    echo "== sdgen U-Net step and VAE decode (s), sdgen's kernels (1) and candle's alone (0), alternated"
+    for round in $(seq "${ROUNDS:-1}"); do
+        for dtype in f16 bf16 f32; do
+            for k in 1 0; do
+                echo "{\"round\": $round, \"kernels\": $k, \"result\": $(bench $dtype $k unet256,unet512,vae)}" | tee -a "$out/bench.jsonl"
+            done
+        done
+    done
+fi
+if want bench; then
+    echo "== sdgen, process start to PNG: one 512x512 image, 50 steps (PNDM, CFG)"
+    for dtype in f16 bf16; do
+        for k in 1 0; do
+            t0=$(date +%s%N)
+            SDGEN_CUDA_KERNELS=$k /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 \
+                --device cuda --dtype $dtype -o /tmp/whole-$dtype-$k.png --quiet
+            echo "$dtype kernels $k: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$out/whole.txt"
+        done
+    done
+fi
+if want profile; then
+    echo "== time per operation, 512x512 U-Net steps, f16"
+    for k in 1 0; do
+        echo "-- kernels $k"
+        SDGEN_PROFILE_OPS=1 SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=f16 \
+            SDGEN_CUDA_KERNELS=$k SDGEN_BENCH_PARTS=unet512 /tmp/sdgen-bin/bench --bench 2>&1 >/dev/null \
+            | tee -a "$out/profile.txt"
+    done
+fi
+if want diffusers; then
+    echo "== diffusers on the same GPU"
+    for dtype in ${DIFFUSERS_DTYPES:-f16 bf16 f32}; do
+        "$py" scripts/bench_diffusers.py $model --device cuda --dtype $dtype 2>>"$out/diffusers.err" \
+            | tail -1 | tee -a "$out/diffusers.jsonl"
+    done
+fi
+exit $status
