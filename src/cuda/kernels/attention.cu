@@ -15,6 +15,8 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 using namespace nvcuda;
 
 namespace {
@@ -41,12 +43,8 @@ struct Layout {
     static_assert(BYTES <= 227 * 1024, "over the shared memory of a block");
 };
 
-template <typename T> __device__ inline float to_f32(T x);
-template <> __device__ inline float to_f32(__half x) { return __half2float(x); }
-template <> __device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_f32(float x);
-template <> __device__ inline __half from_f32(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
+using sdgen::from_f32;
+using sdgen::to_f32;
 
 // rows [row0, row0 + rows) of a (tokens, stride) matrix, columns [col0, col0 + d), into a
 // rows x DP shared tile; zeros past d and past `valid` rows

@@ -8,17 +8,14 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
 constexpr int THREADS = 1024;
 
-__device__ inline float to_f32(float x) { return x; }
-__device__ inline float to_f32(__half x) { return __half2float(x); }
-__device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_f32(float x);
-template <> __device__ inline float from_f32(float x) { return x; }
-template <> __device__ inline __half from_f32(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 from_f32(float x) { return __float2bfloat16_rn(x); }
+using sdgen::from_f32;
+using sdgen::to_f32;
 
 // the sum of `v` over the block, given to every thread
 __device__ inline float block_sum(float v, float* scratch) {
