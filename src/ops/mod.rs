@@ -9,7 +9,8 @@
 //!   [`Bf16Kernel`] the engine names (AMX tiles or AVX512-BF16 dot products), each weight
 //!   rearranged at load into the layout its kernel reads; other types widened to f32.
 //! - `Engine::Cuda` (`cuda` feature): sdgen's CUDA kernels (`crate::cuda`) for attention in
-//!   f16/bf16, GroupNorm and GEGLU; candle's CUDA kernels (the reference) for the rest.
+//!   f16/bf16, GroupNorm and GEGLU, and cuDNN convolutions when `SDGEN_CUDA_CONV=cudnn`;
+//!   candle's CUDA kernels (the reference) for the rest.
 //! - [`Engine::Reference`]: candle's own ops composed ([`reference`]), on any device; the
 //!   kernel tests compare the other engines against it. `SDGEN_CUDA_KERNELS=0` runs CUDA
 //!   models on it (to compare).
