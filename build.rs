@@ -46,12 +46,23 @@ fn main() {
     };
     compile("norm", "norm.ptx", &[]);
     compile("geglu", "geglu.ptx", &[]);
-    // one module per padded head width (src/cuda/attention.rs lists the same)
-    for dp in (16..=160).step_by(16) {
-        compile(
-            "attention",
-            &format!("attention_{dp}.ptx"),
-            &[format!("-DSDGEN_DP={dp}")],
+    // one module per padded head width, and their list for src/cuda/attention.rs
+    let widths: Vec<usize> = (16..=160).step_by(16).collect();
+    let mut list = String::from(
+        "/// (module name, PTX) of the attention kernels per padded head width 16, 32, ...\n",
+    );
+    list += &format!("const PTX: [(&str, &str); {}] = [\n", widths.len());
+    for dp in &widths {
+        let ptx = format!("attention_{dp}.ptx");
+        compile("attention", &ptx, &[format!("-DSDGEN_DP={dp}")]);
+        list += &format!(
+            "    (\"sdgen_attention_{dp}\", include_str!({:?})),\n",
+            out.join(&ptx)
         );
     }
+    list += &format!(
+        "];\n/// The widest head compiled.\nconst MAX_D: usize = {};\n",
+        widths[widths.len() - 1]
+    );
+    std::fs::write(out.join("attention_modules.rs"), list).expect("writing attention_modules.rs");
 }

@@ -11,59 +11,16 @@ use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-/// The kernels' PTX, one module per padded head width (16, 32, ... 160; build.rs).
-const PTX: [(&str, &str); 10] = [
-    (
-        "sdgen_attention_16",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_16.ptx")),
-    ),
-    (
-        "sdgen_attention_32",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_32.ptx")),
-    ),
-    (
-        "sdgen_attention_48",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_48.ptx")),
-    ),
-    (
-        "sdgen_attention_64",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_64.ptx")),
-    ),
-    (
-        "sdgen_attention_80",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_80.ptx")),
-    ),
-    (
-        "sdgen_attention_96",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_96.ptx")),
-    ),
-    (
-        "sdgen_attention_112",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_112.ptx")),
-    ),
-    (
-        "sdgen_attention_128",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_128.ptx")),
-    ),
-    (
-        "sdgen_attention_144",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_144.ptx")),
-    ),
-    (
-        "sdgen_attention_160",
-        include_str!(concat!(env!("OUT_DIR"), "/attention_160.ptx")),
-    ),
-];
+// `PTX`, the (module name, PTX) per padded head width 16, 32, ... 160, and `MAX_D`, the widest
+// (SD's 40/80/160, SD 2's and SDXL's 64 among them): written by build.rs with the modules
+include!(concat!(env!("OUT_DIR"), "/attention_modules.rs"));
 
 /// The kernel's tile: query rows per block and keys per step.
 const BM: usize = 64;
 const BN: usize = 64;
-/// The largest head dimension compiled (build.rs; `PTX`): SD's 40/80/160, SD 2's
-/// and SDXL's 64.
-const MAX_D: usize = 160;
 
 /// Whether [`attention`] takes these inputs: CUDA, f16 or bf16, one head dimension for
-/// queries, keys and values of at most 160.
+/// queries, keys and values of at most `MAX_D` (160).
 pub fn attention_takes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
     let d = q.dim(2).unwrap_or(0) / heads.max(1);
     q.device().is_cuda()
