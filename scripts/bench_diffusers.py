@@ -2,6 +2,10 @@
 """The diffusers side of scripts/bench.sh: the same measurements as benches/pipeline.rs.
 
     python scripts/bench_diffusers.py MODEL_DIR [--threads N] [--dtype f32|bf16|f16] [--device cpu|cuda]
+    python scripts/bench_diffusers.py MODEL_DIR --whole N --device cuda --dtype f16
+
+`--whole N` times one 50-step 512x512 call of the pipeline (PNDM, CFG) making N images in one
+batch, after a 2-step warm-up of the same batch, for scripts/gpu-check.sh's batch part.
 """
 import argparse
 import json
@@ -41,6 +45,27 @@ def generate(args, dtype):
     pipe("bench", num_inference_steps=2, height=512, width=512, generator=torch.Generator().manual_seed(1))
 
 
+def whole(args, dtype):
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    n = args.whole
+
+    def run(steps):
+        pipe("a cat on a beach", num_inference_steps=steps, height=512, width=512,
+             num_images_per_prompt=n, generator=torch.Generator().manual_seed(1))
+        sync(args.device)
+
+    run(2)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    run(50)
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_reserved() / 2**20 if args.device.startswith("cuda") else None
+    print(json.dumps({"impl": "diffusers", "dtype": args.dtype, "device": args.device, "images": n,
+                      "steps": 50, "seconds": seconds, "torch_max_reserved_mb": peak}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -48,12 +73,16 @@ def main():
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--whole", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype, torch.float32)
     dev = args.device
     if args.generate_only:
         generate(args, dtype)
+        return
+    if args.whole:
+        whole(args, dtype)
         return
     # the whole generation first, while this process is small: Linux carries the parent's RSS
     # at the fork into the child's peak (ru_maxrss)

@@ -57,4 +57,6 @@ export CUDA_ROOT="$root" CUDA_HOME="$root" CUDA_PATH="$root"
 export PATH="$root/bin:$PATH"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$tk/stub -L native=$root/lib"
 [ $# -gt 0 ] || set -- --release --bin sdgen
-cargo build --locked --features cuda "$@"
+# CARGO_COMMAND=test with `--release --lib --no-run`: only the library's test binary (the
+# kernel tests), without the integration tests' binaries
+cargo "${CARGO_COMMAND:-build}" --locked --features cuda "$@"

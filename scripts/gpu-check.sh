@@ -4,20 +4,21 @@
 # candle's alone, diffusers) with a per-operation profile. Prepared where the code is built:
 #
 #   scripts/build-cuda.sh --release --bin sdgen --bench pipeline
-#   scripts/build-cuda.sh --release --lib --tests --no-run     # the ops tests binary
+#   CARGO_COMMAND=test scripts/build-cuda.sh --release --lib --no-run   # the kernel tests binary
 #   mkdir -p .dev; xz -T0 -c <binary> > .dev/{sdgen,bench,ops-tests}.xz
 #   pip download diffusers==0.42.1 importlib_metadata into .dev/whl (when the GPU machine
 #   has no diffusers)
 #
 # then, there: `bash scripts/gpu-check.sh [PARTS]` with PARTS among tests, parity, rng, bench,
-# profile, diffusers (default all; ROUNDS=N repeats the alternated bench). Writes logs and
+# profile, diffusers, batch (default all; ROUNDS=N repeats the alternated bench; VARIANTS,
+# PROFILE_VARIANTS and BATCH_VARIANT pick sdgen's configurations). Writes logs and
 # results to $OUT (or /tmp/gpu-check).
 # Needs on the GPU machine: an NVIDIA driver, a CUDA 13 PyTorch (its libraries serve sdgen).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out" /tmp/sdgen-bin
-parts=${1:-tests,parity,rng,bench,profile,diffusers}
+parts=${1:-tests,parity,rng,bench,profile,diffusers,batch}
 want() { [[ ",$parts," == *",$1,"* ]]; }
 py=${PYTHON:-python3}
 
@@ -84,23 +85,26 @@ PY
 fi
 
 model=/tmp/sd15-random
-if want bench || want profile || want diffusers; then
+if want bench || want profile || want diffusers || want batch; then
     if [ ! -f $model/model_index.json ]; then
         t=$(date +%s)
         "$py" scripts/make_fixtures.py --full-size $model >"$out/make.log" 2>&1 || { tail -5 "$out/make.log"; exit 1; }
         echo "full-size random SD 1.5 made in $(( $(date +%s) - t )) s"
     fi
 fi
-bench() { # dtype kernels(1|0) parts
+# VARIANTS: sdgen configurations compared, KERNELS:CONV each (SDGEN_CUDA_KERNELS 1|0,
+# SDGEN_CUDA_CONV cudnn|im2col)
+variants=${VARIANTS:-1:cudnn 1:im2col 0:im2col}
+bench() { # dtype kernels(1|0) conv(cudnn|im2col) parts
     SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=$1 SDGEN_CUDA_KERNELS=$2 \
-        SDGEN_BENCH_PARTS=$3 /tmp/sdgen-bin/bench --bench 2>>"$out/bench.err" | tail -1
+        SDGEN_CUDA_CONV=$3 SDGEN_BENCH_PARTS=$4 /tmp/sdgen-bin/bench --bench 2>>"$out/bench.err" | tail -1
 }
 if want bench; then
-    echo "== sdgen U-Net step and VAE decode (s), sdgen's kernels (1) and candle's alone (0), alternated"
+    echo "== sdgen U-Net step and VAE decode (s) per variant (kernels:conv), alternated"
     for round in $(seq "${ROUNDS:-1}"); do
         for dtype in f16 bf16 f32; do
-            for k in 1 0; do
-                echo "{\"round\": $round, \"kernels\": $k, \"result\": $(bench $dtype $k unet256,unet512,vae)}" | tee -a "$out/bench.jsonl"
+            for v in $variants; do
+                echo "{\"round\": $round, \"kernels\": ${v%%:*}, \"conv\": \"${v#*:}\", \"result\": $(bench $dtype ${v%%:*} ${v#*:} unet256,unet512,vae)}" | tee -a "$out/bench.jsonl"
             done
         done
     done
@@ -108,20 +112,58 @@ fi
 if want bench; then
     echo "== sdgen, process start to PNG: one 512x512 image, 50 steps (PNDM, CFG)"
     for dtype in f16 bf16; do
-        for k in 1 0; do
+        for v in $variants; do
             t0=$(date +%s%N)
-            SDGEN_CUDA_KERNELS=$k /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 \
-                --device cuda --dtype $dtype -o /tmp/whole-$dtype-$k.png --quiet
-            echo "$dtype kernels $k: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$out/whole.txt"
+            SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:} /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 \
+                --device cuda --dtype $dtype -o /tmp/whole-$dtype.png --quiet --overwrite
+            echo "$dtype $v: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$out/whole.txt"
         done
+    done
+fi
+# the GPU's memory in use, sampled every 50 ms while "$@" runs: its peak (MiB) to $peak_file
+peak_file=/tmp/gpu-peak
+with_peak() {
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >/tmp/gpu-mem.log &
+    local poll=$!
+    "$@"
+    local rc=$?
+    sleep 0.2; kill $poll; wait $poll 2>/dev/null
+    sort -n /tmp/gpu-mem.log | tail -1 >$peak_file
+    return $rc
+}
+stamp() { while IFS= read -r line; do echo "$(date +%s.%N) $line"; done; }
+if want batch; then
+    echo "== 50-step 512x512 images, batch 1 and 8, f16, ${BATCH_VARIANT:-1:cudnn}: time per image and peak GPU memory"
+    v=${BATCH_VARIANT:-1:cudnn}
+    export SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:}
+    for b in 1 8; do
+        t0=$(date +%s.%N)
+        with_peak /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 --device cuda --dtype f16 \
+            --num-images 8 --batch-size $b -o /tmp/batch-$b-{index}.png --json --quiet | stamp >/tmp/batch-$b.log
+        "$py" - "$t0" /tmp/batch-$b.log $b "$(cat $peak_file)" <<'PY' | tee -a "$out/batch.jsonl"
+import json, statistics, sys
+t0, log, b, peak = float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+t = [float(l.split(" ", 1)[0]) - t0 for l in open(log)]
+r = {"impl": "sdgen", "batch_size": b, "images": len(t), "line_times_s": [round(x, 3) for x in t], "gpu_peak_mib": peak}
+if b == 1:  # steady time per image between written images; the rest of the first is start-up
+    r["per_image_s"] = statistics.median(y - x for x, y in zip(t, t[1:]))
+    r["startup_s"] = t[0] - r["per_image_s"]
+print(json.dumps(r))
+PY
+    done
+    unset SDGEN_CUDA_KERNELS SDGEN_CUDA_CONV
+    for n in 1 8; do
+        with_peak "$py" scripts/bench_diffusers.py $model --whole $n --device cuda --dtype f16 \
+            >/tmp/diffusers-whole.json 2>>"$out/diffusers.err"
+        tail -1 /tmp/diffusers-whole.json | sed "s/}\$/, \"gpu_peak_mib\": $(cat $peak_file)}/" | tee -a "$out/batch.jsonl"
     done
 fi
 if want profile; then
     echo "== time per operation, 512x512 U-Net steps, f16"
-    for k in 1 0; do
-        echo "-- kernels $k"
+    for v in ${PROFILE_VARIANTS:-1:cudnn}; do
+        echo "-- kernels:conv $v"
         SDGEN_PROFILE_OPS=1 SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=f16 \
-            SDGEN_CUDA_KERNELS=$k SDGEN_BENCH_PARTS=unet512 /tmp/sdgen-bin/bench --bench 2>&1 >/dev/null \
+            SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:} SDGEN_BENCH_PARTS=unet512 /tmp/sdgen-bin/bench --bench 2>&1 >/dev/null \
             | tee -a "$out/profile.txt"
     done
 fi

@@ -1,13 +1,18 @@
 //! Convolutions through cuDNN, each shape's descriptors and algorithm made once and one
-//! workspace per device kept between calls. Opt-in (`SDGEN_CUDA_CONV=cudnn`) until it is
-//! measured on a GPU: the default is candle's im2col and cuBLAS product.
+//! workspace per device kept between calls. The default for f16 and bf16; f32 keeps candle's
+//! im2col and cuBLAS product. Measured on an H200 (BENCHMARKS.md, session 12), against im2col:
+//! U-Net step 512 f16 39.4 -> 30.7 ms, bf16 39.7 -> 31.5 ms, VAE decode 512 f16 115.5 ->
+//! 30.8 ms; but U-Net step 256 f16 13.9 -> 23.4 ms (cuDNN's heuristic first choice of algorithm,
+//! not timed: open), and f32 U-Net 90.8 -> 98.9 ms (VAE 165.5 -> 107.4 ms).
+//! `SDGEN_CUDA_CONV=cudnn` or `=im2col` picks one for every type.
 //!
 //! Why not candle's own `cudnn` feature: it builds the descriptors, asks cuDNN's heuristics and
 //! allocates and zeroes a workspace on every call, and computes f16 in f16; on an H200 it made
 //! the f16 U-Net step 77 -> 220 ms while f32 went 105 -> 84 ms and the VAE 197 -> 76 ms
 //! (BENCHMARKS.md, session 6). Here f16 and bf16 accumulate in f32 on the tensor cores (as torch
-//! asks cuDNN to), f32 runs as cuDNN's default math (TF32 allowed, as torch's
-//! `allow_tf32` for cuDNN defaults to), and the per-call work is one launch.
+//! asks cuDNN to), and the per-call work is one launch. f32 runs in full f32 (cuDNN's FMA math,
+//! no TF32), like candle's f32 products: `--dtype f32` on the GPU is the exact mode, held to 2/255
+//! of diffusers on the CPU, where torch on a GPU would allow TF32 in its convolutions.
 
 use super::launch::view;
 use candle_core::backend::BackendStorage;
@@ -24,10 +29,16 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Whether convolutions on CUDA go through [`conv2d`] (`SDGEN_CUDA_CONV=cudnn`).
-pub fn conv_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDGEN_CUDA_CONV").as_deref() == Ok("cudnn"))
+/// Whether convolutions of `dtype` on CUDA go through [`conv2d`]: f16 and bf16, unless
+/// `SDGEN_CUDA_CONV` says `cudnn` (all) or `im2col` (none).
+pub fn conv_takes(dtype: DType) -> bool {
+    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let choice = CHOICE.get_or_init(|| match std::env::var("SDGEN_CUDA_CONV").as_deref() {
+        Ok("cudnn") => Some(true),
+        Ok("im2col") => Some(false),
+        _ => None,
+    });
+    choice.unwrap_or(matches!(dtype, DType::F16 | DType::BF16))
 }
 
 /// `nn.Conv2d` without its bias: x (b, cin, h, w), weight (cout, cin, kh, kw), groups 1,
@@ -104,10 +115,12 @@ impl Conv {
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )
             .map_err(cudnn_error)?;
-        if T::DATA_TYPE != sys::cudnnDataType_t::CUDNN_DATA_FLOAT {
-            conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
-                .map_err(cudnn_error)?;
-        }
+        let math = if T::DATA_TYPE == sys::cudnnDataType_t::CUDNN_DATA_FLOAT {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        };
+        conv.set_math_type(math).map_err(cudnn_error)?;
         let x = cudnn
             .create_4d_tensor::<T>(NCHW, i(x))
             .map_err(cudnn_error)?;

@@ -5,8 +5,8 @@
 //!   candle materialised the scores in f32.
 //! - [`group_norm`]: GroupNorm (+ SiLU) in one kernel; candle_nn's is eleven.
 //! - [`geglu`]: diffusers' GEGLU after its projection in one pass; candle's is four kernels.
-//! - [`conv2d`]: convolutions through cuDNN with plans kept per shape; opt-in
-//!   (`SDGEN_CUDA_CONV=cudnn`) until measured on a GPU.
+//! - [`conv2d`]: convolutions through cuDNN with plans kept per shape, for f16 and bf16
+//!   (`SDGEN_CUDA_CONV=cudnn|im2col` overrides); candle's im2col copied every patch.
 //!
 //! `ops` decides when they run ([`crate::ops::Engine::Cuda`]); every other operation runs on
 //! candle's CUDA kernels (`ops::reference`). The tests in `ops` compare each against the
@@ -19,6 +19,6 @@ mod launch;
 mod norm;
 
 pub use attention::{attention, attention_takes};
-pub use conv::{conv2d, conv_enabled};
+pub use conv::{conv2d, conv_takes};
 pub use geglu::geglu;
 pub use norm::group_norm;

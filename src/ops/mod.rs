@@ -9,7 +9,7 @@
 //!   [`Bf16Kernel`] the engine names (AMX tiles or AVX512-BF16 dot products), each weight
 //!   rearranged at load into the layout its kernel reads; other types widened to f32.
 //! - `Engine::Cuda` (`cuda` feature): sdgen's CUDA kernels (`crate::cuda`) for attention in
-//!   f16/bf16, GroupNorm and GEGLU, and cuDNN convolutions when `SDGEN_CUDA_CONV=cudnn`;
+//!   f16/bf16, GroupNorm and GEGLU, cuDNN convolutions in f16/bf16 (`SDGEN_CUDA_CONV`);
 //!   candle's CUDA kernels (the reference) for the rest.
 //! - [`Engine::Reference`]: candle's own ops composed ([`reference`]), on any device; the
 //!   kernel tests compare the other engines against it. `SDGEN_CUDA_KERNELS=0` runs CUDA
@@ -263,7 +263,7 @@ pub struct ConvWeights {
 
 enum ConvWeight {
     Reference(Tensor),
-    /// cuDNN with kept plans (`crate::cuda::conv2d`; `SDGEN_CUDA_CONV=cudnn`).
+    /// cuDNN with kept plans (`crate::cuda::conv2d`; `crate::cuda::conv_takes`).
     #[cfg(feature = "cuda")]
     Cudnn(Tensor),
     /// The f32 kernels (im2col, or Winograd from `winograd_min_tiles` tiles); other types
@@ -328,7 +328,7 @@ impl ConvWeights {
                 },
             },
             #[cfg(feature = "cuda")]
-            Engine::Cuda if crate::cuda::conv_enabled() => ConvWeight::Cudnn(weight),
+            Engine::Cuda if crate::cuda::conv_takes(weight.dtype()) => ConvWeight::Cudnn(weight),
             _ => ConvWeight::Reference(weight),
         };
         Ok(Self {

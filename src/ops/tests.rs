@@ -270,8 +270,7 @@ mod cuda {
 
     #[test]
     fn cudnn_conv2d_matches_the_reference() {
-        // SD's 3x3 (padding 1), its stride-2 downsampler, a 1x1 skip; f32 on TF32 (cuDNN's
-        // default math, as torch's): a 10-bit mantissa on the products
+        // SD's 3x3 (padding 1), its stride-2 downsampler, a 1x1 skip; f32 in full f32 (no TF32)
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for &(b, cin, cout, hw, k, stride, padding) in &[
                 (2usize, 320usize, 320usize, 64usize, 3usize, 1usize, 1usize),
@@ -293,8 +292,9 @@ mod cuda {
                     .unwrap();
                 assert_eq!((got.dtype(), got.dims()), (dtype, want.dims()));
                 let r = rel(&got, &want);
+                // f32: cuDNN may pick Winograd or FFT, a few ulps more than a plain sum
                 let tol = if dtype == DType::F32 {
-                    1.0 / 512.0
+                    1e-4
                 } else {
                     2.0 * bound(dtype)
                 };
