@@ -15,6 +15,11 @@ use candle_core::{
 // (SD's 40/80/160, SD 2's and SDXL's 64 among them): written by build.rs with the modules
 include!(concat!(env!("OUT_DIR"), "/attention_modules.rs"));
 
+/// The entry point for element type `ty` (`f16`, `bf16`) and padded head width `dp`.
+fn kernel_name(ty: &str, dp: usize) -> String {
+    format!("sdgen_attention_{ty}_{dp}")
+}
+
 /// The kernel's tile: query rows per block and keys per step.
 const BM: usize = 64;
 const BN: usize = 64;
@@ -71,7 +76,7 @@ impl Attention {
         (b, tq, tk, d): (usize, usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
         let dp = d.div_ceil(16) * 16;
-        let name = format!("sdgen_attention_{}_{dp}", type_name(dtype)?);
+        let name = kernel_name(type_name(dtype)?, dp);
         let (module, ptx) = PTX[dp / 16 - 1];
         let func = dev.get_or_load_custom_func(&name, module, ptx)?;
         let smem = shared_bytes(dp);
@@ -165,5 +170,23 @@ impl CustomOp3 for Attention {
             },
             ql.shape().clone(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{kernel_name, MAX_D, PTX};
+
+    /// Each module defines the entry points the launch asks for (no GPU needed: the PTX text).
+    /// A name that the preprocessor left unexpanded once passed the build and failed on the GPU.
+    #[test]
+    fn each_module_has_its_entry_points() {
+        assert_eq!(PTX.len(), MAX_D / 16);
+        for (i, (_, ptx)) in PTX.iter().enumerate() {
+            for ty in ["f16", "bf16"] {
+                let entry = format!(".entry {}(", kernel_name(ty, 16 * (i + 1)));
+                assert!(ptx.contains(&entry), "module {i} lacks {entry}");
+            }
+        }
     }
 }

@@ -176,7 +176,9 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
 
 // sdgen_attention_<type>_<DP>: grid (ceil(tq / 64), heads, batch), 128 threads, dynamic shared
 // memory Layout<DP>::BYTES (cuda/attention.rs computes the same)
-#define INSTANCE(NAME, T, DP)                                                                  \
+// (two levels, so that DP is expanded before it is pasted into the name)
+#define INSTANCE(NAME, T, DP) INSTANCE_(NAME, T, DP)
+#define INSTANCE_(NAME, T, DP)                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
         sdgen_attention_##NAME##_##DP(const T* q, const T* k, const T* v, T* out, int tq,    \
                                       int tk, int heads, int d, float scale_log2) {          \
