@@ -207,6 +207,9 @@ pub fn encode(te: &ClipTextModel, chunks: &Chunks, skip: usize, device: &Device)
         let z = te.forward(&ids, skip)?;
         let z = match &chunks.weights {
             None => z,
+            // all 1: the web UI's z * (mean / mean) is z, except that it is NaN where the mean
+            // is exactly 0 (the tiny model's unit LayerNorms with zero bias give that)
+            Some(w) if w[i].iter().all(|&x| x == 1.0) => z,
             Some(w) => {
                 // the "Original" emphasis: z * w, scaled back to z's mean
                 let dtype = z.dtype();

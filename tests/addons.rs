@@ -218,6 +218,33 @@ fn web_ui_chunks_match_its_algorithm() {
     }
 }
 
+/// A web UI prompt without weights encodes as diffusers' plain one (same chunk for a short
+/// prompt, the emphasis's rescaling by mean / mean skipped), also where the text encoder's
+/// output has a mean of exactly 0 (the tiny model: the web UI's arithmetic gives NaN there).
+#[test]
+fn web_ui_prompts_without_weights_encode_as_plain_ones() {
+    let p = load(&model_dir("tiny"));
+    for (prompt, negative) in [
+        ("a cat", ""),
+        ("a photo of a cat on a beach", "blurry, lowres"),
+    ] {
+        let plain = Request {
+            prompt: prompt.into(),
+            negative_prompt: negative.into(),
+            ..tiny_request(&p)
+        };
+        let web = Request {
+            prompt_syntax: PromptSyntax::A1111,
+            ..plain.clone()
+        };
+        let (a, b) = (
+            p.generate_all(&plain).unwrap(),
+            p.generate_all(&web).unwrap(),
+        );
+        assert!(a[0].rgb == b[0].rgb, "{prompt:?} / {negative:?}");
+    }
+}
+
 /// tiny with the random text-encoder LayerNorms of addons/tiny_ln_norms.safetensors, as the
 /// fixture script builds it.
 fn tiny_ln(dir: &Path) -> Pipeline {
