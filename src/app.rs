@@ -6,6 +6,7 @@ use crate::batch::{self, parse_prompts, Job, Shard};
 use crate::cli::Args;
 use crate::conditioning::PromptSyntax;
 use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::infotext::{self, FileHashes, Pictures};
 use crate::input_image::Picture;
 use crate::interrupt;
 use crate::output::{self, NameFields, Written};
@@ -28,7 +29,7 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// A seed from the clock and the process's random hasher keys, in torch's 32-bit seed range.
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -406,59 +407,90 @@ fn job_loras(
         loras.push(spec);
     }
     if job.prompt_syntax == PromptSyntax::A1111 {
-        let (_, tags) = crate::prompt_syntax::take_lora_tags(&job.prompt)?;
-        for tag in tags {
-            let Some(dir) = &args.lora_dir else {
-                bail!(
-                    "the prompt's <lora:{}> tag needs --lora-dir, the folder of the LoRA files",
-                    tag.name
-                );
-            };
-            if tag.name.is_empty() || tag.name.starts_with('.') || tag.name.contains(['/', '\\']) {
-                bail!(
-                    "<lora:{}>: a LoRA name is a file name in --lora-dir, without folders",
-                    tag.name
-                );
-            }
-            let path = ["safetensors", "pt", "ckpt", "bin"]
-                .iter()
-                .map(|ext| dir.join(format!("{}.{ext}", tag.name)))
-                .find(|p| p.is_file())
-                .with_context(|| {
-                    format!(
-                        "<lora:{}>: no {}.safetensors (.pt, .ckpt, .bin) in {}",
-                        tag.name,
-                        tag.name,
-                        dir.display()
-                    )
-                })?;
-            loras.push(LoraSpec {
-                path,
-                te_scale: tag.te_scale,
-                unet_scale: tag.unet_scale,
-            });
+        loras.extend(lora_tag_files(&job.prompt, args.lora_dir.as_deref())?);
+    }
+    Ok(loras)
+}
+
+/// The LoRAs a web UI prompt's `<lora:NAME:W>` tags name, found in `lora_dir`.
+pub(crate) fn lora_tag_files(
+    prompt: &str,
+    lora_dir: Option<&std::path::Path>,
+) -> Result<Vec<LoraSpec>> {
+    let (_, tags) = crate::prompt_syntax::take_lora_tags(prompt)?;
+    let mut loras = Vec::new();
+    for tag in tags {
+        let Some(dir) = lora_dir else {
+            bail!(
+                "the prompt's <lora:{}> tag needs --lora-dir, the folder of the LoRA files",
+                tag.name
+            );
+        };
+        if tag.name.is_empty() || tag.name.starts_with('.') || tag.name.contains(['/', '\\']) {
+            bail!(
+                "<lora:{}>: a LoRA name is a file name in --lora-dir, without folders",
+                tag.name
+            );
         }
+        let path = ["safetensors", "pt", "ckpt", "bin"]
+            .iter()
+            .map(|ext| dir.join(format!("{}.{ext}", tag.name)))
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!(
+                    "<lora:{}>: no {}.safetensors (.pt, .ckpt, .bin) in {}",
+                    tag.name,
+                    tag.name,
+                    dir.display()
+                )
+            })?;
+        loras.push(LoraSpec {
+            path,
+            te_scale: tag.te_scale,
+            unet_scale: tag.unet_scale,
+        });
     }
     Ok(loras)
 }
 
 /// The model, loaded once, with the scheduler overrides applied.
 fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -> Result<Pipeline> {
+    // many prompts: load once, keep everything, find bad weights before any work
+    let mut pipeline = load_pipeline(
+        model,
+        device,
+        dtype,
+        &args.embedding,
+        args.prompts.is_some(),
+    )?;
+    apply_scheduler_overrides(&mut pipeline, args);
+    Ok(pipeline)
+}
+
+/// A model with its `embeddings` (files or Hub files), with a spinner while it loads. `keep`:
+/// every component loaded now and kept (many requests); else each loaded when first needed
+/// and dropped after (one run, the lowest peak memory).
+pub(crate) fn load_pipeline(
+    model: &ModelRequest,
+    device: Device,
+    dtype: DType,
+    embeddings: &[String],
+    keep: bool,
+) -> Result<Pipeline> {
     let files = source::resolve(model)?;
-    let spinner = (!args.quiet).then(|| {
+    let spinner = model.progress.then(|| {
         let s = ProgressBar::new_spinner();
         s.set_message(format!("loading {}", files.name));
         s.enable_steady_tick(std::time::Duration::from_millis(120));
         s
     });
     let mut pipeline = Pipeline::load(files, device, dtype)?;
-    for e in &args.embedding {
+    for e in embeddings {
         let path = source::resolve_file(e, model.offline, model.progress)
             .with_context(|| format!("--embedding {e}"))?;
         pipeline.add_embedding(&path)?;
     }
-    if args.prompts.is_some() {
-        // many prompts: load once, keep everything, find bad weights before any work
+    if keep {
         pipeline.preload()?;
     } else {
         pipeline.residency = Residency::Sequential;
@@ -466,8 +498,16 @@ fn load_model(args: &Args, model: &ModelRequest, device: Device, dtype: DType) -
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
-    apply_scheduler_overrides(&mut pipeline, args);
     Ok(pipeline)
+}
+
+/// An error and its causes on one line, without the backtraces candle appends on the lines
+/// after a message: what `error:` prints, and what the server answers.
+pub fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string().lines().next().unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// What the generation phase did.
@@ -591,29 +631,34 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
                 ));
             }
         }
-        let scheduler_name = request
-            .scheduler
-            .clone()
-            .or(pipeline.default_scheduler.map(str::to_string))
-            .unwrap_or_else(|| "pndm".into());
+        let scheduler_name = infotext::scheduler_name(pipeline, request.scheduler.as_deref());
+        let pictures = Pictures {
+            image: job.image.clone(),
+            mask: job.mask.clone(),
+            keep_unmasked: args.keep_unmasked,
+            mask_blur: args.mask_blur,
+        };
         let mut k = 0;
         let result = pipeline.generate(
             &request,
-            &mut |steps, total| bars.step(steps, total),
+            &mut |steps, total| {
+                bars.step(steps, total);
+                Ok(())
+            },
             &mut |mut img| {
                 if let Some((picture, mask)) = &overlay {
                     crate::input_image::overlay(&mut img.rgb, picture, mask);
                 }
                 let p = &todo[k];
                 k += 1;
-                let meta = metadata(
+                let meta = infotext::metadata(
                     pipeline,
                     &request,
-                    job,
+                    job.line,
+                    &pictures,
                     &scheduler_name,
                     &img,
                     &mut hashes,
-                    (args.keep_unmasked, args.mask_blur),
                 )?;
                 let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
                 match output::write_atomic(&p.path, &png, args.overwrite)? {
@@ -880,161 +925,6 @@ fn apply_scheduler_overrides(p: &mut Pipeline, args: &Args) {
     }
     for (k, v) in &args.scheduler_option {
         p.scheduler_config.set(k, v.clone());
-    }
-}
-
-/// The web UI's short hashes of LoRA files, computed once per file.
-#[derive(Default)]
-struct FileHashes(HashMap<PathBuf, String>);
-
-impl FileHashes {
-    /// The first 12 hex digits of the SHA-256 the web UI names a LoRA by: of the tensor data
-    /// for safetensors (its "addnet" hash, header skipped), of the whole file otherwise.
-    fn lora(&mut self, path: &std::path::Path) -> Result<String> {
-        if let Some(h) = self.0.get(path) {
-            return Ok(h.clone());
-        }
-        let skip = if path.extension().is_some_and(|e| e == "safetensors") {
-            let mut n = [0u8; 8];
-            std::io::Read::read_exact(&mut std::fs::File::open(path)?, &mut n)?;
-            u64::from_le_bytes(n).saturating_add(8)
-        } else {
-            0
-        };
-        let h = crate::weights::file_sha256(path, skip)?[..12].to_string();
-        self.0.insert(path.to_path_buf(), h.clone());
-        Ok(h)
-    }
-}
-
-fn metadata(
-    p: &Pipeline,
-    r: &Request,
-    job: &Job,
-    scheduler: &str,
-    img: &GeneratedImage,
-    hashes: &mut FileHashes,
-    (keep_unmasked, mask_blur): (bool, f32),
-) -> Result<output::Metadata> {
-    let model = p.files.name.clone();
-    let revision = p.files.revision.clone().unwrap_or_default();
-    let mut params = format!("{}\n", r.prompt);
-    if !r.negative_prompt.is_empty() {
-        params.push_str(&format!("Negative prompt: {}\n", r.negative_prompt));
-    }
-    params.push_str(&format!(
-        "Steps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        r.steps, scheduler, r.guidance, img.seed, img.width, img.height, model
-    ));
-    if r.clip_skip > 1 {
-        // the web UI writes it only when it is not 1, after the model
-        params.push_str(&format!(", Clip skip: {}", r.clip_skip));
-    }
-    // the web UI's noise source: CPU (torch's CPU generator) or NV (torch's CUDA one)
-    params.push_str(&format!(", RNG: {}", r.rng.web_ui_name()));
-    if let Some(image) = &r.image {
-        params.push_str(&format!(", Denoising strength: {}", image.strength));
-        if image.mask.is_some() && mask_blur > 0.0 {
-            params.push_str(&format!(", Mask blur: {mask_blur}"));
-        }
-    }
-    // the embeddings the prompts use and the LoRAs, named and hashed as the web UI does
-    let mut ids = std::collections::HashSet::new();
-    for text in r.texts()? {
-        ids.extend(
-            p.tokenize(&text, r.prompt_syntax)?
-                .ids
-                .into_iter()
-                .flatten(),
-        );
-    }
-    let used: Vec<String> = p
-        .embeddings()
-        .iter()
-        .filter(|e| p.embedding_id(&e.name).is_some_and(|id| ids.contains(&id)))
-        .map(|e| format!("{}: {}", e.name.replace([':', ','], ""), e.short_hash))
-        .collect();
-    if !used.is_empty() {
-        params.push_str(&format!(", TI hashes: \"{}\"", used.join(", ")));
-    }
-    let mut lora_hashes = Vec::new();
-    for l in &r.loras {
-        let name = l.path.file_stem().unwrap_or_default().to_string_lossy();
-        lora_hashes.push(format!(
-            "{}: {}",
-            name.replace([':', ','], ""),
-            hashes.lora(&l.path)?
-        ));
-    }
-    if !lora_hashes.is_empty() {
-        params.push_str(&format!(", Lora hashes: \"{}\"", lora_hashes.join(", ")));
-    }
-    params.push_str(&format!(", Version: sdgen {VERSION}"));
-    let mut meta = vec![
-        ("parameters".into(), params),
-        ("prompt".into(), r.prompt.clone()),
-        ("negative_prompt".into(), r.negative_prompt.clone()),
-        ("seed".into(), img.seed.to_string()),
-        ("steps".into(), r.steps.to_string()),
-        ("guidance".into(), r.guidance.to_string()),
-        ("scheduler".into(), scheduler.to_string()),
-        ("width".into(), img.width.to_string()),
-        ("height".into(), img.height.to_string()),
-        ("model".into(), model),
-        ("model_revision".into(), revision),
-        ("dtype".into(), dtype_name(p.dtype).to_string()),
-        ("clip_skip".into(), r.clip_skip.to_string()),
-        ("prompt_syntax".into(), syntax_name(r.prompt_syntax).into()),
-        ("rng".into(), r.rng.name().into()),
-        ("software".into(), format!("sdgen {VERSION}")),
-    ];
-    if let Some(line) = job.line {
-        meta.push(("prompts_line".into(), line.to_string()));
-    }
-    if !r.loras.is_empty() {
-        let list: Vec<String> = r
-            .loras
-            .iter()
-            .map(|l| format!("{}:{}:{}", l.path.display(), l.te_scale, l.unet_scale))
-            .collect();
-        meta.push(("loras".into(), list.join("\n")));
-    }
-    if let (Some(image), Some(path)) = (&r.image, &job.image) {
-        meta.push(("init_image".into(), path.clone()));
-        meta.push((
-            "init_image_sha256".into(),
-            crate::weights::file_sha256(std::path::Path::new(path), 0)?,
-        ));
-        meta.push(("strength".into(), image.strength.to_string()));
-        if keep_unmasked && job.mask.is_some() {
-            meta.push(("keep_unmasked".into(), "true".into()));
-        }
-        if mask_blur > 0.0 && job.mask.is_some() {
-            meta.push(("mask_blur".into(), mask_blur.to_string()));
-        }
-        if let Some(mask) = &job.mask {
-            meta.push(("mask".into(), mask.clone()));
-            meta.push((
-                "mask_sha256".into(),
-                crate::weights::file_sha256(std::path::Path::new(mask), 0)?,
-            ));
-        }
-    }
-    if !p.embeddings().is_empty() {
-        let list: Vec<String> = p
-            .embeddings()
-            .iter()
-            .map(|e| e.path.display().to_string())
-            .collect();
-        meta.push(("embeddings".into(), list.join("\n")));
-    }
-    Ok(meta)
-}
-
-fn syntax_name(s: PromptSyntax) -> &'static str {
-    match s {
-        PromptSyntax::Plain => "plain",
-        PromptSyntax::A1111 => "a1111",
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! The binary is a thin shell over [`app::run`]; tests use the same library. Layers, each
 //! importing only those below it:
-//! - `app`, `cli`, `batch`, `output`, `input_image`, `interrupt`: what the binary does.
+//! - `app`, `cli`, `batch`, `output`, `infotext`, `input_image`, `interrupt`: what the binary
+//!   does.
 //! - `pipeline`: the denoising loop over the models; `schedulers`, `rng`, `tokenizer`;
 //!   `conditioning` (prompts into the U-Net's context, plain or in the web UI's
 //!   `prompt_syntax`).
@@ -27,6 +28,7 @@ pub(crate) mod cuda;
 pub mod device;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub(crate) mod infotext;
 pub mod input_image;
 pub(crate) mod interrupt;
 pub(crate) mod models;

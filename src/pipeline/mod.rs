@@ -89,8 +89,9 @@ impl Request {
     }
 }
 
-/// Called after every denoising step with (steps done, total).
-pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize);
+/// Called after every denoising step with (steps done, total); an error stops the run there
+/// (the server's cancelled jobs).
+pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
 
 /// One generated image: RGB8, row-major.
 pub struct GeneratedImage {
@@ -633,7 +634,7 @@ impl Pipeline {
             let n = r.batch_size.min(n_images - first);
             let latents = self.denoise(r, first, n, &cond, uncond.as_ref(), &mut |_, _| {
                 done += 1;
-                on_step(done, total_steps);
+                on_step(done, total_steps)
             })?;
             if self.residency == Residency::Sequential && first + n >= n_images {
                 *self.unet.borrow_mut() = None;
@@ -664,7 +665,7 @@ impl Pipeline {
     /// [`Pipeline::generate`] collecting the images.
     pub fn generate_all(&self, r: &Request) -> Result<Vec<GeneratedImage>> {
         let mut out = Vec::new();
-        self.generate(r, &mut |_, _| {}, &mut |img| {
+        self.generate(r, &mut |_, _| Ok(()), &mut |img| {
             out.push(img);
             Ok(())
         })?;
@@ -769,7 +770,7 @@ impl Pipeline {
                 );
             }
             crate::interrupt::check()?;
-            on_step(i + 1 - begin, timesteps.len() - begin);
+            on_step(i + 1 - begin, timesteps.len() - begin)?;
         }
         Ok(latents)
     }
