@@ -3,7 +3,7 @@
 //! The binary is a thin shell over [`app::run`]; tests use the same library. Layers, each
 //! importing only those below it:
 //! - `app`, `cli`, `batch`, `output`, `infotext`, `input_image`, `interrupt`: what the binary
-//!   does.
+//!   does; `serve`: the same pipeline behind HTTP APIs (`sdgen serve`).
 //! - `pipeline`: the denoising loop over the models; `schedulers`, `rng`, `tokenizer`;
 //!   `conditioning` (prompts into the U-Net's context, plain or in the web UI's
 //!   `prompt_syntax`).
@@ -38,6 +38,7 @@ pub mod pipeline;
 pub mod prompt_syntax;
 pub mod rng;
 pub mod schedulers;
+pub mod serve;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
