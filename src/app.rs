@@ -10,7 +10,7 @@ use crate::infotext::{self, FileHashes, Pictures};
 use crate::input_image::Picture;
 use crate::interrupt;
 use crate::output::{self, NameFields, Written};
-use crate::pipeline::{GeneratedImage, InitImage, Pipeline, Request, Residency};
+use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
 use crate::source::{self, offline_from_env, ModelRequest, Precision, WeightFiles};
 use anyhow::{bail, Context, Result};
@@ -565,24 +565,19 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             job.width.unwrap_or(default_w),
             job.height.unwrap_or(default_h),
         );
-        // the mask as given (blurred), at the image's size: binarized for the pipeline, as it
-        // is for --keep-unmasked
-        let mask_gray = start
-            .as_ref()
-            .and_then(|s| s.mask.as_ref())
-            .map(|m| m.mask_gray(width, height, args.mask_blur));
-        let overlay = match (&start, &mask_gray) {
-            (Some(s), Some(gray)) if args.keep_unmasked => {
-                Some((s.picture.rgb_at(width, height), gray.clone()))
-            }
-            _ => None,
-        };
-        let image = match start
-            .as_ref()
-            .map(|s| init_image(&s.picture, mask_gray.as_ref(), job, (width, height)))
-        {
-            None => None,
-            Some(Ok(image)) => Some(image),
+        let prepared = start.as_ref().map(|s| {
+            crate::input_image::start(
+                &s.picture,
+                s.mask.as_ref(),
+                (width, height),
+                args.mask_blur,
+                job.strength,
+                args.keep_unmasked,
+            )
+        });
+        let (image, overlay) = match prepared {
+            None => (None, None),
+            Some(Ok(s)) => (Some(s.init), s.overlay),
             Some(Err(e)) if batch_mode && !args.strict => {
                 bars.println(&format!("error: {where_}{e:#}"));
                 done.bad_jobs += 1;
@@ -632,11 +627,17 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             }
         }
         let scheduler_name = infotext::scheduler_name(pipeline, request.scheduler.as_deref());
-        let pictures = Pictures {
-            image: job.image.clone(),
-            mask: job.mask.clone(),
-            keep_unmasked: args.keep_unmasked,
-            mask_blur: args.mask_blur,
+        let pictures = match Pictures::files(
+            job.image.as_deref(),
+            job.mask.as_deref(),
+            args.keep_unmasked,
+            args.mask_blur,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                done.outcome = Err(e);
+                break;
+            }
         };
         let mut k = 0;
         let result = pipeline.generate(
@@ -727,23 +728,6 @@ fn start_picture(pipeline: &Pipeline, job: &Job) -> Result<Option<StartPictures>
         mask,
         size,
     }))
-}
-
-/// The picture (and mask) at the request's size, with the job's strength or diffusers'
-/// default (0.8, 1 when inpainting).
-fn init_image(
-    picture: &Picture,
-    mask_gray: Option<&image::GrayImage>,
-    job: &Job,
-    (width, height): (usize, usize),
-) -> Result<InitImage> {
-    let mask = mask_gray.map(crate::input_image::binarize).transpose()?;
-    let default = if mask.is_some() { 1.0 } else { 0.8 };
-    Ok(InitImage {
-        pixels: picture.to_tensor(width, height)?,
-        strength: job.strength.unwrap_or(default),
-        mask,
-    })
 }
 
 /// Warns about prompts that were cut at CLIP's 77 tokens.

@@ -11,17 +11,59 @@ use anyhow::Result;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The files an image-to-image request started from, and how its mask was used.
+/// A picture an image-to-image request started from: its name (a file's path) and the
+/// SHA-256 of its bytes.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub sha256: String,
+}
+
+impl Source {
+    pub fn file(path: &str) -> Result<Self> {
+        Ok(Self {
+            name: path.to_string(),
+            sha256: crate::weights::file_sha256(std::path::Path::new(path), 0)?,
+        })
+    }
+
+    pub fn bytes(name: &str, bytes: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        Self {
+            name: name.to_string(),
+            sha256: format!("{:x}", Sha256::digest(bytes)),
+        }
+    }
+}
+
+/// The pictures an image-to-image request started from, and how its mask was used.
 #[derive(Debug, Default, Clone)]
 pub struct Pictures {
-    /// The start picture's file.
-    pub image: Option<String>,
-    /// Inpainting's mask file.
-    pub mask: Option<String>,
+    /// The start picture.
+    pub image: Option<Source>,
+    /// Inpainting's mask.
+    pub mask: Option<Source>,
     /// `--keep-unmasked`.
     pub keep_unmasked: bool,
     /// `--mask-blur`.
     pub mask_blur: f32,
+}
+
+impl Pictures {
+    /// The CLI's: files, hashed once per job.
+    pub fn files(
+        image: Option<&str>,
+        mask: Option<&str>,
+        keep_unmasked: bool,
+        mask_blur: f32,
+    ) -> Result<Self> {
+        Ok(Self {
+            image: image.map(Source::file).transpose()?,
+            mask: mask.map(Source::file).transpose()?,
+            keep_unmasked,
+            mask_blur,
+        })
+    }
 }
 
 /// The scheduler a request runs, as sdgen names it: the request's (`--scheduler`), else the
@@ -69,8 +111,8 @@ pub fn metadata(
     hashes: &mut FileHashes,
 ) -> Result<Metadata> {
     let Pictures {
-        image: image_path,
-        mask: mask_path,
+        image: image_source,
+        mask: mask_source,
         keep_unmasked,
         mask_blur,
     } = pictures;
@@ -158,25 +200,19 @@ pub fn metadata(
             .collect();
         meta.push(("loras".into(), list.join("\n")));
     }
-    if let (Some(image), Some(path)) = (&r.image, image_path) {
-        meta.push(("init_image".into(), path.clone()));
-        meta.push((
-            "init_image_sha256".into(),
-            crate::weights::file_sha256(std::path::Path::new(path), 0)?,
-        ));
+    if let (Some(image), Some(source)) = (&r.image, image_source) {
+        meta.push(("init_image".into(), source.name.clone()));
+        meta.push(("init_image_sha256".into(), source.sha256.clone()));
         meta.push(("strength".into(), image.strength.to_string()));
-        if keep_unmasked && mask_path.is_some() {
+        if keep_unmasked && mask_source.is_some() {
             meta.push(("keep_unmasked".into(), "true".into()));
         }
-        if mask_blur > 0.0 && mask_path.is_some() {
+        if mask_blur > 0.0 && mask_source.is_some() {
             meta.push(("mask_blur".into(), mask_blur.to_string()));
         }
-        if let Some(mask) = mask_path {
-            meta.push(("mask".into(), mask.clone()));
-            meta.push((
-                "mask_sha256".into(),
-                crate::weights::file_sha256(std::path::Path::new(mask), 0)?,
-            ));
+        if let Some(mask) = mask_source {
+            meta.push(("mask".into(), mask.name.clone()));
+            meta.push(("mask_sha256".into(), mask.sha256.clone()));
         }
     }
     if !p.embeddings().is_empty() {

@@ -7,6 +7,7 @@
 //! PIL's Lanczos resampling, ported here ([`lanczos`]) because the `image` crate's Lanczos-3
 //! weighs and rounds differently.
 
+use crate::pipeline::InitImage;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -24,10 +25,25 @@ pub struct Picture {
 impl Picture {
     pub fn open(path: &Path) -> Result<Self> {
         let what = || format!("cannot read the image {}", path.display());
-        let mut reader = image::ImageReader::open(path)
+        let reader = image::ImageReader::open(path)
             .with_context(what)?
             .with_guessed_format()
             .with_context(what)?;
+        Self::decode(reader, &path.display().to_string())
+    }
+
+    /// A picture sent as bytes (the server's base64 images); `name` says which in errors.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Self> {
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .with_context(|| format!("cannot read the image {name}"))?;
+        Self::decode(reader, name)
+    }
+
+    fn decode<R: std::io::BufRead + std::io::Seek>(
+        mut reader: image::ImageReader<R>,
+        name: &str,
+    ) -> Result<Self> {
         let mut limits = image::Limits::default();
         limits.max_image_width = Some(MAX_SIDE);
         limits.max_image_height = Some(MAX_SIDE);
@@ -35,13 +51,12 @@ impl Picture {
         reader.limits(limits);
         let decoded = reader.decode().map_err(|e| match e {
             image::ImageError::Limits(_) => anyhow::anyhow!(
-                "{}: the image is larger than sdgen's limit of {MAX_SIDE} pixels a side (or 1 GiB decoded)",
-                path.display()
+                "{name}: the image is larger than sdgen's limit of {MAX_SIDE} pixels a side (or 1 GiB decoded)"
             ),
-            e => anyhow::anyhow!("{}: {e} (a PNG, JPEG or WebP file is expected)", path.display()),
+            e => anyhow::anyhow!("{name}: {e} (a PNG, JPEG or WebP file is expected)"),
         })?;
         if decoded.width() == 0 || decoded.height() == 0 {
-            bail!("{}: the image has no pixels", path.display());
+            bail!("{name}: the image has no pixels");
         }
         Ok(Self {
             rgb: decoded.to_rgb8(),
@@ -141,7 +156,42 @@ pub fn binarize(gray: &image::GrayImage) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, 1, h, w), &Device::Cpu)?)
 }
 
-impl Picture {}
+/// Image-to-image's inputs at a request's size.
+pub struct Start {
+    /// What the pipeline starts from.
+    pub init: InitImage,
+    /// The picture and the blurred mask to lay back over each generated image where the mask
+    /// keeps the picture (`--keep-unmasked`, the web UI's overlay).
+    pub overlay: Option<(image::RgbImage, image::GrayImage)>,
+}
+
+/// `picture` (and inpainting's `mask`, blurred by `mask_blur` and binarized as diffusers'
+/// mask processor does) at `width` x `height`, with `strength` or diffusers' default (0.8, 1
+/// when inpainting).
+pub fn start(
+    picture: &Picture,
+    mask: Option<&Picture>,
+    (width, height): (usize, usize),
+    mask_blur: f32,
+    strength: Option<f64>,
+    keep_unmasked: bool,
+) -> Result<Start> {
+    let gray = mask.map(|m| m.mask_gray(width, height, mask_blur));
+    let overlay = match &gray {
+        Some(g) if keep_unmasked => Some((picture.rgb_at(width, height), g.clone())),
+        _ => None,
+    };
+    let mask = gray.as_ref().map(binarize).transpose()?;
+    let default = if mask.is_some() { 1.0 } else { 0.8 };
+    Ok(Start {
+        init: InitImage {
+            pixels: picture.to_tensor(width, height)?,
+            strength: strength.unwrap_or(default),
+            mask,
+        },
+        overlay,
+    })
+}
 
 /// PIL's `Image.resize(size, LANCZOS)` on 8-bit pixels (`Resample.c`): per axis (width
 /// first, then height; an axis of the same size is left alone), each output pixel the

@@ -306,6 +306,100 @@ fn webui_txt2img_gives_diffusers_images_and_the_clis_files() {
     );
 }
 
+fn b64_file(rel: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(fixtures().join(rel)).unwrap())
+}
+
+/// The text chunk `key` of a PNG.
+fn png_text(png: &[u8], key: &str) -> String {
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    let info = reader.info();
+    info.uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == key)
+        .map(|t| t.text.clone())
+        .unwrap_or_else(|| panic!("no {key} chunk"))
+}
+
+#[test]
+fn webui_img2img_and_inpainting_give_diffusers_images() {
+    let server = Server::start(&[]);
+    let meta = e2e();
+    let base = json!({
+        "prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"], "seed": 42,
+        "steps": 6, "cfg_scale": 7.5, "width": 32, "height": 32, "sampler_name": "Euler",
+        "init_images": [format!("data:image/png;base64,{}", b64_file("img2img/tiny.png"))],
+    });
+    // image to image at strength 0.6
+    let mut body = base.clone();
+    body["denoising_strength"] = json!(0.6);
+    let r = server.post("/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let png = unbase64(v["images"][0].as_str().unwrap());
+    assert_matches_reference(&png, "img2img/tiny-euler-0.6.png");
+    assert!(v["parameters"]["init_images"].is_null());
+    let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], 0.6);
+    // the CLI's pixels from the same file, and the same picture's hash in the metadata
+    let picture = fixtures().join("img2img/tiny.png");
+    let cli = cli_images(
+        &[
+            meta["prompt"].as_str().unwrap(),
+            "-n",
+            meta["negative_prompt"].as_str().unwrap(),
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "-g",
+            "7.5",
+            "-W",
+            "32",
+            "-H",
+            "32",
+            "--scheduler",
+            "Euler",
+            "--prompt-syntax",
+            "a1111",
+            "--image",
+            picture.to_str().unwrap(),
+            "--strength",
+            "0.6",
+        ],
+        1,
+    );
+    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
+    assert!(pixels(&png) == pixels(&cli[0]));
+    assert_eq!(
+        png_text(&png, "init_image_sha256"),
+        png_text(&cli[0], "init_image_sha256")
+    );
+    // inpainting: the mask blurred by 4 (the web UI's default), the kept parts laid back
+    let mut body = base.clone();
+    body["denoising_strength"] = json!(1.0);
+    body["mask"] = json!(b64_file("img2img/tiny-mask.png"));
+    let r = server.post("/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let png = unbase64(r.json()["images"][0].as_str().unwrap());
+    assert_matches_reference(&png, "inpaint/blur4-overlay-tiny-euler-1.0.png");
+    // pictures that cannot be used
+    for (init, needle) in [
+        (json!([]), "init_images"),
+        (json!(["%%%"]), "not base64"),
+        (json!(["aGVsbG8="]), "PNG, JPEG or WebP"),
+    ] {
+        let mut body = base.clone();
+        body["init_images"] = init;
+        let (status, message) = error_of(&server.post("/sdapi/v1/img2img", &body));
+        assert_eq!(status, 400, "{message}");
+        assert!(message.contains(needle), "{message}");
+    }
+}
+
 #[test]
 fn webui_seed_minus_one_is_random_and_reported() {
     let server = Server::start(&[]);

@@ -1,5 +1,6 @@
 //! The web UI's API (AUTOMATIC1111's `/sdapi/v1/...`), as far as sdgen can honour it: what
-//! clients such as `webuiapi`, chat front-ends and editor plugins call.
+//! clients such as `webuiapi`, chat front-ends and editor plugins call: txt2img, img2img (with
+//! inpainting), the listings, progress and interrupt.
 //!
 //! Differences from the web UI, by design: the images are diffusers' (as the CLI's, seed for
 //! seed), not the web UI's k-diffusion samplers'; samplers without an exact diffusers
@@ -7,9 +8,12 @@
 //! multiples of the model's 8; fields sdgen has no use for (hires fix, face restoration,
 //! scripts, subseeds, styles) are accepted and ignored, as the web UI ignores unknown ones.
 
-use super::http::{base64, parse_body, with_timing, Api, ApiError, Ask, Shared};
-use super::worker::utc_timestamp;
+use super::http::{base64, parse_body, unbase64, with_timing, Api, ApiError, Ask, Shared};
+use super::worker::{utc_timestamp, Extras, Finished};
 use crate::conditioning::PromptSyntax;
+use crate::infotext::{Pictures, Source};
+use crate::input_image::{self, Picture};
+use crate::pipeline::Request;
 use crate::rng::RngKind;
 use crate::schedulers::WEB_UI_NAMES;
 use axum::body::Bytes;
@@ -143,15 +147,133 @@ pub async fn txt2img(
     let req: Txt2Img = parse_body(API, body)?;
     let sampler = req.sampler()?;
     let request = s.request(API, req.ask(sampler.clone())?)?;
-    let finished = s.generate(API, request.clone()).await?;
-    let seeds: Vec<u64> = request.seeds.clone();
+    let finished = s.generate(API, request.clone(), Extras::default()).await?;
+    let echo = serde_json::to_value(&req).unwrap_or(Value::Null);
+    Ok(answer(
+        &s,
+        &request,
+        &sampler,
+        &finished,
+        echo,
+        req.send_images,
+    ))
+}
+
+/// `POST /sdapi/v1/img2img`'s body: txt2img's keys and the start picture's.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Img2Img {
+    #[serde(flatten)]
+    pub base: Txt2Img,
+    /// base64 pictures; the first is used.
+    pub init_images: Option<Vec<String>>,
+    pub denoising_strength: Option<f64>,
+    /// base64 inpainting mask: white is repainted.
+    pub mask: Option<String>,
+    pub mask_blur: Option<f32>,
+    /// 1: black is repainted.
+    pub inpainting_mask_invert: Option<u8>,
+}
+
+/// The web UI API's defaults for image-to-image.
+const DEFAULT_STRENGTH: f64 = 0.75;
+const DEFAULT_MASK_BLUR: f32 = 4.0;
+
+/// `POST /sdapi/v1/img2img`: the first of `init_images` resized to `width` x `height` (the
+/// web UI's "just resize", Lanczos), `denoising_strength`, and with `mask` inpainting with the
+/// web UI's overlay of the kept parts. `inpainting_fill` and `inpaint_full_res` are ignored:
+/// the whole picture is inpainted, as diffusers does.
+pub async fn img2img(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: Img2Img = parse_body(API, body)?;
+    let first = req
+        .init_images
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::bad(API, "init_images: one base64 picture is required"))?;
+    let picture_bytes = unbase64(API, "init_images[0]", &first)?;
+    let mask_bytes = req
+        .mask
+        .take()
+        .map(|m| unbase64(API, "mask", &m))
+        .transpose()?;
+    let sampler = req.base.sampler()?;
+    let mut request = s.request(API, req.base.ask(sampler.clone())?)?;
+    let strength = req.denoising_strength.unwrap_or(DEFAULT_STRENGTH);
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(ApiError::bad(
+            API,
+            format!("denoising_strength {strength} is outside [0, 1]"),
+        ));
+    }
+    let blur = req.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
+    if !(0.0..=64.0).contains(&blur) {
+        return Err(ApiError::bad(
+            API,
+            format!("mask_blur {blur} is outside [0, 64]"),
+        ));
+    }
+    let invert = req.inpainting_mask_invert.unwrap_or(0) != 0;
+    let size = (request.width, request.height);
+    // decoding, resizing and blurring take a while for large pictures: off the async threads
+    let start = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+        let picture = Picture::from_bytes(&picture_bytes, "init_images[0]")?;
+        let mask = mask_bytes
+            .as_ref()
+            .map(|b| Picture::from_bytes(b, "mask"))
+            .transpose()?
+            .map(|mut m| {
+                if invert {
+                    image::imageops::invert(&mut m.rgb);
+                }
+                m
+            });
+        input_image::start(&picture, mask.as_ref(), size, blur, Some(strength), true)
+    })
+    .map_err(|e| ApiError::bad(API, crate::app::one_line(&e)))?;
+    request.image = Some(start.init);
+    let extras = Extras {
+        pictures: Pictures {
+            image: Some(Source::bytes("init_images[0]", &picture_bytes)),
+            mask: mask_bytes.as_ref().map(|b| Source::bytes("mask", b)),
+            keep_unmasked: mask_bytes.is_some(),
+            mask_blur: blur,
+        },
+        overlay: start.overlay,
+    };
+    let finished = s.generate(API, request.clone(), extras).await?;
+    let echo = serde_json::to_value(&req).unwrap_or(Value::Null);
+    Ok(answer(
+        &s,
+        &request,
+        &sampler,
+        &finished,
+        echo,
+        req.base.send_images,
+    ))
+}
+
+/// The web UI's answer: the images, the request echoed, and `info`, its `Processed.js()`
+/// with sdgen's values where it has them.
+fn answer(
+    s: &Shared,
+    request: &Request,
+    sampler: &str,
+    finished: &Finished,
+    echo: Value,
+    send_images: Option<bool>,
+) -> Response {
+    let seeds = &request.seeds;
     let n = seeds.len();
     let infotexts: Vec<&str> = finished
         .images
         .iter()
         .map(|i| i.parameters.as_str())
         .collect();
-    // the web UI's `Processed.js()`, with sdgen's values where it has them
     let info = json!({
         "prompt": request.prompt,
         "all_prompts": vec![&request.prompt; n],
@@ -176,7 +298,7 @@ pub async fn txt2img(
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": null,
+        "denoising_strength": request.image.as_ref().map(|i| i.strength),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": infotexts,
@@ -187,16 +309,15 @@ pub async fn txt2img(
         "version": format!("sdgen {}", crate::app::VERSION),
         "interrupted": finished.interrupted,
     });
-    let images: Vec<String> = if req.send_images.unwrap_or(true) {
+    let images: Vec<String> = if send_images.unwrap_or(true) {
         finished.images.iter().map(|i| base64(&i.png)).collect()
     } else {
         Vec::new()
     };
-    let parameters = serde_json::to_value(&req).unwrap_or(Value::Null);
-    Ok(with_timing(
-        &finished,
-        json!({"images": images, "parameters": parameters, "info": info.to_string()}),
-    ))
+    with_timing(
+        finished,
+        json!({"images": images, "parameters": echo, "info": info.to_string()}),
+    )
 }
 
 /// `GET /sdapi/v1/samplers`: the web UI's sampler names sdgen reproduces exactly.

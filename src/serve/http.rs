@@ -2,7 +2,7 @@
 //! bodies read and checked, the API key, the limits, and the turn of an API's request into
 //! the pipeline's.
 
-use super::worker::{Finished, JobError, Queue, SubmitError};
+use super::worker::{Extras, Finished, JobError, Queue, SubmitError};
 use crate::conditioning::PromptSyntax;
 use crate::pipeline::Request;
 use crate::rng::RngKind;
@@ -236,8 +236,13 @@ impl Shared {
     }
 
     /// Queues `request` and waits for its images.
-    pub async fn generate(&self, api: Api, request: Request) -> Result<Finished, ApiError> {
-        let ticket = self.queue.submit(request).map_err(|e| match e {
+    pub async fn generate(
+        &self,
+        api: Api,
+        request: Request,
+        extras: Extras,
+    ) -> Result<Finished, ApiError> {
+        let ticket = self.queue.submit(request, extras).map_err(|e| match e {
             SubmitError::QueueFull(n) => ApiError::new(
                 api,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -276,4 +281,17 @@ pub fn with_timing(finished: &Finished, body: serde_json::Value) -> Response {
 pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A base64 picture as the web UI's clients send it, with or without a `data:...;base64,`
+/// prefix.
+pub fn unbase64(api: Api, what: &str, text: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    let data = match text.strip_prefix("data:") {
+        Some(rest) => rest.split_once(',').map_or(rest, |(_, d)| d),
+        None => text,
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad(api, format!("{what}: not base64: {e}")))
 }

@@ -215,6 +215,7 @@ pub fn router(shared: Shared) -> Router {
     let max_body = shared.max_body;
     let api = Router::new()
         .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
         .route("/sdapi/v1/options", get(a1111::options))

@@ -88,7 +88,7 @@ pub async fn generations(
         rng: RngKind::TorchCpu,
     };
     let request = s.request(API, ask)?;
-    let finished = s.generate(API, request).await?;
+    let finished = s.generate(API, request, Default::default()).await?;
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -73,8 +73,18 @@ pub enum SubmitError {
     ShuttingDown,
 }
 
+/// What a job needs beyond the pipeline's request (image-to-image's).
+#[derive(Default)]
+pub struct Extras {
+    /// The pictures it started from, for the PNGs' metadata.
+    pub pictures: Pictures,
+    /// The picture and blurred mask laid back over each image (the web UI's overlay).
+    pub overlay: Option<(image::RgbImage, image::GrayImage)>,
+}
+
 struct Job {
     request: Request,
+    extras: Extras,
     stop: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<Finished, JobError>>,
 }
@@ -141,7 +151,7 @@ fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
 
 impl Queue {
     /// Queues `request`; refused at once when `capacity` jobs already wait.
-    pub fn submit(&self, request: Request) -> Result<Ticket, SubmitError> {
+    pub fn submit(&self, request: Request, extras: Extras) -> Result<Ticket, SubmitError> {
         let mut progress = lock(&self.progress);
         if progress.shutting_down {
             return Err(SubmitError::ShuttingDown);
@@ -150,6 +160,7 @@ impl Queue {
         let stop = Arc::new(AtomicU8::new(RUN));
         let job = Job {
             request,
+            extras,
             stop: stop.clone(),
             reply,
         };
@@ -328,12 +339,15 @@ fn run(
                 _ => Err(Stopped.into()),
             }
         },
-        &mut |img| {
+        &mut |mut img| {
+            if let Some((picture, mask)) = &job.extras.overlay {
+                crate::input_image::overlay(&mut img.rgb, picture, mask);
+            }
             let meta = infotext::metadata(
                 pipeline,
                 r,
                 None,
-                &Pictures::default(),
+                &job.extras.pictures,
                 &scheduler,
                 &img,
                 hashes,
