@@ -12,7 +12,7 @@ use crate::interrupt;
 use crate::output::{self, NameFields, Written};
 use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
 use crate::schedulers::{self, SCHEDULERS};
-use crate::source::{self, offline_from_env, ModelRequest, Precision, WeightFiles};
+use crate::source::{self, offline_from_env, ModelRequest, WeightFiles};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -68,7 +68,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let model = model_request(&args, dtype);
+    let model = args.source.request(dtype, !args.quiet);
     if args.download_only {
         return download_only(&model, args.json);
     }
@@ -91,23 +91,6 @@ pub fn run(args: Args) -> Result<i32> {
     interrupt::install();
     let done = generate(&args, &pipeline, &jobs.list, &plan);
     report(&args, &jobs, &plan, done)
-}
-
-/// What `--model`, `--revision`, `--checkpoint`, `--config-from` and `--offline` ask for.
-fn model_request(args: &Args, dtype: DType) -> ModelRequest<'_> {
-    ModelRequest {
-        model: &args.model,
-        revision: &args.revision,
-        checkpoint: args.checkpoint.as_deref(),
-        config_from: args.config_from.as_deref(),
-        precision: if dtype == DType::F32 {
-            Precision::Full
-        } else {
-            Precision::Half
-        },
-        offline: args.offline || offline_from_env(),
-        progress: !args.quiet,
-    }
 }
 
 /// `--download-only`: fills the cache and prints where the model is.
@@ -398,7 +381,7 @@ fn job_loras(
         if let Some(p) = resolved.get(&spec.path) {
             spec.path = p.clone();
         } else {
-            let offline = args.offline || offline_from_env();
+            let offline = args.source.offline || offline_from_env();
             let p = source::resolve_file(&spec.path.to_string_lossy(), offline, !args.quiet)
                 .context("--lora")?;
             resolved.insert(spec.path.clone(), p.clone());

@@ -2,6 +2,8 @@
 
 use crate::conditioning::PromptSyntax;
 use crate::rng::RngKind;
+use crate::source::{offline_from_env, ModelRequest, Precision};
+use candle_core::DType;
 use clap::Parser;
 use std::path::PathBuf;
 
@@ -12,7 +14,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
     name = "sdgen",
     version,
     about = "Text-to-image with Stable Diffusion 1.x/2.x on candle: the same image as diffusers for the same seed.",
-    after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen \"(red fox:1.3), snow <lora:watercolor:0.8>\" --prompt-syntax a1111 --lora-dir ./loras --clip-skip 2\n  sdgen --list-schedulers"
+    after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen \"(red fox:1.3), snow <lora:watercolor:0.8>\" --prompt-syntax a1111 --lora-dir ./loras --clip-skip 2\n  sdgen --list-schedulers\n  sdgen serve --port 7860    (an HTTP server with the web UI's and OpenAI's APIs: sdgen serve --help)"
 )]
 pub struct Args {
     /// The text prompt.
@@ -23,23 +25,8 @@ pub struct Args {
     #[arg(short = 'n', long, default_value = "")]
     pub negative_prompt: String,
 
-    /// Hub repo id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt).
-    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
-    pub model: String,
-
-    /// A single-file checkpoint (.safetensors/.ckpt, original LDM naming) inside the --model
-    /// folder or Hub repo, e.g. v1-5-pruned-emaonly.safetensors.
-    #[arg(long, value_name = "NAME")]
-    pub checkpoint: Option<String>,
-
-    /// A diffusers folder whose configs, tokenizer and scheduler serve a single-file
-    /// checkpoint (default: built-in SD 1.5 / SD 2.1 configs, chosen from the checkpoint).
-    #[arg(long, value_name = "DIR")]
-    pub config_from: Option<PathBuf>,
-
-    /// Hub revision (branch, tag or commit).
-    #[arg(long, default_value = "main")]
-    pub revision: String,
+    #[command(flatten)]
+    pub source: ModelFlags,
 
     /// Seed (torch CPU generator); image i uses seed + i. Random when omitted (and reported).
     #[arg(short = 's', long)]
@@ -194,10 +181,6 @@ pub struct Args {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 
-    /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
-    #[arg(long)]
-    pub offline: bool,
-
     /// No progress bars or messages (errors still go to stderr).
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -222,4 +205,50 @@ fn parse_key_value(s: &str) -> Result<(String, serde_json::Value), String> {
     let value =
         serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
     Ok((k.trim().to_string(), value))
+}
+
+/// Which model to load and from where: the flags `sdgen` and `sdgen serve` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelFlags {
+    /// Hub repo id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt).
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// A single-file checkpoint (.safetensors/.ckpt, original LDM naming) inside the --model
+    /// folder or Hub repo, e.g. v1-5-pruned-emaonly.safetensors.
+    #[arg(long, value_name = "NAME")]
+    pub checkpoint: Option<String>,
+
+    /// A diffusers folder whose configs, tokenizer and scheduler serve a single-file
+    /// checkpoint (default: built-in SD 1.5 / SD 2.1 configs, chosen from the checkpoint).
+    #[arg(long, value_name = "DIR")]
+    pub config_from: Option<PathBuf>,
+
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+
+    /// Use only the local Hugging Face cache (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl ModelFlags {
+    /// What the flags ask for, in `dtype` (half-precision weights where the Hub has them), with
+    /// download progress bars when `progress`.
+    pub fn request(&self, dtype: DType, progress: bool) -> ModelRequest<'_> {
+        ModelRequest {
+            model: &self.model,
+            revision: &self.revision,
+            checkpoint: self.checkpoint.as_deref(),
+            config_from: self.config_from.as_deref(),
+            precision: if dtype == DType::F32 {
+                Precision::Full
+            } else {
+                Precision::Half
+            },
+            offline: self.offline || offline_from_env(),
+            progress,
+        }
+    }
 }

@@ -11,8 +11,8 @@ mod http;
 mod openai;
 mod worker;
 
+use crate::cli::ModelFlags;
 use crate::device::{parse_device, parse_dtype};
-use crate::source::{offline_from_env, ModelRequest, Precision};
 use anyhow::{bail, Context, Result};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
@@ -20,7 +20,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use candle_core::DType;
 use clap::Parser;
 use http::{Api, ApiError, Limits, Shared};
 use serde_json::json;
@@ -36,25 +35,8 @@ use std::sync::Arc;
     after_help = "Examples:\n  sdgen serve --model stable-diffusion-v1-5/stable-diffusion-v1-5 --port 7860\n  curl -s localhost:7860/sdapi/v1/txt2img -d '{\"prompt\":\"a cat\",\"seed\":42,\"steps\":20}' | jq -r '.images[0]' | base64 -d > cat.png\n  sdgen serve --host 0.0.0.0 --api-key \"$(cat key.txt)\""
 )]
 pub struct ServeArgs {
-    /// Hub repo id, local diffusers folder, or single-file checkpoint.
-    #[arg(short = 'm', long, default_value = crate::cli::DEFAULT_MODEL)]
-    pub model: String,
-
-    /// A single-file checkpoint inside the --model folder or Hub repo.
-    #[arg(long, value_name = "NAME")]
-    pub checkpoint: Option<String>,
-
-    /// A diffusers folder whose configs serve a single-file checkpoint.
-    #[arg(long, value_name = "DIR")]
-    pub config_from: Option<PathBuf>,
-
-    /// Hub revision (branch, tag or commit).
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-
-    /// Never reach the network; use only the local cache.
-    #[arg(long)]
-    pub offline: bool,
+    #[command(flatten)]
+    pub source: ModelFlags,
 
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -76,7 +58,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
 
-    /// Port to listen on (0: any free port, printed at start).
+    /// Port to listen on (0: any free port, printed at start unless --quiet).
     #[arg(long, default_value_t = 7860)]
     pub port: u16,
 
@@ -125,19 +107,7 @@ pub fn run(args: ServeArgs) -> Result<i32> {
     let load = {
         let args = args.clone();
         move || {
-            let model = ModelRequest {
-                model: &args.model,
-                revision: &args.revision,
-                checkpoint: args.checkpoint.as_deref(),
-                config_from: args.config_from.as_deref(),
-                precision: if dtype == DType::F32 {
-                    Precision::Full
-                } else {
-                    Precision::Half
-                },
-                offline: args.offline || offline_from_env(),
-                progress: !args.quiet,
-            };
+            let model = args.source.request(dtype, !args.quiet);
             crate::app::load_pipeline(&model, device, dtype, &args.embedding, true)
         }
     };

@@ -28,7 +28,6 @@ const CANCEL: u8 = 2;
 pub struct ModelInfo {
     /// The Hub id, folder or file it was loaded from.
     pub name: String,
-    pub revision: Option<String>,
     /// (height, width) when a request gives none.
     pub default_size: (usize, usize),
     /// The scheduler when a request names none.
@@ -228,7 +227,6 @@ pub fn start(
             let (height, width) = pipeline.default_size();
             let info = ModelInfo {
                 name: pipeline.files.name.clone(),
-                revision: pipeline.files.revision.clone(),
                 default_size: (height, width),
                 default_scheduler: infotext::scheduler_name(&pipeline, None),
             };
