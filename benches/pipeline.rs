@@ -150,12 +150,22 @@ fn main() {
     } else {
         nan
     };
-    let ctx = Tensor::randn(0f32, 1.0, (2, 77, p.unet_config.cross_attention_dim), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+    // images per U-Net call (SDGEN_BENCH_BATCH, default 1): twice as many rows with CFG
+    let rows = 2 * std::env::var("SDGEN_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1);
+    let ctx = Tensor::randn(
+        0f32,
+        1.0,
+        (rows, 77, p.unet_config.cross_attention_dim),
+        &dev,
+    )
+    .unwrap()
+    .to_dtype(dtype)
+    .unwrap();
     let unet = |size: usize, runs: usize| {
-        let x = Tensor::randn(0f32, 1.0, (2, 4, size / 8, size / 8), &dev)
+        let x = Tensor::randn(0f32, 1.0, (rows, 4, size / 8, size / 8), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();

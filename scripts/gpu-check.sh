@@ -11,7 +11,9 @@
 #
 # then, there: `bash scripts/gpu-check.sh [PARTS]` with PARTS among tests, parity, rng, bench,
 # profile, diffusers, batch (default all; ROUNDS=N repeats the alternated bench; VARIANTS,
-# PROFILE_VARIANTS and BATCH_VARIANT pick sdgen's configurations). Writes logs and
+# PROFILE_VARIANTS and BATCH_VARIANT pick sdgen's configurations, PROFILE_BATCH the profile's
+# images per U-Net call, DTYPES the bench's types, BATCH_DIFFUSERS="" skips diffusers' batch
+# runs). Writes logs and
 # results to $OUT (or /tmp/gpu-check).
 # Needs on the GPU machine: an NVIDIA driver, a CUDA 13 PyTorch (its libraries serve sdgen).
 set -uo pipefail
@@ -92,19 +94,21 @@ if want bench || want profile || want diffusers || want batch; then
         echo "full-size random SD 1.5 made in $(( $(date +%s) - t )) s"
     fi
 fi
-# VARIANTS: sdgen configurations compared, KERNELS:CONV each (SDGEN_CUDA_KERNELS 1|0,
-# SDGEN_CUDA_CONV cudnn|im2col)
+# VARIANTS: sdgen configurations compared, KERNELS:CONV[:ALGO] each (SDGEN_CUDA_KERNELS 1|0,
+# SDGEN_CUDA_CONV cudnn|im2col, SDGEN_CUDNN_ALGO heuristic|timed)
 variants=${VARIANTS:-1:cudnn 1:im2col 0:im2col}
-bench() { # dtype kernels(1|0) conv(cudnn|im2col) parts
-    SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=$1 SDGEN_CUDA_KERNELS=$2 \
-        SDGEN_CUDA_CONV=$3 SDGEN_BENCH_PARTS=$4 /tmp/sdgen-bin/bench --bench 2>>"$out/bench.err" | tail -1
+field() { echo "$1" | cut -d: -f"$2"; }
+bench() { # dtype variant parts
+    SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=$1 \
+        SDGEN_CUDA_KERNELS=$(field $2 1) SDGEN_CUDA_CONV=$(field $2 2) \
+        SDGEN_CUDNN_ALGO=$(field $2 3) SDGEN_BENCH_PARTS=$3 /tmp/sdgen-bin/bench --bench 2>>"$out/bench.err" | tail -1
 }
 if want bench; then
     echo "== sdgen U-Net step and VAE decode (s) per variant (kernels:conv), alternated"
     for round in $(seq "${ROUNDS:-1}"); do
-        for dtype in f16 bf16 f32; do
+        for dtype in ${DTYPES:-f16 bf16 f32}; do
             for v in $variants; do
-                echo "{\"round\": $round, \"kernels\": ${v%%:*}, \"conv\": \"${v#*:}\", \"result\": $(bench $dtype ${v%%:*} ${v#*:} unet256,unet512,vae)}" | tee -a "$out/bench.jsonl"
+                echo "{\"round\": $round, \"variant\": \"$v\", \"result\": $(bench $dtype $v unet256,unet512,vae)}" | tee -a "$out/bench.jsonl"
             done
         done
     done
@@ -114,7 +118,8 @@ if want bench; then
     for dtype in f16 bf16; do
         for v in $variants; do
             t0=$(date +%s%N)
-            SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:} /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 \
+            SDGEN_CUDA_KERNELS=$(field $v 1) SDGEN_CUDA_CONV=$(field $v 2) SDGEN_CUDNN_ALGO=$(field $v 3) \
+                /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 \
                 --device cuda --dtype $dtype -o /tmp/whole-$dtype.png --quiet --overwrite
             echo "$dtype $v: $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$out/whole.txt"
         done
@@ -135,7 +140,7 @@ stamp() { while IFS= read -r line; do echo "$(date +%s.%N) $line"; done; }
 if want batch; then
     echo "== 50-step 512x512 images, batch 1 and 8, f16, ${BATCH_VARIANT:-1:cudnn}: time per image and peak GPU memory"
     v=${BATCH_VARIANT:-1:cudnn}
-    export SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:}
+    export SDGEN_CUDA_KERNELS=$(field $v 1) SDGEN_CUDA_CONV=$(field $v 2) SDGEN_CUDNN_ALGO=$(field $v 3)
     for b in 1 8; do
         t0=$(date +%s.%N)
         with_peak /tmp/sdgen-bin/sdgen "a cat on a beach" -m $model --steps 50 --device cuda --dtype f16 \
@@ -151,8 +156,8 @@ if b == 1:  # steady time per image between written images; the rest of the firs
 print(json.dumps(r))
 PY
     done
-    unset SDGEN_CUDA_KERNELS SDGEN_CUDA_CONV
-    for n in 1 8; do
+    unset SDGEN_CUDA_KERNELS SDGEN_CUDA_CONV SDGEN_CUDNN_ALGO
+    for n in ${BATCH_DIFFUSERS-1 8}; do
         with_peak "$py" scripts/bench_diffusers.py $model --whole $n --device cuda --dtype f16 \
             >/tmp/diffusers-whole.json 2>>"$out/diffusers.err"
         tail -1 /tmp/diffusers-whole.json | sed "s/}\$/, \"gpu_peak_mib\": $(cat $peak_file)}/" | tee -a "$out/batch.jsonl"
@@ -161,9 +166,10 @@ fi
 if want profile; then
     echo "== time per operation, 512x512 U-Net steps, f16"
     for v in ${PROFILE_VARIANTS:-1:cudnn}; do
-        echo "-- kernels:conv $v"
+        echo "-- $v, batch ${PROFILE_BATCH:-1}"
         SDGEN_PROFILE_OPS=1 SDGEN_BENCH_MODEL=$model SDGEN_BENCH_DEVICE=cuda SDGEN_BENCH_DTYPE=f16 \
-            SDGEN_CUDA_KERNELS=${v%%:*} SDGEN_CUDA_CONV=${v#*:} SDGEN_BENCH_PARTS=unet512 /tmp/sdgen-bin/bench --bench 2>&1 >/dev/null \
+            SDGEN_CUDA_KERNELS=$(field $v 1) SDGEN_CUDA_CONV=$(field $v 2) SDGEN_CUDNN_ALGO=$(field $v 3) \
+            SDGEN_BENCH_BATCH=${PROFILE_BATCH:-1} SDGEN_BENCH_PARTS=unet512 /tmp/sdgen-bin/bench --bench 2>&1 >/dev/null \
             | tee -a "$out/profile.txt"
     done
 fi

@@ -2,9 +2,12 @@
 //! workspace per device kept between calls. The default for f16 and bf16; f32 keeps candle's
 //! im2col and cuBLAS product. Measured on an H200 (BENCHMARKS.md, session 12), against im2col:
 //! U-Net step 512 f16 39.4 -> 30.7 ms, bf16 39.7 -> 31.5 ms, VAE decode 512 f16 115.5 ->
-//! 30.8 ms; but U-Net step 256 f16 13.9 -> 23.4 ms (cuDNN's heuristic first choice of algorithm,
-//! not timed: open), and f32 U-Net 90.8 -> 98.9 ms (VAE 165.5 -> 107.4 ms).
-//! `SDGEN_CUDA_CONV=cudnn` or `=im2col` picks one for every type.
+//! 30.8 ms; but U-Net step 256 f16 13.9 -> 23.4 ms in one lease and 12.4 -> 15.2 ms in
+//! another (open), and f32 U-Net 90.8 -> 98.9 ms (VAE 165.5 -> 107.4 ms).
+//! `SDGEN_CUDA_CONV=cudnn` or `=im2col` picks one for every type. `SDGEN_CUDNN_ALGO=timed`
+//! chooses each shape's algorithm by timing them all ([`choose_by_time`], torch's
+//! `cudnn.benchmark`): measured no faster at 512 and ~1 s more at start-up (session 12), so
+//! cuDNN's heuristic first choice is the default.
 //!
 //! Why not candle's own `cudnn` feature: it builds the descriptors, asks cuDNN's heuristics and
 //! allocates and zeroes a workspace on every call, and computes f16 in f16; on an H200 it made
@@ -41,9 +44,27 @@ pub fn conv_takes(dtype: DType) -> bool {
     choice.unwrap_or(matches!(dtype, DType::F16 | DType::BF16))
 }
 
+/// Whether each shape's algorithm is chosen by timing them all (`SDGEN_CUDNN_ALGO=timed`)
+/// rather than by cuDNN's heuristic first choice.
+fn timed_by_default() -> bool {
+    static TIMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TIMED.get_or_init(|| std::env::var("SDGEN_CUDNN_ALGO").as_deref() == Ok("timed"))
+}
+
 /// `nn.Conv2d` without its bias: x (b, cin, h, w), weight (cout, cin, kh, kw), groups 1,
 /// dilation 1, the same padding and stride on both axes.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    conv2d_with(x, weight, padding, stride, timed_by_default())
+}
+
+/// [`conv2d`] with the algorithms timed (`timed`) or cuDNN's heuristic choice.
+pub fn conv2d_with(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    timed: bool,
+) -> Result<Tensor> {
     if x.dtype() != weight.dtype() || !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         candle_core::bail!(
             "cuDNN convolution of {:?} by {:?}",
@@ -51,8 +72,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
             weight.dtype()
         );
     }
-    x.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &Conv { padding, stride })
+    x.contiguous()?.apply_op2_no_bwd(
+        &weight.contiguous()?,
+        &Conv {
+            padding,
+            stride,
+            timed,
+        },
+    )
 }
 
 fn cudnn_error(e: impl std::fmt::Debug) -> candle_core::Error {
@@ -62,6 +89,9 @@ fn cudnn_error(e: impl std::fmt::Debug) -> candle_core::Error {
 struct Conv {
     padding: usize,
     stride: usize,
+    /// Choose each shape's algorithm by timing them all ([`choose_by_time`]) rather than by
+    /// cuDNN's heuristic first choice.
+    timed: bool,
 }
 
 /// One shape's descriptors and algorithm.
@@ -74,8 +104,8 @@ struct Plan<T: CudnnDataType, C: CudnnDataType> {
     workspace: usize,
 }
 
-/// (device, type, x dims, w dims, padding, stride)
-type Key = (DeviceId, DType, [usize; 4], [usize; 4], usize, usize);
+/// (device, type, x dims, w dims, padding, stride, timed)
+type Key = (DeviceId, DType, [usize; 4], [usize; 4], usize, usize, bool);
 
 // cuDNN's handles and descriptors are neither Send nor Sync: kept per thread, as candle does.
 thread_local! {
@@ -149,6 +179,7 @@ impl Conv {
     }
 
     /// Runs the convolution of `x` (dims `xd`) by `w` (dims `wd`) into a new (b, cout, ho, wo).
+    #[allow(clippy::too_many_arguments)]
     fn run<T, C>(
         &self,
         dev: &CudaDevice,
@@ -163,53 +194,141 @@ impl Conv {
         T: CudnnDataType + DeviceRepr + WithDType,
         C: CudnnDataType + 'static,
     {
-        let key: Key = (dev.id(), dtype, xd, wd, self.padding, self.stride);
-        let made = PLANS.with(|p| p.borrow().contains_key(&key));
-        if !made {
-            let plan = self.plan::<T, C>(dev, xd, wd, yd)?;
-            PLANS.with(|p| p.borrow_mut().insert(key, Box::new(plan)));
-        }
+        let key: Key = (
+            dev.id(),
+            dtype,
+            xd,
+            wd,
+            self.padding,
+            self.stride,
+            self.timed,
+        );
         // SAFETY: every element is written by the convolution (beta 0).
         let mut out = unsafe { dev.alloc::<T>(yd.iter().product())? };
+        let made = PLANS.with(|p| p.borrow().contains_key(&key));
+        if !made {
+            let mut plan = self.plan::<T, C>(dev, xd, wd, yd)?;
+            if self.timed {
+                choose_by_time(dev, &mut plan, &x, &w, &mut out)?;
+            }
+            PLANS.with(|p| p.borrow_mut().insert(key, Box::new(plan)));
+        }
         PLANS.with(|plans| -> Result<()> {
             let plans = plans.borrow();
             let plan = plans[&key]
                 .downcast_ref::<Plan<T, C>>()
                 .expect("a plan is stored under its own types");
-            WORKSPACES.with(|ws| -> Result<()> {
-                let mut ws = ws.borrow_mut();
-                let have = ws.get(&dev.id()).map_or(0, |s| s.len());
-                if have < plan.workspace.max(1) {
-                    // the old one is freed in stream order: work queued on it finishes first
-                    // SAFETY: a workspace is scratch that cuDNN writes before it reads.
-                    let grown = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
-                    ws.insert(dev.id(), grown);
-                }
-                let workspace = ws.get_mut(&dev.id()).expect("inserted above");
-                let fwd = ConvForward {
-                    conv: &plan.conv,
-                    x: &plan.x,
-                    w: &plan.w,
-                    y: &plan.y,
-                };
-                // SAFETY: x, w and out are contiguous buffers of the dims the descriptors were
-                // made with (the key), of type T; the workspace is at least the size cuDNN
-                // asked for this algorithm.
-                unsafe {
-                    fwd.launch::<CudaSlice<u8>, _, _, _>(
-                        plan.algo,
-                        Some(workspace),
-                        (T::from_f64(1.0), T::from_f64(0.0)),
-                        &x,
-                        &w,
-                        &mut out,
-                    )
-                }
-                .map_err(cudnn_error)
-            })
+            launch(dev, plan, plan.algo, plan.workspace, &x, &w, &mut out)
         })?;
         Ok(out)
     }
+}
+
+/// Runs `plan`'s convolution with `algo` (needing `workspace` bytes) into `out`.
+fn launch<T, C>(
+    dev: &CudaDevice,
+    plan: &Plan<T, C>,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    workspace: usize,
+    x: &CudaView<T>,
+    w: &CudaView<T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()>
+where
+    T: CudnnDataType + DeviceRepr + WithDType,
+    C: CudnnDataType,
+{
+    WORKSPACES.with(|ws| -> Result<()> {
+        let mut ws = ws.borrow_mut();
+        let have = ws.get(&dev.id()).map_or(0, |s| s.len());
+        if have < workspace.max(1) {
+            // the old one is freed in stream order: work queued on it finishes first
+            // SAFETY: a workspace is scratch that cuDNN writes before it reads.
+            let grown = unsafe { dev.alloc::<u8>(workspace.max(1))? };
+            ws.insert(dev.id(), grown);
+        }
+        let ws = ws.get_mut(&dev.id()).expect("inserted above");
+        let fwd = ConvForward {
+            conv: &plan.conv,
+            x: &plan.x,
+            w: &plan.w,
+            y: &plan.y,
+        };
+        // SAFETY: x, w and out are contiguous buffers of the dims the descriptors were made
+        // with (the plan's key), of type T; the workspace is at least the size cuDNN asked
+        // for this algorithm.
+        unsafe {
+            fwd.launch::<CudaSlice<u8>, _, _, _>(
+                algo,
+                Some(ws),
+                (T::from_f64(1.0), T::from_f64(0.0)),
+                x,
+                w,
+                out,
+            )
+        }
+        .map_err(cudnn_error)
+    })
+}
+
+/// The largest workspace an algorithm may ask for when they are timed (torch's cuDNN
+/// benchmark caps it too).
+const MAX_TIMED_WORKSPACE: usize = 1 << 30;
+
+/// Times every forward algorithm cuDNN runs for `plan`'s shape on the real tensors (a launch
+/// to warm up, then the best of three), and keeps the fastest in `plan`: what torch does
+/// with `torch.backends.cudnn.benchmark = True`. Once per shape; `out` is scratch here.
+fn choose_by_time<T, C>(
+    dev: &CudaDevice,
+    plan: &mut Plan<T, C>,
+    x: &CudaView<T>,
+    w: &CudaView<T>,
+    out: &mut CudaSlice<T>,
+) -> Result<()>
+where
+    T: CudnnDataType + DeviceRepr + WithDType,
+    C: CudnnDataType,
+{
+    use candle_core::backend::BackendDevice;
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    let mut best = (f64::INFINITY, plan.algo, plan.workspace);
+    for algo in [
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ] {
+        let fwd = ConvForward {
+            conv: &plan.conv,
+            x: &plan.x,
+            w: &plan.w,
+            y: &plan.y,
+        };
+        let Ok(workspace) = fwd.get_workspace_size(algo) else {
+            continue; // not for this shape or type
+        };
+        if workspace > MAX_TIMED_WORKSPACE || launch(dev, plan, algo, workspace, x, w, out).is_err()
+        {
+            continue;
+        }
+        let mut fastest = f64::INFINITY;
+        for _ in 0..3 {
+            dev.synchronize()?;
+            let t = std::time::Instant::now();
+            launch(dev, plan, algo, workspace, x, w, out)?;
+            dev.synchronize()?;
+            fastest = fastest.min(t.elapsed().as_secs_f64());
+        }
+        if fastest < best.0 {
+            best = (fastest, algo, workspace);
+        }
+    }
+    (plan.algo, plan.workspace) = (best.1, best.2);
+    Ok(())
 }
 
 impl CustomOp2 for Conv {

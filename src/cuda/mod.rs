@@ -19,6 +19,8 @@ mod launch;
 mod norm;
 
 pub use attention::{attention, attention_takes};
+#[cfg(test)]
+pub use conv::conv2d_with;
 pub use conv::{conv2d, conv_takes};
 pub use geglu::geglu;
 pub use norm::group_norm;

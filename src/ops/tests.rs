@@ -286,22 +286,25 @@ mod cuda {
                     ConvGeometry { stride, padding },
                 )
                 .unwrap();
-                let got = crate::cuda::conv2d(&x, &w, padding, stride)
-                    .unwrap()
-                    .broadcast_add(&on_gpu(&[cout], 23, dtype).reshape((1, (), 1, 1)).unwrap())
-                    .unwrap();
-                assert_eq!((got.dtype(), got.dims()), (dtype, want.dims()));
-                let r = rel(&got, &want);
-                // f32: cuDNN may pick Winograd or FFT, a few ulps more than a plain sum
-                let tol = if dtype == DType::F32 {
-                    1e-4
-                } else {
-                    2.0 * bound(dtype)
-                };
-                assert!(
-                    r < tol,
-                    "{dtype:?} ({b}, {cin}->{cout}, {hw}, {k}x{k} / {stride}): {r}"
-                );
+                // cuDNN's heuristic algorithm, and the fastest of all when they are timed
+                for timed in [false, true] {
+                    let got = crate::cuda::conv2d_with(&x, &w, padding, stride, timed)
+                        .unwrap()
+                        .broadcast_add(&on_gpu(&[cout], 23, dtype).reshape((1, (), 1, 1)).unwrap())
+                        .unwrap();
+                    assert_eq!((got.dtype(), got.dims()), (dtype, want.dims()));
+                    let r = rel(&got, &want);
+                    // f32: cuDNN may pick Winograd or FFT, a few ulps more than a plain sum
+                    let tol = if dtype == DType::F32 {
+                        1e-4
+                    } else {
+                        2.0 * bound(dtype)
+                    };
+                    assert!(
+                        r < tol,
+                        "{dtype:?} ({b}, {cin}->{cout}, {hw}, {k}x{k} / {stride}), timed {timed}: {r}"
+                    );
+                }
             }
         }
     }
