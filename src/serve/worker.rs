@@ -30,14 +30,11 @@ pub struct ModelInfo {
     pub name: String,
     /// (height, width) when a request gives none.
     pub default_size: (usize, usize),
-    /// The scheduler when a request names none.
-    pub default_scheduler: String,
 }
 
 /// One generated image: the PNG (with the same metadata as the CLI writes) and its infotext.
 pub struct Image {
     pub png: Vec<u8>,
-    pub seed: u64,
     /// The web UI's "parameters" text, as in the PNG.
     pub parameters: String,
 }
@@ -47,8 +44,6 @@ pub struct Finished {
     pub images: Vec<Image>,
     /// Stopped by `/sdapi/v1/interrupt`: `images` holds those made before.
     pub interrupted: bool,
-    /// The scheduler that ran (the request's or the model's).
-    pub scheduler: String,
     /// Seconds from the job's start to its answer (the `Server-Timing` header).
     pub seconds: f64,
 }
@@ -228,7 +223,6 @@ pub fn start(
             let info = ModelInfo {
                 name: pipeline.files.name.clone(),
                 default_size: (height, width),
-                default_scheduler: infotext::scheduler_name(&pipeline, None),
             };
             if loaded_tx.send(Ok(info)).is_err() {
                 return;
@@ -353,7 +347,6 @@ fn run(
             let png = output::encode_png(img.width, img.height, &img.rgb, &meta)?;
             images.push(Image {
                 png,
-                seed: img.seed,
                 parameters: meta[0].1.clone(),
             });
             Ok(())
@@ -371,7 +364,6 @@ fn run(
     Ok(Finished {
         images,
         interrupted,
-        scheduler,
         seconds: t.elapsed().as_secs_f64(),
     })
 }
