@@ -480,6 +480,24 @@ fn listings_and_health() {
         (p["progress"].clone(), p["state"]["job_count"].clone()),
         (json!(0.0), json!(0))
     );
+    // clients set the model before they generate: the loaded one is fine, another is not
+    let name = models[0]["title"].clone();
+    let r = server.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": name, "x": 1}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        server.get("/sdapi/v1/options").json()["sd_model_checkpoint"],
+        name
+    );
+    let r = server.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "other.safetensors"}),
+    );
+    let (status, message) = error_of(&r);
+    assert_eq!(status, 400);
+    assert!(message.contains("serves"), "{message}");
 }
 
 /// (status, the error's message) of a JSON error answer, in either API's shape.
@@ -680,6 +698,7 @@ fn interrupt_answers_with_what_was_done_and_a_full_queue_is_503() {
         p["state"]["sampling_step"].as_u64() > Some(2)
     });
     assert_eq!(p["state"]["sampling_steps"], 1000);
+    assert_eq!(p["state"]["job"], "txt2img");
     assert!(
         p["progress"].as_f64().unwrap() > 0.0 && p["eta_relative"].as_f64().unwrap() > 0.0,
         "{p}"

@@ -359,6 +359,30 @@ pub async fn options(State(s): State<Shared>) -> Json<Value> {
     }))
 }
 
+/// `POST /sdapi/v1/options`: clients set `sd_model_checkpoint` before they generate (Open
+/// WebUI does): the loaded model is accepted, another is a 400 (one model per server); the
+/// other settings are ignored (those sdgen honours go in a request's `override_settings`).
+pub async fn set_options(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let options: Map<String, Value> = parse_body(API, body)?;
+    match options.get("sd_model_checkpoint") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(m)) if *m == s.queue.model.name => {}
+        Some(other) => {
+            return Err(ApiError::bad(
+                API,
+                format!(
+                    "sd_model_checkpoint {other}: this server serves {} only; start sdgen serve with another --model to change it",
+                    s.queue.model.name
+                ),
+            ))
+        }
+    }
+    Ok(Json(Value::Null))
+}
+
 /// `GET /sdapi/v1/progress`: the running job's fraction, step and estimated seconds left.
 pub async fn progress(State(s): State<Shared>) -> Response {
     let p = s.queue.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,6 +396,7 @@ pub async fn progress(State(s): State<Shared>) -> Response {
         Some(r) => (0.0, 0.0, 0, 0, r.timestamp.clone()),
         None => (0.0, 0.0, 0, 0, String::new()),
     };
+    let kind = p.running.as_ref().map_or("", |r| r.kind);
     let running = p.running.is_some();
     Json(json!({
         "progress": fraction,
@@ -379,7 +404,7 @@ pub async fn progress(State(s): State<Shared>) -> Response {
         "state": {
             "skipped": false,
             "interrupted": p.interrupted,
-            "job": if running { "txt2img" } else { "" },
+            "job": kind,
             "job_count": p.queued + usize::from(running),
             "job_timestamp": timestamp,
             "job_no": 0,

@@ -188,7 +188,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/sdapi/v1/img2img", post(a1111::img2img))
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/sd-models", get(a1111::sd_models))
-        .route("/sdapi/v1/options", get(a1111::options))
+        .route(
+            "/sdapi/v1/options",
+            get(a1111::options).post(a1111::set_options),
+        )
         .route("/sdapi/v1/progress", get(a1111::progress))
         .route("/sdapi/v1/interrupt", post(a1111::interrupt))
         .route("/v1/images/generations", post(openai::generations))

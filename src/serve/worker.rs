@@ -85,6 +85,8 @@ struct Job {
 
 /// The job now running, for `/sdapi/v1/progress` and `/sdapi/v1/interrupt`.
 pub struct Running {
+    /// "txt2img" or "img2img", as the web UI names its jobs.
+    pub kind: &'static str,
     pub step: usize,
     pub total: usize,
     pub started: Instant,
@@ -262,6 +264,11 @@ fn work(pipeline: &Pipeline, rx: Receiver<Job>, progress: &Mutex<Progress>) {
                 Err(JobError::Cancelled)
             } else {
                 p.running = Some(Running {
+                    kind: if job.request.image.is_some() {
+                        "img2img"
+                    } else {
+                        "txt2img"
+                    },
                     step: 0,
                     total: 0,
                     started: Instant::now(),
