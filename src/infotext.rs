@@ -226,7 +226,7 @@ pub fn metadata(
     Ok(meta)
 }
 
-pub fn syntax_name(s: PromptSyntax) -> &'static str {
+fn syntax_name(s: PromptSyntax) -> &'static str {
     match s {
         PromptSyntax::Plain => "plain",
         PromptSyntax::A1111 => "a1111",

@@ -104,6 +104,18 @@ struct Plan<T: CudnnDataType, C: CudnnDataType> {
     workspace: usize,
 }
 
+impl<T: CudnnDataType, C: CudnnDataType> Plan<T, C> {
+    /// The forward convolution of the plan's descriptors.
+    fn forward(&self) -> ConvForward<'_, T, C, T> {
+        ConvForward {
+            conv: &self.conv,
+            x: &self.x,
+            w: &self.w,
+            y: &self.y,
+        }
+    }
+}
+
 /// (device, type, x dims, w dims, padding, stride, timed)
 type Key = (DeviceId, DType, [usize; 4], [usize; 4], usize, usize, bool);
 
@@ -248,12 +260,7 @@ where
             ws.insert(dev.id(), grown);
         }
         let ws = ws.get_mut(&dev.id()).expect("inserted above");
-        let fwd = ConvForward {
-            conv: &plan.conv,
-            x: &plan.x,
-            w: &plan.w,
-            y: &plan.y,
-        };
+        let fwd = plan.forward();
         // SAFETY: x, w and out are contiguous buffers of the dims the descriptors were made
         // with (the plan's key), of type T; the workspace is at least the size cuDNN asked
         // for this algorithm.
@@ -302,13 +309,7 @@ where
         A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
         A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
     ] {
-        let fwd = ConvForward {
-            conv: &plan.conv,
-            x: &plan.x,
-            w: &plan.w,
-            y: &plan.y,
-        };
-        let Ok(workspace) = fwd.get_workspace_size(algo) else {
+        let Ok(workspace) = plan.forward().get_workspace_size(algo) else {
             continue; // not for this shape or type
         };
         if workspace > MAX_TIMED_WORKSPACE || launch(dev, plan, algo, workspace, x, w, out).is_err()

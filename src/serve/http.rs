@@ -196,9 +196,6 @@ impl Shared {
                 ask.num_images, l.max_images
             ));
         }
-        if ask.batch_size == 0 {
-            return bad("batch_size must be at least 1".into());
-        }
         if !ask.guidance.is_finite() {
             return bad(format!("guidance {} is not a number", ask.guidance));
         }
