@@ -1492,6 +1492,167 @@ def record_addons(out):
         )
 
 
+# ---- SDXL: a tiny random StableDiffusionXLPipeline in the Hub layout ----
+
+# The scheduler_config.json of stable-diffusion-xl-base-1.0 as the Hub has it.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+def tiny_xl(out):
+    """SDXL's structure at toy size: a DownBlock2D first, non-uniform transformer_layers_per_block
+    (the mid block takes the last entry), attention_head_dim as head counts, linear projections,
+    the text_time added conditioning, two text encoders (CLIP-L-like with quick_gelu and the
+    end-of-text pad, OpenCLIP-like with gelu, a projection and the "!" pad) and a 4-block VAE
+    with SDXL's scaling factor and force_upcast."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(5)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 24, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 3),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=8 + 16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 12,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, pad_token_id=1, layer_norm_eps=1e-5)
+    # the Hub's SDXL text encoder configs say eos_token_id 2 (transformers then pools at the
+    # largest id, the end-of-text token)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=29, num_hidden_layers=3, num_attention_heads=2,
+                                        hidden_act="quick_gelu", projection_dim=8, eos_token_id=2, **common))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=3,
+                                                        num_attention_heads=4, hidden_act="gelu", projection_dim=12,
+                                                        eos_token_id=2, **common))
+    with torch.no_grad():
+        for module in (unet, vae, text, text_2):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    p.add_(torch.randn_like(p) * 0.02)
+            # non-identity LayerNorms, so that leaving the final one out shows
+            for name, p in module.named_parameters():
+                if "layer_norm" in name or name.split(".")[-2] == "norm":
+                    p.add_(torch.randn_like(p) * 0.1)
+    tmp = os.path.join(out, "_tokenizer_tmp")
+    write_clip_tokenizer(tmp, "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    shutil.rmtree(tmp)
+    write_clip_tokenizer(tmp, "!")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
+    shutil.rmtree(tmp)
+    scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in SDXL_SCHEDULER.items() if not k.startswith("_")})
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.half(), text_encoder=text.half(), text_encoder_2=text_2.half(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet.half(), scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    model_dir = os.path.join(out, "models", "tiny_xl")
+    if os.path.exists(model_dir):
+        shutil.rmtree(model_dir)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    for sub, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+        shutil.rmtree(os.path.join(model_dir, sub))
+        write_clip_tokenizer(os.path.join(model_dir, sub), pad)
+    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SDXL_SCHEDULER, f, indent=2)
+    return model_dir
+
+
+def record_sdxl(out):
+    from diffusers import StableDiffusionXLPipeline
+
+    model_dir = tiny_xl(out)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
+    ref = os.path.join(out, "reference", "tiny_xl")
+    os.makedirs(os.path.join(ref, "e2e"), exist_ok=True)
+    tensors = {}
+    with torch.no_grad():
+        pe, ne, pp, npool = pipe.encode_prompt(E2E_PROMPT, negative_prompt=E2E_NEGATIVE, device="cpu",
+                                               do_classifier_free_guidance=True)
+        tensors.update(prompt_embeds=pe, negative_prompt_embeds=ne, pooled=pp, negative_pooled=npool)
+        g = torch.Generator("cpu").manual_seed(3)
+        sample = torch.randn((2, 4, 8, 8), generator=g)
+        context = torch.randn((2, 77, 24), generator=g)
+        text_embeds = torch.randn((2, 12), generator=g)
+        time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48.0, 80, 4, 8, 64, 32]])
+        tensors.update(unet_sample=sample, unet_context=context, unet_text_embeds=text_embeds, unet_time_ids=time_ids)
+        tensors["unet_out_t500"] = pipe.unet(sample, torch.tensor(500), encoder_hidden_states=context,
+                                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+    save_file(tensor_dict_to_contig(tensors), os.path.join(ref, "tensors.safetensors"))
+    base_config = dict(pipe.scheduler.config)
+    seeds = [42, 43]
+    # name: (scheduler, guidance, extra pipeline arguments); "negative_prompt": None is
+    # diffusers' default (zeros, force_zeros_for_empty_prompt)
+    runs = {
+        "euler": ("euler", 7.5, {}),
+        "dpmpp_2m": ("dpmpp_2m", 7.5, {}),
+        "euler_a": ("euler_a", 7.5, {}),
+        "unipc": ("unipc", 7.5, {}),
+        "euler_no_negative": ("euler", 7.5, {"negative_prompt": None}),
+        "euler_nocfg": ("euler", 1.0, {}),
+        "euler_size_conditioning": ("euler", 7.5, {"original_size": (48, 80), "crops_coords_top_left": (4, 8),
+                                                    "target_size": (64, 32)}),
+        "euler_48x80": ("euler", 7.5, {"height": 48, "width": 80}),
+        # SDXL-Turbo's way: one step, no guidance, "trailing" timesteps (its scheduler config)
+        "turbo_1_step": ("euler_a", 0.0, {"num_inference_steps": 1, "scheduler_config": {"timestep_spacing": "trailing"}}),
+    }
+    meta = {"prompt": E2E_PROMPT, "negative_prompt": E2E_NEGATIVE, "steps": E2E_STEPS, "seeds": seeds, "runs": {}}
+    from PIL import Image
+
+    for run_name, (sched, guidance, extra) in runs.items():
+        cls, over = SCHEDULERS[sched]
+        pipe.scheduler = cls.from_config(base_config, **over, **extra.get("scheduler_config", {}))
+        args = dict(negative_prompt=E2E_NEGATIVE, num_inference_steps=E2E_STEPS)
+        args.update({k: v for k, v in extra.items() if k != "scheduler_config"})
+        images = pipe(E2E_PROMPT, guidance_scale=guidance, num_images_per_prompt=2,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np",
+                      **args).images
+        u8 = (images * 255).round().astype("uint8")
+        for i, s in enumerate(seeds):
+            Image.fromarray(u8[i]).save(os.path.join(ref, "e2e", f"{run_name}-{s}.png"))
+        meta["runs"][run_name] = {"scheduler": sched, "guidance": guidance,
+                                  **{k: v for k, v in extra.items()}}
+    with open(os.path.join(ref, "e2e.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
@@ -1506,6 +1667,7 @@ def main():
     ap.add_argument("--only-vae-tiling", action="store_true", help="only record the VAE tiling references (reference/vae_tiling)")
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
+    ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -1542,6 +1704,9 @@ def main():
     if args.only_sde_images:
         record_sde_images(out)
         return
+    if args.only_sdxl:
+        record_sdxl(out)
+        return
     if args.only_clip_skip:
         for name in MODELS:
             record_clip_skip(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
@@ -1565,6 +1730,7 @@ def main():
     record_img2img(out)
     record_inpaint(out)
     record_vae_tiling(out)
+    record_sdxl(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -10,7 +10,7 @@ use crate::infotext::{self, FileHashes, Pictures};
 use crate::input_image::Picture;
 use crate::interrupt;
 use crate::output::{self, NameFields, Written};
-use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency};
+use crate::pipeline::{GeneratedImage, Pipeline, Request, Residency, SizeConditioning};
 use crate::schedulers::{self, SCHEDULERS};
 use crate::source::{self, offline_from_env, ModelRequest, WeightFiles};
 use anyhow::{bail, Context, Result};
@@ -587,6 +587,11 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
             rng: job.rng,
             image,
             vae_tiling: args.vae_tiling,
+            sizes: SizeConditioning {
+                original: args.original_size,
+                crop_top_left: args.crop_top_left.unwrap_or((0, 0)),
+                target: args.target_size,
+            },
         };
         if let Err(e) = pipeline.validate(&request) {
             if !batch_mode || args.strict {

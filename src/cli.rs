@@ -13,7 +13,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 #[command(
     name = "sdgen",
     version,
-    about = "Text-to-image with Stable Diffusion 1.x/2.x on candle: the same image as diffusers for the same seed.",
+    about = "Text-to-image with Stable Diffusion 1.x/2.x and SDXL on candle: the same image as diffusers for the same seed.",
     after_help = "Examples:\n  sdgen \"a photo of a cat on a beach\" --seed 42 --steps 50\n  sdgen \"a cat\" -n \"blurry, lowres\" --scheduler ddim --num-images 6 --grid 2x3\n  sdgen \"a cat\" --model ./my-local-model --width 640 --height 384 -o out/cat-{seed}.png\n  sdgen \"(red fox:1.3), snow <lora:watercolor:0.8>\" --prompt-syntax a1111 --lora-dir ./loras --clip-skip 2\n  sdgen --list-schedulers\n  sdgen serve --port 7860    (an HTTP server with the web UI's and OpenAI's APIs: sdgen serve --help)"
 )]
 pub struct Args {
@@ -73,6 +73,21 @@ pub struct Args {
     /// Image height in pixels (default: the model's native size).
     #[arg(short = 'H', long)]
     pub height: Option<usize>,
+
+    /// SDXL's size conditioning: the original size the model is told the picture had, as
+    /// WIDTHxHEIGHT (diffusers' original_size; default: the image's size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub original_size: Option<(usize, usize)>,
+
+    /// SDXL's size conditioning: the crop's top-left corner as TOP,LEFT (diffusers'
+    /// crops_coords_top_left; default 0,0).
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair)]
+    pub crop_top_left: Option<(usize, usize)>,
+
+    /// SDXL's size conditioning: the target size as WIDTHxHEIGHT (diffusers' target_size;
+    /// default: the image's size).
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub target_size: Option<(usize, usize)>,
 
     /// Number of images (seeds seed, seed+1, ...).
     #[arg(long, default_value_t = 1)]
@@ -251,4 +266,30 @@ impl ModelFlags {
             progress,
         }
     }
+}
+
+/// `WIDTHxHEIGHT` as (height, width), diffusers' order for sizes.
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT, e.g. 1024x768"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?} is not WIDTHxHEIGHT, e.g. 1024x768"))
+    };
+    Ok((num(h)?, num(w)?))
+}
+
+/// `A,B` as (A, B).
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not TOP,LEFT, e.g. 0,0"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?} is not TOP,LEFT, e.g. 0,0"))
+    };
+    Ok((num(a)?, num(b)?))
 }

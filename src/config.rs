@@ -237,6 +237,29 @@ pub struct UNetConfig {
     pub conv_out_kernel: usize,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
+    /// SDXL's `text_time`: the width of each size number's sinusoidal embedding (256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL's `text_time`: the pooled text embedding and the six size embeddings, concatenated
+    /// (2816 = 1280 + 6 x 256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+}
+
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`): the widths it needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTime {
+    /// Each of the six size numbers' sinusoidal embedding width.
+    pub time_embed_dim: usize,
+    /// The input of `add_embedding`: the pooled text embedding plus 6 x `time_embed_dim`.
+    pub input_dim: usize,
+}
+
+impl TextTime {
+    /// The pooled text embedding's width this U-Net expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - 6 * self.time_embed_dim
+    }
 }
 
 /// What one down (and its mirrored up) block holds, resolved from the per-block fields.
@@ -332,9 +355,7 @@ impl UNetConfig {
         if let Some(t) = &self.class_embed_type {
             bail!("unsupported class_embed_type={t}");
         }
-        if let Some(t) = &self.addition_embed_type {
-            bail!("unsupported addition_embed_type={t} (SDXL-style models are not supported)");
-        }
+        self.text_time()?;
         if self.resnet_time_scale_shift != "default" {
             bail!(
                 "unsupported resnet_time_scale_shift={}",
@@ -384,6 +405,30 @@ impl UNetConfig {
             }
         }
         Ok(())
+    }
+
+    /// The `text_time` added conditioning of an SDXL U-Net (`None`: no added conditioning).
+    pub fn text_time(&self) -> Result<Option<TextTime>> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => {
+                let (Some(time_embed_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    bail!("addition_embed_type=text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim");
+                };
+                if time_embed_dim == 0 || time_embed_dim % 2 != 0 || input_dim <= 6 * time_embed_dim
+                {
+                    bail!("addition_time_embed_dim={time_embed_dim} and projection_class_embeddings_input_dim={input_dim} leave no room for the pooled text embedding (it needs more than 6 x addition_time_embed_dim, an even number)");
+                }
+                Ok(Some(TextTime {
+                    time_embed_dim,
+                    input_dim,
+                }))
+            }
+            Some(t) => bail!("unsupported addition_embed_type={t} (supported: text_time, SDXL's)"),
+        }
     }
 
     /// Per-block settings. Like diffusers, `num_attention_heads` falls back to the
@@ -446,6 +491,15 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true", deserialize_with = "null_is_false")]
     pub mid_block_add_attention: bool,
+    /// Whether the VAE must run in float32 when the model runs in half precision (SDXL's VAE
+    /// overflows in f16): diffusers' `force_upcast`, true unless the config says otherwise.
+    #[serde(default = "default_true", deserialize_with = "null_is_false")]
+    pub force_upcast: bool,
+    /// Per-channel latent statistics (some newer VAEs); SD's and SDXL's hold none.
+    #[serde(default)]
+    pub latents_mean: Option<Value>,
+    #[serde(default)]
+    pub latents_std: Option<Value>,
 }
 
 impl VaeConfig {
@@ -465,6 +519,9 @@ impl VaeConfig {
         }
         if c.shift_factor.is_some_and(|s| s != 0.0) {
             return bad("unsupported shift_factor".into());
+        }
+        if c.latents_mean.is_some() || c.latents_std.is_some() {
+            return bad("unsupported latents_mean / latents_std".into());
         }
         if c.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
@@ -519,6 +576,9 @@ fn default_ln_eps() -> f64 {
 fn default_max_pos() -> usize {
     77
 }
+fn default_eos() -> i64 {
+    49407
+}
 
 /// `text_encoder/config.json` of a transformers `CLIPTextModel`.
 #[derive(Debug, Clone, Deserialize)]
@@ -534,6 +594,13 @@ pub struct ClipTextConfig {
     pub hidden_act: String,
     #[serde(default = "default_ln_eps", deserialize_with = "float")]
     pub layer_norm_eps: f64,
+    /// The width of `CLIPTextModelWithProjection`'s `text_projection` (SDXL's second encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// Where the pooled output is taken: 2 (older configs, SDXL's) means at the largest id, as
+    /// transformers still reads it; another id, at its first occurrence.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
 }
 
 impl ClipTextConfig {
@@ -571,10 +638,24 @@ impl ClipTextConfig {
     }
 }
 
-/// `model_index.json`, checked to name a pipeline sdgen runs: its scheduler's class.
+/// The pipeline family a `model_index.json` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x / 2.x (`StableDiffusionPipeline` and its siblings): one text encoder.
+    Sd,
+    /// SDXL (`StableDiffusionXLPipeline`): two text encoders and the size conditioning.
+    Sdxl,
+}
+
+/// `model_index.json`, checked to name a pipeline sdgen runs: its family, its scheduler's
+/// class, and SDXL's `force_zeros_for_empty_prompt`.
 #[derive(Debug, Clone)]
 pub struct ModelIndex {
+    pub family: Family,
     pub scheduler_class: Option<String>,
+    /// SDXL: with no negative prompt, the unconditional half is zeros rather than the
+    /// encoding of "" (true unless the file says otherwise, as diffusers' default).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl ModelIndex {
@@ -584,6 +665,7 @@ impl ModelIndex {
         "StableDiffusionInpaintPipeline",
         "AltDiffusionPipeline",
     ];
+    pub const SUPPORTED_XL: &'static [&'static str] = &["StableDiffusionXLPipeline"];
 
     pub fn load(path: &Path) -> Result<Self> {
         let v = read_json(path)?;
@@ -592,18 +674,30 @@ impl ModelIndex {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        if !Self::SUPPORTED.contains(&class_name.as_str()) {
+        let family = if Self::SUPPORTED.contains(&class_name.as_str()) {
+            Family::Sd
+        } else if Self::SUPPORTED_XL.contains(&class_name.as_str()) {
+            Family::Sdxl
+        } else {
             bail!(
-                "{}: the model is a {:?}, not a Stable Diffusion 1.x/2.x pipeline (expected StableDiffusionPipeline)",
+                "{}: the model is a {:?}, not a Stable Diffusion 1.x/2.x or SDXL pipeline (expected StableDiffusionPipeline or StableDiffusionXLPipeline)",
                 path.display(),
                 class_name
             );
-        }
+        };
         let scheduler_class = v
             .get("scheduler")
             .and_then(|s| s.get(1))
             .and_then(Value::as_str)
             .map(str::to_string);
-        Ok(Self { scheduler_class })
+        let force_zeros_for_empty_prompt = v
+            .get("force_zeros_for_empty_prompt")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        Ok(Self {
+            family,
+            scheduler_class,
+            force_zeros_for_empty_prompt,
+        })
     }
 }

@@ -303,7 +303,7 @@ fn other_pipelines_and_missing_weights_are_refused() {
     let mut files = repo_files();
     files.insert(
         "model_index.json".into(),
-        br#"{"_class_name": "StableDiffusionXLPipeline"}"#.to_vec(),
+        br#"{"_class_name": "StableDiffusion3Pipeline"}"#.to_vec(),
     );
     let server = HubServer::start(REPO, files);
     let dir = tempfile::tempdir().unwrap();
@@ -315,7 +315,7 @@ fn other_pipelines_and_missing_weights_are_refused() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("StableDiffusionXLPipeline"),
+        stderr(&o).contains("StableDiffusion3Pipeline"),
         "{}",
         stderr(&o)
     );

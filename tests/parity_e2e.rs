@@ -42,6 +42,7 @@ fn check_model(model: &str, batch_size: usize) {
             rng: Default::default(),
             image: None,
             vae_tiling: false,
+            sizes: Default::default(),
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -78,7 +79,8 @@ fn sd2_tiny_every_scheduler_matches_diffusers_one_image_per_batch() {
 /// CPUs (`ops::in_f32`). The images must stay near the f32 ones.
 #[test]
 fn bf16_and_f16_images_stay_near_f32() {
-    for model in ["tiny", "tiny2"] {
+    // (tiny_xl in f16: its VAE runs in f32, force_upcast)
+    for model in ["tiny", "tiny2", "tiny_xl"] {
         let generate = |dtype: DType, bf16: Option<Bf16Kernel>| {
             let precision = if dtype == DType::F32 {
                 Precision::Full
@@ -105,6 +107,7 @@ fn bf16_and_f16_images_stay_near_f32() {
                 rng: Default::default(),
                 image: None,
                 vae_tiling: false,
+                sizes: Default::default(),
             };
             pipeline.generate_all(&request).unwrap()
         };

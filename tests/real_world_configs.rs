@@ -31,3 +31,47 @@ fn real_world_config_shapes_give_diffusers_images() {
         assert_seed42_image(&pipeline, &meta, 1, &format!("real_world/{name}.png"));
     }
 }
+
+/// The Hub's SDXL base configs (`fixtures/configs/sdxl-base-1.0`: nulls, unknown keys, the
+/// misnamed attention_head_dim, [1, 2, 10] transformer layers) load: the family, the default
+/// size and scheduler, and the encoders' widths against the U-Net's are as diffusers reads them.
+/// The weights are not read (the tiny SDXL's files stand in for the listing).
+#[test]
+fn sdxl_base_configs_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = model_dir("tiny_xl");
+    let real = fixtures().join("configs/sdxl-base-1.0");
+    for sub in ["tokenizer", "tokenizer_2"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for e in std::fs::read_dir(tiny.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    for rel in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "unet/config.json",
+        "vae/config.json",
+    ] {
+        let to = dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(real.join(rel), to).unwrap();
+    }
+    for rel in [
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ] {
+        std::fs::write(dir.path().join(rel), b"").unwrap();
+    }
+    let files = ModelFiles::from_folder(dir.path(), Precision::Half).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(p.family, sdgen::pipeline::Family::Sdxl);
+    assert_eq!(p.default_size(), (1024, 1024));
+    assert_eq!(p.default_scheduler, Some("euler"));
+    assert_eq!(p.vae_config.scaling_factor, 0.13025);
+}

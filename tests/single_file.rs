@@ -34,6 +34,7 @@ fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
         rng: Default::default(),
         image: None,
         vae_tiling: false,
+        sizes: Default::default(),
     };
     p.generate_all(&r)
         .unwrap()

@@ -20,6 +20,7 @@ fn request(p: &Pipeline, tiling: bool) -> Request {
         width: 64,
         height: 64,
         vae_tiling: tiling,
+        sizes: Default::default(),
         ..seed42_request(p, &read_json("tiny/e2e.json"))
     }
 }

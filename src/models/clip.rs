@@ -5,7 +5,7 @@
 //! layer-norm eps is fixed, and its `gelu` is the tanh approximation where transformers' "gelu"
 //! (SD 2.x) is the exact erf form. This module reads every size from the config instead.
 
-use super::layers::{linear, Linear};
+use super::layers::{linear, linear_no_bias, Linear};
 use super::Loader;
 use crate::config::ClipTextConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -115,16 +115,50 @@ impl ClipEncoderLayer {
 }
 
 /// `CLIPTextModel`: returns `last_hidden_state` (after the final layer norm), which is what the
-/// Stable Diffusion pipeline feeds the U-Net.
+/// Stable Diffusion pipeline feeds the U-Net; as `CLIPTextModelWithProjection` (SDXL's second
+/// encoder) also the pooled, projected output.
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias).
+    text_projection: Option<Linear>,
+    /// How the pooled output's position is found (see `ClipTextConfig::eos_token_id`).
+    eos_token_id: i64,
+}
+
+/// What SDXL's pipeline takes from each text encoder.
+pub struct XlOutput {
+    /// (batch, seq, hidden): a hidden state before the final layer norm.
+    pub hidden: Tensor,
+    /// (batch, projection_dim): the projected pooled output (`text_embeds`), with a projection.
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextModel {
     pub fn new(vb: Loader, c: &ClipTextConfig) -> Result<Self> {
+        Self::build(vb, c, false)
+    }
+
+    /// `CLIPTextModelWithProjection`: the model and its `text_projection`.
+    pub fn with_projection(vb: Loader, c: &ClipTextConfig) -> Result<Self> {
+        Self::build(vb, c, true)
+    }
+
+    fn build(vb: Loader, c: &ClipTextConfig, projection: bool) -> Result<Self> {
+        let text_projection = if projection {
+            let Some(dim) = c.projection_dim else {
+                candle_core::bail!("the text encoder's config has no projection_dim");
+            };
+            Some(linear_no_bias(
+                c.hidden_size,
+                dim,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         // Hub files keep the `text_model.` prefix; transformers 5 saves without it.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -156,6 +190,8 @@ impl ClipTextModel {
                 c.layer_norm_eps,
                 vb.pp("final_layer_norm").candle(),
             )?,
+            text_projection,
+            eos_token_id: c.eos_token_id,
         })
     }
 
@@ -181,6 +217,15 @@ impl ClipTextModel {
     /// `encode_prompt(clip_skip=skip)` feeds the U-Net (the web UI's "Clip skip" is
     /// `skip + 1`). `skip` must leave at least one layer.
     pub fn forward(&self, input_ids: &Tensor, skip: usize) -> Result<Tensor> {
+        let (mut xs, mask) = self.embed(input_ids)?;
+        for layer in &self.layers[..self.layers.len() - skip] {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+
+    /// The token and position embeddings of `input_ids`, and the causal mask.
+    fn embed(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, t) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
         let xs = self
@@ -188,10 +233,57 @@ impl ClipTextModel {
             .forward(input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
-        let mut xs = xs;
-        for layer in &self.layers[..self.layers.len() - skip] {
+        Ok((xs, mask))
+    }
+
+    /// What `StableDiffusionXLPipeline.encode_prompt` reads: `hidden_states[-(skip + 2)]`
+    /// (the output of all layers but `skip + 1`, without the final layer norm), and with a
+    /// projection the pooled output (the final layer norm's output at the end-of-text
+    /// position, projected: transformers' `text_embeds`).
+    pub fn forward_xl(&self, input_ids: &Tensor, skip: usize) -> Result<XlOutput> {
+        let n = self.layers.len();
+        if skip >= n {
+            candle_core::bail!("clip skip {skip} leaves no layer of {n}");
+        }
+        let (mut xs, mask) = self.embed(input_ids)?;
+        let keep = n - 1 - skip;
+        let mut hidden = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i == keep {
+                hidden = Some(xs.clone());
+                if self.text_projection.is_none() {
+                    break;
+                }
+            }
             xs = layer.forward(&xs, &mask)?;
         }
-        self.final_layer_norm.forward(&xs)
+        let hidden = hidden.expect("keep < n: taken in the loop");
+        let pooled = match &self.text_projection {
+            None => None,
+            Some(projection) => {
+                let last = self.final_layer_norm.forward(&xs)?;
+                let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
+                let rows = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(b, ids)| last.get(b)?.get(self.pooled_position(ids)))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(projection.forward(&Tensor::stack(&rows, 0)?)?)
+            }
+        };
+        Ok(XlOutput { hidden, pooled })
+    }
+
+    /// transformers' pooled position: with the old `eos_token_id` 2 the largest id (its
+    /// first occurrence, as torch's argmax), else the first `eos_token_id`.
+    fn pooled_position(&self, ids: &[u32]) -> usize {
+        if self.eos_token_id == 2 {
+            let max = ids.iter().copied().max().unwrap_or(0);
+            ids.iter().position(|&i| i == max).unwrap_or(0)
+        } else {
+            ids.iter()
+                .position(|&i| i64::from(i) == self.eos_token_id)
+                .unwrap_or(0)
+        }
     }
 }

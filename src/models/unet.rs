@@ -8,7 +8,7 @@
 use super::attention::{Transformer2DConfig, Transformer2DModel};
 use super::layers::{linear, Conv2d, GroupNorm, Linear, ResnetBlock2D};
 use super::Loader;
-use crate::config::{UNetBlock, UNetConfig};
+use crate::config::{TextTime, UNetBlock, UNetConfig};
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
@@ -16,17 +16,23 @@ fn conv3x3(vb: Loader, cin: usize, cout: usize, stride: usize) -> Result<Conv2d>
     Conv2d::new(vb, cin, cout, 3, stride, 1)
 }
 
-/// `get_timestep_embedding` followed by `TimestepEmbedding` (linear_1, SiLU, linear_2).
-struct TimeEmbedding {
+/// diffusers' `Timesteps`: `get_timestep_embedding` of each number, `num_channels` wide.
+struct Sinusoidal {
     num_channels: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
+}
+
+/// `Timesteps` followed by `TimestepEmbedding` (linear_1, SiLU, linear_2).
+struct TimeEmbedding {
+    proj: Sinusoidal,
     linear_1: Linear,
     linear_2: Linear,
 }
 
-impl TimeEmbedding {
-    fn sinusoidal(&self, timesteps: &[f64], device: &Device) -> Result<Tensor> {
+impl Sinusoidal {
+    /// (n, num_channels) f32 for the n numbers of `timesteps`.
+    fn forward(&self, timesteps: &[f64], device: &Device) -> Result<Tensor> {
         let half = self.num_channels / 2;
         // diffusers: exp(-ln(10000) * arange(half, f32) / (half - shift)) in float32.
         let freqs: Vec<f32> = (0..half)
@@ -50,11 +56,65 @@ impl TimeEmbedding {
         }
         Tensor::from_vec(data, (timesteps.len(), half * 2), device)
     }
+}
+
+impl TimeEmbedding {
+    fn new(vb: Loader, proj: Sinusoidal, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self {
+            proj,
+            linear_1: linear(cin, cout, vb.pp("linear_1"))?,
+            linear_2: linear(cout, cout, vb.pp("linear_2"))?,
+        })
+    }
+
+    /// The MLP of an (n, cin) input.
+    fn mlp(&self, emb: &Tensor) -> Result<Tensor> {
+        let emb = candle_nn::ops::silu(&self.linear_1.forward(emb)?)?;
+        self.linear_2.forward(&emb)
+    }
 
     fn forward(&self, timesteps: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
-        let emb = self.sinusoidal(timesteps, device)?.to_dtype(dtype)?;
-        let emb = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
-        self.linear_2.forward(&emb)
+        self.mlp(&self.proj.forward(timesteps, device)?.to_dtype(dtype)?)
+    }
+}
+
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`) of one batch.
+pub struct AddedConditioning {
+    /// (batch, pooled width): the second text encoder's pooled, projected output.
+    pub text_embeds: Tensor,
+    /// Per image (original height, original width, crop top, crop left, target height, target
+    /// width), diffusers' `add_time_ids`.
+    pub time_ids: Vec<[f64; 6]>,
+}
+
+/// `add_time_proj` and `add_embedding`: the size numbers' embeddings, concatenated after the
+/// pooled text embedding, through an MLP into the time embedding's width.
+struct TextTimeEmbedding {
+    embedding: TimeEmbedding,
+    pooled_dim: usize,
+}
+
+impl TextTimeEmbedding {
+    fn forward(&self, added: &AddedConditioning, dtype: DType) -> Result<Tensor> {
+        let text = &added.text_embeds;
+        let (b, pooled) = text.dims2()?;
+        if pooled != self.pooled_dim || added.time_ids.len() != b {
+            candle_core::bail!(
+                "added conditioning: text_embeds {:?} and {} time_ids for a U-Net whose pooled width is {}",
+                text.dims(),
+                added.time_ids.len(),
+                self.pooled_dim
+            );
+        }
+        let numbers: Vec<f64> = added.time_ids.iter().flatten().copied().collect();
+        let times = self
+            .embedding
+            .proj
+            .forward(&numbers, text.device())?
+            .reshape((b, ()))?;
+        // diffusers concatenates in float32 (the sinusoids' type) and casts to the model's
+        let emb = Tensor::cat(&[&text.to_dtype(DType::F32)?, &times], 1)?.to_dtype(dtype)?;
+        self.embedding.mlp(&emb)
     }
 }
 
@@ -116,6 +176,8 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     center_input_sample: bool,
+    /// SDXL's `add_embedding`.
+    text_time: Option<TextTimeEmbedding>,
 }
 
 impl UNet2DConditionModel {
@@ -129,12 +191,29 @@ impl UNet2DConditionModel {
         let ch0 = c.block_out_channels[0];
         let temb = ch0 * 4;
         let conv_in = conv3x3(vb.pp("conv_in"), c.in_channels, ch0, 1)?;
-        let time_embedding = TimeEmbedding {
-            num_channels: ch0,
+        let sinusoidal = |num_channels| Sinusoidal {
+            num_channels,
             flip_sin_to_cos: c.flip_sin_to_cos,
             freq_shift: c.freq_shift,
-            linear_1: linear(ch0, temb, vb.pp("time_embedding.linear_1"))?,
-            linear_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+        };
+        let time_embedding =
+            TimeEmbedding::new(vb.pp("time_embedding"), sinusoidal(ch0), ch0, temb)?;
+        let text_time = match c.text_time()? {
+            None => None,
+            Some(
+                t @ TextTime {
+                    time_embed_dim,
+                    input_dim,
+                },
+            ) => Some(TextTimeEmbedding {
+                embedding: TimeEmbedding::new(
+                    vb.pp("add_embedding"),
+                    sinusoidal(time_embed_dim),
+                    input_dim,
+                    temb,
+                )?,
+                pooled_dim: t.pooled_dim(),
+            }),
         };
 
         let mut down_blocks = Vec::with_capacity(n);
@@ -284,12 +363,25 @@ impl UNet2DConditionModel {
             )?,
             conv_out: conv3x3(vb.pp("conv_out"), ch0, c.out_channels, 1)?,
             center_input_sample: c.center_input_sample,
+            text_time,
         })
     }
 
+    /// Whether the U-Net takes SDXL's added conditioning.
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.text_time.is_some()
+    }
+
     /// One denoising call: `sample` (batch, C, h, w), the same `timestep` for the whole batch,
-    /// `context` (batch, 77, cross_attention_dim). Returns the model output (noise or v).
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+    /// `context` (batch, 77, cross_attention_dim), and for SDXL the added conditioning.
+    /// Returns the model output (noise or v).
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let n = self.down_blocks.len();
         let up_factor = 1usize << (n - 1);
@@ -302,6 +394,16 @@ impl UNet2DConditionModel {
         let emb =
             self.time_embedding
                 .forward(&vec![timestep; b], sample.dtype(), sample.device())?;
+        let emb = match (&self.text_time, added) {
+            (Some(text_time), Some(added)) => (emb + text_time.forward(added, sample.dtype())?)?,
+            (None, None) => emb,
+            (Some(_), None) => {
+                candle_core::bail!("this U-Net (SDXL's) needs the added text and size conditioning")
+            }
+            (None, Some(_)) => {
+                candle_core::bail!("this U-Net takes no added conditioning (not SDXL's)")
+            }
+        };
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut res_stack = vec![xs.clone()];

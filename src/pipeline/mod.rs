@@ -1,18 +1,24 @@
-//! The pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle, and its image-to-image
+//! The pipeline: diffusers' `StableDiffusionPipeline.__call__` on candle, its image-to-image
 //! and inpainting siblings (`StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`),
-//! whose start is `start`'s.
+//! whose start is `start`'s, and `StableDiffusionXLPipeline`, whose text side is `xl`'s.
 
 mod start;
+mod xl;
 
 use self::start::{start_index, Inpaint};
+use self::xl::SecondEncoder;
+pub use self::xl::SizeConditioning;
 use crate::addons::embedding::Embedding;
 use crate::addons::lora::{LoraPatch, LoraSpec, Part};
 use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
+pub use crate::config::Family;
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
+pub use crate::models::unet::AddedConditioning;
+use crate::models::unet::UNet2DConditionModel;
 pub use crate::models::vae_encoder::LatentDistribution;
 use crate::models::vae_encoder::VaeEncoder;
 pub use crate::models::vae_tiling::Tiles;
-use crate::models::{clip::ClipTextModel, unet::UNet2DConditionModel, vae::Vae, Loader};
+use crate::models::{clip::ClipTextModel, vae::Vae, Loader};
 use crate::ops::Engine;
 use crate::rng::{Generator, RngKind};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig};
@@ -59,6 +65,8 @@ pub struct Request {
     /// Decode (and encode) in tiles as diffusers' `enable_vae_tiling` does (also done
     /// whenever the untiled VAE would not fit in memory).
     pub vae_tiling: bool,
+    /// SDXL's size conditioning (ignored by SD 1.x/2.x).
+    pub sizes: SizeConditioning,
 }
 
 /// The start of an image-to-image request (diffusers' `StableDiffusionImg2ImgPipeline`).
@@ -89,6 +97,30 @@ impl Request {
     }
 }
 
+/// A prompt's conditioning: the U-Net's context, and SDXL's pooled text embedding.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// (1, 77 x chunks, cross_attention_dim).
+    pub context: Tensor,
+    /// (1, pooled width): SDXL's second text encoder's projected pooled output.
+    pub pooled: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// Zeros of the same shapes: SDXL's unconditional half without a negative prompt
+    /// (`force_zeros_for_empty_prompt`).
+    fn zeros_like(&self) -> Result<Self> {
+        Ok(Self {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    }
+
+    fn all_finite(&self) -> Result<bool> {
+        Ok(all_finite(&self.context)? && self.pooled.as_ref().map_or(Ok(true), all_finite)?)
+    }
+}
+
 /// Called after every denoising step with (steps done, total); an error stops the run there
 /// (the server's cancelled jobs).
 pub type StepCallback<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
@@ -116,6 +148,8 @@ pub enum Residency {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
     Unet,
     Vae,
 }
@@ -127,6 +161,10 @@ pub struct Pipeline {
     /// The implementations the components' operations run on (`ops`).
     pub engine: Engine,
     pub residency: Residency,
+    /// SD 1.x/2.x or SDXL, from model_index.json.
+    pub family: Family,
+    /// SDXL: zeros for the unconditional half when there is no negative prompt.
+    force_zeros_for_empty_prompt: bool,
     tokenizer: ClipTokenizer,
     clip_config: ClipTextConfig,
     /// Textual-inversion embeddings, in the order of their token ids.
@@ -135,6 +173,8 @@ pub struct Pipeline {
     /// The LoRAs the loaded text encoder and U-Net have merged.
     loras: RefCell<Vec<LoraSpec>>,
     text_encoder: RefCell<Option<Rc<ClipTextModel>>>,
+    /// SDXL's second tokenizer and text encoder.
+    second: Option<SecondEncoder>,
     unet: RefCell<Option<Rc<UNet2DConditionModel>>>,
     vae: RefCell<Option<Rc<Vae>>>,
     vae_encoder: RefCell<Option<Rc<VaeEncoder>>>,
@@ -167,23 +207,34 @@ impl Pipeline {
         let vae_config = VaeConfig::load(&files.vae_config)?;
         let clip_config = ClipTextConfig::load(&files.text_encoder_config)?;
         let mut scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
-        if clip_config.hidden_size != unet_config.cross_attention_dim {
-            bail!(
-                "text encoder hidden_size {} does not match the U-Net's cross_attention_dim {}",
-                clip_config.hidden_size,
-                unet_config.cross_attention_dim
-            );
-        }
         let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
-        if tokenizer.max_id as usize >= clip_config.vocab_size {
-            bail!(
-                "{}: the tokenizer has ids up to {}, past the text encoder's vocab_size {} ({})",
-                files.tokenizer_dir.display(),
-                tokenizer.max_id,
-                clip_config.vocab_size,
-                files.text_encoder_config.display()
-            );
-        }
+        check_tokenizer(
+            &tokenizer,
+            &clip_config,
+            &files.tokenizer_dir,
+            &files.text_encoder_config,
+        )?;
+        let second = match index.family {
+            Family::Sd => None,
+            Family::Sdxl => {
+                let Some(f) = &files.second_encoder else {
+                    bail!("{}: an SDXL pipeline needs text_encoder_2/ and tokenizer_2/, which the model does not have", files.model_index.display());
+                };
+                let config = ClipTextConfig::load(&f.config)?;
+                let tokenizer = ClipTokenizer::from_dir(&f.tokenizer_dir)?;
+                check_tokenizer(&tokenizer, &config, &f.tokenizer_dir, &f.config)?;
+                Some(SecondEncoder {
+                    tokenizer,
+                    config,
+                    model: RefCell::new(None),
+                })
+            }
+        };
+        check_text_fits_unet(
+            &clip_config,
+            second.as_ref().map(|s| &s.config),
+            &unet_config,
+        )?;
         // diffusers builds the scheduler class model_index.json names, from this config
         if let Some(class) = index.scheduler_class {
             scheduler_config.set("_class_name", serde_json::Value::String(class));
@@ -198,12 +249,15 @@ impl Pipeline {
             dtype,
             engine,
             residency: Residency::KeepAll,
+            family: index.family,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             tokenizer,
             clip_config,
             embeddings: Vec::new(),
             expansions: Expansions::new(),
             loras: RefCell::new(Vec::new()),
             text_encoder: RefCell::new(None),
+            second,
             unet: RefCell::new(None),
             vae: RefCell::new(None),
             vae_encoder: RefCell::new(None),
@@ -217,6 +271,9 @@ impl Pipeline {
     /// Loads every component now (to find bad weights before any work).
     pub fn preload(&self) -> Result<()> {
         self.text_encoder()?;
+        if self.second.is_some() {
+            self.text_encoder_2()?;
+        }
         self.unet()?;
         self.vae()?;
         Ok(())
@@ -225,6 +282,12 @@ impl Pipeline {
     /// Adds a textual-inversion embedding: its words become tokens of the tokenizer, its
     /// vectors rows of the text encoder's token embedding.
     pub fn add_embedding(&mut self, path: &Path) -> Result<()> {
+        if self.family == Family::Sdxl {
+            bail!(
+                "{}: textual-inversion embeddings are not supported for SDXL models yet",
+                path.display()
+            );
+        }
         let e = Embedding::load(path, self.clip_config.hidden_size)?;
         let ids = self.tokenizer.add_tokens(&e.tokens())?;
         let next = self.clip_config.vocab_size
@@ -270,17 +333,38 @@ impl Pipeline {
         }
     }
 
+    /// The VAE's type: float32 for an SDXL model in float16 whose VAE config asks for
+    /// `force_upcast` (SDXL's VAE overflows in f16), as `StableDiffusionXLPipeline` upcasts;
+    /// else the model's.
+    fn vae_dtype(&self) -> DType {
+        let upcast =
+            self.family == Family::Sdxl && self.dtype == DType::F16 && self.vae_config.force_upcast;
+        if upcast {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     /// The weights of `component`, for the model's engine, with the LoRAs' updates.
     fn loader(&self, component: Component) -> Result<Loader<'static>> {
-        let (dtype, device) = (self.dtype, &self.device);
+        let device = &self.device;
+        let dtype = match component {
+            Component::Vae => self.vae_dtype(),
+            _ => self.dtype,
+        };
         let vb = match &self.files.weights {
             WeightFiles::Diffusers {
                 text_encoder,
+                text_encoder_2,
                 unet,
                 vae,
             } => {
                 let path = match component {
                     Component::TextEncoder => text_encoder,
+                    Component::TextEncoder2 => text_encoder_2
+                        .as_ref()
+                        .context("the model has no text_encoder_2 weights")?,
                     Component::Unet => unet,
                     Component::Vae => vae,
                 };
@@ -292,6 +376,9 @@ impl Pipeline {
                     Component::TextEncoder => {
                         ckpt.text_encoder(&self.clip_config, dtype, device)?
                     }
+                    Component::TextEncoder2 => {
+                        bail!("single-file SDXL checkpoints are not supported yet: use the model's diffusers folder or Hub repo")
+                    }
                     Component::Unet => ckpt.unet(&self.unet_config, dtype, device)?,
                     Component::Vae => ckpt.vae(&self.vae_config, dtype, device)?,
                 }
@@ -300,7 +387,7 @@ impl Pipeline {
         let part = match component {
             Component::TextEncoder => Some(Part::TextEncoder),
             Component::Unet => Some(Part::Unet),
-            Component::Vae => None,
+            Component::TextEncoder2 | Component::Vae => None,
         };
         let lora = match part {
             Some(part) => LoraPatch::load(&self.loras.borrow(), part)?.map(Rc::new),
@@ -393,7 +480,7 @@ impl Pipeline {
         tiles: Option<Tiles>,
     ) -> Result<LatentDistribution> {
         self.vae_encoder()?
-            .encode(&images.to_dtype(self.dtype)?, tiles)
+            .encode(&images.to_dtype(self.vae_dtype())?, tiles)
     }
 
     /// The VAE's tiles for request `r`: with `--vae-tiling`, and whenever the untiled VAE
@@ -465,6 +552,9 @@ impl Pipeline {
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
         }
+        if self.family == Family::Sdxl {
+            self.validate_xl(r)?;
+        }
         // the web UI's syntax can be wrong (a weight that is no number), or too long
         for text in r.texts()? {
             self.tokenize(&text, r.prompt_syntax)?;
@@ -505,6 +595,22 @@ impl Pipeline {
             );
         }
         Ok(())
+    }
+
+    /// What sdgen does not run on SDXL models yet, refused before any work.
+    fn validate_xl(&self, r: &Request) -> Result<()> {
+        let missing = if r.image.is_some() {
+            "image-to-image and inpainting (--image)"
+        } else if r.clip_skip != 1 {
+            "--clip-skip"
+        } else if r.prompt_syntax != PromptSyntax::Plain {
+            "--prompt-syntax a1111"
+        } else if !r.loras.is_empty() {
+            "LoRAs"
+        } else {
+            return Ok(());
+        };
+        bail!("{missing} with SDXL models is not supported yet")
     }
 
     /// The half-precision cause of the non-finite errors ("" in f32).
@@ -559,8 +665,53 @@ impl Pipeline {
         )
     }
 
+    /// A prompt's conditioning in the request's syntax and clip skip: the text encoder's
+    /// output for SD 1.x/2.x, both encoders' and the pooled embedding for SDXL.
+    pub fn encode_prompt(&self, text: &str, r: &Request) -> Result<Conditioning> {
+        match self.family {
+            Family::Sd => Ok(Conditioning {
+                context: self.encode_text(text, r.prompt_syntax, r.clip_skip)?,
+                pooled: None,
+            }),
+            Family::Sdxl => self.encode_xl(text, r.clip_skip.saturating_sub(1)),
+        }
+    }
+
+    /// The unconditional half for classifier-free guidance: the negative prompt's
+    /// conditioning, or for SDXL without a negative prompt zeros shaped like `cond` when
+    /// model_index.json says `force_zeros_for_empty_prompt` (diffusers' `negative_prompt=None`;
+    /// an empty `--negative-prompt` counts as none).
+    fn encode_negative(
+        &self,
+        negative: &str,
+        cond: &Conditioning,
+        r: &Request,
+    ) -> Result<Conditioning> {
+        let zeros =
+            self.family == Family::Sdxl && self.force_zeros_for_empty_prompt && negative.is_empty();
+        if zeros {
+            cond.zeros_like()
+        } else {
+            self.encode_prompt(negative, r)
+        }
+    }
+
+    /// One U-Net call without added conditioning (SD 1.x/2.x).
     pub fn unet_forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        Ok(self.unet()?.forward(sample, timestep, context)?)
+        Ok(self.unet()?.forward(sample, timestep, context, None)?)
+    }
+
+    /// One U-Net call with SDXL's added conditioning.
+    pub fn unet_forward_xl(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: &AddedConditioning,
+    ) -> Result<Tensor> {
+        Ok(self
+            .unet()?
+            .forward(sample, timestep, context, Some(added))?)
     }
 
     /// The VAE decoder's raw output for `latents`, in `tiles` when given.
@@ -603,19 +754,20 @@ impl Pipeline {
         self.use_loras(&r.loras);
         let cfg = r.guidance > 1.0;
         let [prompt, negative] = r.texts()?;
-        let cond = self.encode_text(&prompt, r.prompt_syntax, r.clip_skip)?;
+        let cond = self.encode_prompt(&prompt, r)?;
         let uncond = if cfg {
-            Some(self.encode_text(&negative, r.prompt_syntax, r.clip_skip)?)
+            Some(self.encode_negative(&negative, &cond, r)?)
         } else {
             None
         };
-        for t in std::iter::once(&cond).chain(uncond.as_ref()) {
-            if !all_finite(t)? {
+        for c in std::iter::once(&cond).chain(uncond.as_ref()) {
+            if !c.all_finite()? {
                 bail!("the text encoder's output holds NaN or infinity (are its weights finite?)");
             }
         }
         if self.residency == Residency::Sequential {
             *self.text_encoder.borrow_mut() = None;
+            self.drop_text_encoder_2();
             crate::allocator::release_free_memory();
         }
         let n_images = r.num_images();
@@ -641,6 +793,7 @@ impl Pipeline {
                 crate::allocator::release_free_memory();
             }
             let vae = self.vae()?;
+            let latents = latents.to_dtype(self.vae_dtype())?;
             for i in 0..n {
                 let image = vae.decode(&latents.narrow(0, i, 1)?, self.tiles(r))?;
                 if !all_finite(&image)? {
@@ -678,16 +831,40 @@ impl Pipeline {
         r: &Request,
         first: usize,
         n: usize,
-        cond: &Tensor,
-        uncond: Option<&Tensor>,
+        cond: &Conditioning,
+        uncond: Option<&Conditioning>,
         on_step: StepCallback,
     ) -> Result<Tensor> {
         let (_, mut scheduler) =
             schedulers::build(r.scheduler.as_deref(), &self.scheduler_config, r.steps)?;
         let (begin, mut generators, mut latents, inpaint) =
             self.start(r, scheduler.as_ref(), first, n)?;
-        let cond = cond.repeat((n, 1, 1))?;
-        let uncond = uncond.map(|u| u.repeat((n, 1, 1))).transpose()?;
+        let unet = self.unet()?;
+        // SDXL's added conditioning of the images' rows for these halves, in this order
+        let added = |halves: &[&Conditioning]| -> Result<Option<AddedConditioning>> {
+            if !unet.takes_added_conditioning() {
+                return Ok(None);
+            }
+            let pooled = halves
+                .iter()
+                .map(|c| {
+                    c.pooled
+                        .as_ref()
+                        .context("no pooled text embedding for SDXL's U-Net")?
+                        .repeat((n, 1))
+                        .map_err(anyhow::Error::from)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Some(AddedConditioning {
+                text_embeds: Tensor::cat(&pooled, 0)?,
+                time_ids: vec![r.sizes.time_ids(r.height, r.width); n * halves.len()],
+            }))
+        };
+        let added_cond = added(&[cond])?;
+        let added_uncond = uncond.map(|u| added(&[u])).transpose()?.flatten();
+        let added_both = uncond.map(|u| added(&[u, cond])).transpose()?.flatten();
+        let cond = cond.context.repeat((n, 1, 1))?;
+        let uncond = uncond.map(|u| u.context.repeat((n, 1, 1))).transpose()?;
         // one U-Net pass for both halves when their contexts have the same length; the web
         // UI's long prompts may not (it then runs them apart, as here)
         let batched = match &uncond {
@@ -695,7 +872,6 @@ impl Pipeline {
             _ => None,
         };
         let timesteps = scheduler.timesteps().to_vec();
-        let unet = self.unet()?;
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let model_input = scheduler.scale_model_input(&latents, i)?;
             let model_input = match inpaint.as_ref().and_then(|p| p.condition.as_ref()) {
@@ -703,17 +879,20 @@ impl Pipeline {
                 None => model_input,
             };
             let noise_pred = match (&uncond, &batched) {
-                (_, Some(context)) => {
-                    unet.forward(&Tensor::cat(&[&model_input, &model_input], 0)?, t, context)?
-                }
+                (_, Some(context)) => unet.forward(
+                    &Tensor::cat(&[&model_input, &model_input], 0)?,
+                    t,
+                    context,
+                    added_both.as_ref(),
+                )?,
                 (Some(u), None) => Tensor::cat(
                     &[
-                        &unet.forward(&model_input, t, u)?,
-                        &unet.forward(&model_input, t, &cond)?,
+                        &unet.forward(&model_input, t, u, added_uncond.as_ref())?,
+                        &unet.forward(&model_input, t, &cond, added_cond.as_ref())?,
                     ],
                     0,
                 )?,
-                (None, None) => unet.forward(&model_input, t, &cond)?,
+                (None, None) => unet.forward(&model_input, t, &cond, added_cond.as_ref())?,
             };
             let at = || {
                 format!(
@@ -773,6 +952,57 @@ impl Pipeline {
             on_step(i + 1 - begin, timesteps.len() - begin)?;
         }
         Ok(latents)
+    }
+}
+
+/// An error when the tokenizer has ids the text encoder's embedding lacks.
+fn check_tokenizer(
+    tok: &ClipTokenizer,
+    config: &ClipTextConfig,
+    dir: &Path,
+    config_path: &Path,
+) -> Result<()> {
+    if tok.max_id as usize >= config.vocab_size {
+        bail!(
+            "{}: the tokenizer has ids up to {}, past the text encoder's vocab_size {} ({})",
+            dir.display(),
+            tok.max_id,
+            config.vocab_size,
+            config_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// An error when the text encoders' outputs do not fit the U-Net: the hidden sizes (summed for
+/// SDXL's two) against `cross_attention_dim`, the second encoder's projection against the
+/// pooled width of SDXL's added conditioning, and added conditioning without a second encoder.
+fn check_text_fits_unet(
+    first: &ClipTextConfig,
+    second: Option<&ClipTextConfig>,
+    unet: &UNetConfig,
+) -> Result<()> {
+    let hidden = first.hidden_size + second.map_or(0, |c| c.hidden_size);
+    if hidden != unet.cross_attention_dim {
+        bail!(
+            "the text encoders' hidden size {hidden} does not match the U-Net's cross_attention_dim {}",
+            unet.cross_attention_dim
+        );
+    }
+    match (unet.text_time()?, second) {
+        (None, None) => Ok(()),
+        (Some(t), Some(c)) if c.projection_dim == Some(t.pooled_dim()) => Ok(()),
+        (Some(t), Some(c)) => bail!(
+            "the second text encoder's projection_dim {:?} does not match the U-Net's pooled width {} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)",
+            c.projection_dim,
+            t.pooled_dim()
+        ),
+        (Some(_), None) => {
+            bail!("the U-Net takes SDXL's added conditioning, but model_index.json names a one-encoder pipeline")
+        }
+        (None, Some(_)) => {
+            bail!("model_index.json names an SDXL pipeline, but the U-Net has no addition_embed_type text_time")
+        }
     }
 }
 

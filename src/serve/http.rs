@@ -229,6 +229,7 @@ impl Shared {
             rng: ask.rng,
             image: None,
             vae_tiling: false,
+            sizes: Default::default(),
         })
     }
 

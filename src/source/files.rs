@@ -27,10 +27,19 @@ pub struct ModelFiles {
     pub text_encoder_config: PathBuf,
     pub unet_config: PathBuf,
     pub vae_config: PathBuf,
+    /// SDXL's second tokenizer and text encoder config (`tokenizer_2/`, `text_encoder_2/`).
+    pub second_encoder: Option<SecondEncoder>,
     pub weights: WeightFiles,
     /// The private folder of a single-file checkpoint's built-in configs
     /// (`single_file::builtin_configs`), kept while the model's files are in use.
     pub builtin_configs: Option<std::sync::Arc<tempfile::TempDir>>,
+}
+
+/// The configs of SDXL's second text encoder (OpenCLIP ViT-bigG in the Hub's SDXL models).
+#[derive(Debug, Clone)]
+pub struct SecondEncoder {
+    pub tokenizer_dir: PathBuf,
+    pub config: PathBuf,
 }
 
 /// Where the weights are.
@@ -39,6 +48,8 @@ pub enum WeightFiles {
     /// One file per component, diffusers layout.
     Diffusers {
         text_encoder: PathBuf,
+        /// SDXL's second text encoder.
+        text_encoder_2: Option<PathBuf>,
         unet: PathBuf,
         vae: PathBuf,
     },
@@ -98,25 +109,21 @@ pub fn plan_files(
     }
 }
 
-/// The files fetched for the tokenizer; the last two are optional.
+/// The files fetched for a tokenizer folder; the last two are optional.
 pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
 ];
 
 /// Weight file candidates for a component, best first.
 pub fn weight_candidates(component: &str, precision: Precision) -> Vec<String> {
-    let stem = if component == "text_encoder" {
-        "model"
+    // transformers' file names for the text encoders, diffusers' for the rest
+    let (stem, bin_stem) = if component.starts_with("text_encoder") {
+        ("model", "pytorch_model")
     } else {
-        "diffusion_pytorch_model"
-    };
-    let bin_stem = if component == "text_encoder" {
-        "pytorch_model"
-    } else {
-        "diffusion_pytorch_model"
+        ("diffusion_pytorch_model", "diffusion_pytorch_model")
     };
     let mut v = Vec::new();
     if precision == Precision::Half {
@@ -130,12 +137,19 @@ pub fn weight_candidates(component: &str, precision: Precision) -> Vec<String> {
     v
 }
 
-/// The relative paths of the files a generation needs, chosen from those the model has.
+/// Whether a model's files hold SDXL's second text encoder (its config).
+pub fn has_second_encoder(available: &BTreeSet<String>) -> bool {
+    available.contains("text_encoder_2/config.json")
+}
+
+/// The relative paths of the files a generation needs, chosen from those the model has (SDXL's
+/// second tokenizer and text encoder too when it has them).
 pub fn needed_files(
     available: &BTreeSet<String>,
     precision: Precision,
     source: &str,
 ) -> Result<Vec<String>> {
+    let second = has_second_encoder(available);
     let mut files: Vec<String> = vec![
         "model_index.json".into(),
         "scheduler/scheduler_config.json".into(),
@@ -143,6 +157,9 @@ pub fn needed_files(
         "unet/config.json".into(),
         "vae/config.json".into(),
     ];
+    if second {
+        files.push("text_encoder_2/config.json".into());
+    }
     for f in &files {
         if !available.contains(f) {
             if f == "model_index.json" {
@@ -151,14 +168,27 @@ pub fn needed_files(
             bail!("{source} is missing {f}");
         }
     }
-    for f in TOKENIZER_FILES {
-        if available.contains(*f) {
-            files.push(f.to_string());
-        } else if f.ends_with("vocab.json") || f.ends_with("merges.txt") {
-            bail!("{source} is missing {f}");
+    let tokenizers: &[&str] = if second {
+        &["tokenizer", "tokenizer_2"]
+    } else {
+        &["tokenizer"]
+    };
+    for dir in tokenizers {
+        for (i, name) in TOKENIZER_FILES.iter().enumerate() {
+            let f = format!("{dir}/{name}");
+            if available.contains(&f) {
+                files.push(f);
+            } else if i < 2 {
+                bail!("{source} is missing {f}");
+            }
         }
     }
-    for component in ["text_encoder", "unet", "vae"] {
+    let components: &[&str] = if second {
+        &["text_encoder", "text_encoder_2", "unet", "vae"]
+    } else {
+        &["text_encoder", "unet", "vae"]
+    };
+    for &component in components {
         let candidates = weight_candidates(component, precision);
         match candidates.iter().find(|c| available.contains(*c)) {
             Some(c) => files.push(c.clone()),
@@ -219,8 +249,16 @@ impl ModelFiles {
             )
         };
         let mut m = Self::configs_from(name, revision, root);
+        let second = files.iter().any(|f| f == "text_encoder_2/config.json");
+        if second {
+            m.second_encoder = Some(SecondEncoder {
+                tokenizer_dir: root.join("tokenizer_2"),
+                config: root.join("text_encoder_2/config.json"),
+            });
+        }
         m.weights = WeightFiles::Diffusers {
             text_encoder: weights("text_encoder"),
+            text_encoder_2: second.then(|| weights("text_encoder_2")),
             unet: weights("unet"),
             vae: weights("vae"),
         };
@@ -237,6 +275,7 @@ impl ModelFiles {
             text_encoder_config: root.join("text_encoder/config.json"),
             unet_config: root.join("unet/config.json"),
             vae_config: root.join("vae/config.json"),
+            second_encoder: None,
             weights: WeightFiles::SingleFile(PathBuf::new()),
             builtin_configs: None,
         }

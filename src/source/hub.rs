@@ -273,8 +273,14 @@ pub fn fetch(req: &ModelRequest) -> Result<ModelFiles> {
         };
         let path = cached_or_download(&client, &repo, &place, by_name[f.as_str()], progress)?;
         if f == "model_index.json" {
-            // Refuse other pipelines before the big downloads.
-            ModelIndex::load(&path)?;
+            // Refuse other pipelines, and SDXL without its second encoder, before the big
+            // downloads.
+            let index = ModelIndex::load(&path)?;
+            if index.family == crate::config::Family::Sdxl
+                && !super::files::has_second_encoder(&available)
+            {
+                bail!("{repo_id} is an SDXL pipeline without text_encoder_2/config.json");
+            }
         }
         paths.push(path);
     }

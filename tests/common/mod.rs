@@ -140,6 +140,7 @@ pub fn seed42_request(
         rng: Default::default(),
         image: None,
         vae_tiling: false,
+        sizes: Default::default(),
     }
 }
 

@@ -1,0 +1,108 @@
+//! SDXL's side of the pipeline (diffusers' `StableDiffusionXLPipeline`): the second tokenizer
+//! and text encoder, a prompt's context from both encoders with the pooled embedding, and the
+//! size conditioning (`add_time_ids`).
+
+use super::{Component, Conditioning, Pipeline};
+use crate::config::ClipTextConfig;
+use crate::models::clip::ClipTextModel;
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// SDXL's size conditioning: diffusers' `original_size`, `crops_coords_top_left` and
+/// `target_size`, each (height, width) / (top, left) in pixels; the same numbers for the
+/// negative prompt, as diffusers' defaults give. SD 1.x/2.x models ignore it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SizeConditioning {
+    /// `None`: the image's size (diffusers' default).
+    pub original: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+    /// `None`: the image's size (diffusers' default).
+    pub target: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// diffusers' `add_time_ids` for an image of `height` x `width`: original height and
+    /// width, crop top and left, target height and width.
+    pub fn time_ids(&self, height: usize, width: usize) -> [f64; 6] {
+        let (oh, ow) = self.original.unwrap_or((height, width));
+        let (top, left) = self.crop_top_left;
+        let (th, tw) = self.target.unwrap_or((height, width));
+        [oh, ow, top, left, th, tw].map(|v| v as f64)
+    }
+}
+
+/// The second tokenizer and text encoder (OpenCLIP ViT-bigG in the Hub's SDXL models).
+pub(super) struct SecondEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub config: ClipTextConfig,
+    pub model: RefCell<Option<Rc<ClipTextModel>>>,
+}
+
+impl Pipeline {
+    pub(super) fn text_encoder_2(&self) -> Result<Rc<ClipTextModel>> {
+        let second = self.second_encoder()?;
+        if let Some(m) = second.model.borrow().as_ref() {
+            return Ok(m.clone());
+        }
+        let m = self.build(Component::TextEncoder2, |vb| {
+            ClipTextModel::with_projection(vb, &second.config)
+                .context("loading the second text encoder's weights")
+        })?;
+        *second.model.borrow_mut() = Some(m.clone());
+        Ok(m)
+    }
+
+    pub(super) fn second_encoder(&self) -> Result<&SecondEncoder> {
+        self.second
+            .as_ref()
+            .context("this model has no second text encoder (not SDXL)")
+    }
+
+    /// `StableDiffusionXLPipeline.encode_prompt` for one text: each encoder's hidden state
+    /// `skip + 1` layers before its last (the second-to-last with `skip` 0), concatenated,
+    /// encoder 1 first; the pooled embedding from encoder 2.
+    pub(super) fn encode_xl(&self, text: &str, skip: usize) -> Result<Conditioning> {
+        let second = self.second_encoder()?;
+        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
+            let ids = tok.encode(text)?.ids;
+            Ok(Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?)
+        };
+        let first = self
+            .text_encoder()?
+            .forward_xl(&ids(&self.tokenizer)?, skip)?;
+        let last = self
+            .text_encoder_2()?
+            .forward_xl(&ids(&second.tokenizer)?, skip)?;
+        Ok(Conditioning {
+            context: Tensor::cat(&[&first.hidden, &last.hidden], 2)?,
+            pooled: last.pooled,
+        })
+    }
+
+    /// Drops the second text encoder (after encoding, for the lowest peak memory).
+    pub(super) fn drop_text_encoder_2(&self) {
+        if let Some(second) = &self.second {
+            *second.model.borrow_mut() = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_ids_default_to_the_image_size_height_first() {
+        let s = SizeConditioning::default();
+        assert_eq!(s.time_ids(48, 80), [48.0, 80.0, 0.0, 0.0, 48.0, 80.0]);
+        let s = SizeConditioning {
+            original: Some((1024, 768)),
+            crop_top_left: (4, 8),
+            target: None,
+        };
+        assert_eq!(s.time_ids(64, 32), [1024.0, 768.0, 4.0, 8.0, 64.0, 32.0]);
+    }
+}

@@ -1,0 +1,247 @@
+//! SDXL (`StableDiffusionXLPipeline`) against diffusers on the tiny random SDXL
+//! (`scripts/make_fixtures.py --only-sdxl`): both text encoders and the pooled embedding, the
+//! U-Net with its added conditioning, and whole images for several schedulers, with and
+//! without a negative prompt, without guidance, with non-default size conditioning and at a
+//! non-square size.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sdgen::pipeline::{AddedConditioning, Pipeline, Request, SizeConditioning};
+use sdgen::source::{ModelFiles, Precision};
+
+fn pipeline() -> Pipeline {
+    let files = ModelFiles::from_folder(&model_dir("tiny_xl"), Precision::Full).unwrap();
+    Pipeline::load(files, Device::Cpu, DType::F32).unwrap()
+}
+
+fn meta() -> serde_json::Value {
+    read_json("tiny_xl/e2e.json")
+}
+
+/// The request of e2e.json's run `spec` (its scheduler, guidance and extra arguments).
+fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> Request {
+    let (mut height, mut width) = p.default_size();
+    if let (Some(h), Some(w)) = (spec["height"].as_u64(), spec["width"].as_u64()) {
+        (height, width) = (h as usize, w as usize);
+    }
+    let pair = |key: &str| {
+        spec[key].as_array().map(|a| {
+            (
+                a[0].as_u64().unwrap() as usize,
+                a[1].as_u64().unwrap() as usize,
+            )
+        })
+    };
+    // "negative_prompt": null is diffusers' None: no negative prompt
+    let negative = match spec.get("negative_prompt") {
+        Some(serde_json::Value::Null) => String::new(),
+        _ => meta["negative_prompt"].as_str().unwrap().into(),
+    };
+    Request {
+        prompt: meta["prompt"].as_str().unwrap().into(),
+        negative_prompt: negative,
+        seeds: meta["seeds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .collect(),
+        steps: spec["num_inference_steps"]
+            .as_u64()
+            .or(meta["steps"].as_u64())
+            .unwrap() as usize,
+        guidance: spec["guidance"].as_f64().unwrap(),
+        scheduler: Some(spec["scheduler"].as_str().unwrap().into()),
+        width,
+        height,
+        batch_size: 2,
+        clip_skip: 1,
+        prompt_syntax: Default::default(),
+        loras: Vec::new(),
+        rng: Default::default(),
+        image: None,
+        vae_tiling: false,
+        sizes: SizeConditioning {
+            original: pair("original_size"),
+            crop_top_left: pair("crops_coords_top_left").unwrap_or((0, 0)),
+            target: pair("target_size"),
+        },
+    }
+}
+
+#[test]
+fn both_text_encoders_and_the_pooled_embedding_match_diffusers() {
+    let p = pipeline();
+    let refs = load_tensors("tiny_xl/tensors.safetensors");
+    let meta = meta();
+    let spec = &meta["runs"]["euler"];
+    let r = request(&p, &meta, spec);
+    let cond = p.encode_prompt(&r.prompt, &r).unwrap();
+    assert_close("prompt_embeds", &cond.context, &refs["prompt_embeds"], 1e-5);
+    assert_close(
+        "pooled",
+        cond.pooled.as_ref().unwrap(),
+        &refs["pooled"],
+        1e-5,
+    );
+    let uncond = p.encode_prompt(&r.negative_prompt, &r).unwrap();
+    assert_close(
+        "negative_prompt_embeds",
+        &uncond.context,
+        &refs["negative_prompt_embeds"],
+        1e-5,
+    );
+    assert_close(
+        "negative_pooled",
+        uncond.pooled.as_ref().unwrap(),
+        &refs["negative_pooled"],
+        1e-5,
+    );
+}
+
+#[test]
+fn the_unet_with_added_conditioning_matches_diffusers() {
+    let p = pipeline();
+    let refs = load_tensors("tiny_xl/tensors.safetensors");
+    let ids: Vec<Vec<f32>> = refs["unet_time_ids"].to_vec2().unwrap();
+    let added = AddedConditioning {
+        text_embeds: refs["unet_text_embeds"].clone(),
+        time_ids: ids
+            .iter()
+            .map(|row| std::array::from_fn(|i| f64::from(row[i])))
+            .collect(),
+    };
+    let got = p
+        .unet_forward_xl(&refs["unet_sample"], 500.0, &refs["unet_context"], &added)
+        .unwrap();
+    assert_close("unet t=500", &got, &refs["unet_out_t500"], 1e-4);
+    // without the added conditioning the SDXL U-Net refuses to run
+    let e = p
+        .unet_forward(&refs["unet_sample"], 500.0, &refs["unet_context"])
+        .unwrap_err();
+    assert!(e.to_string().contains("added"), "{e}");
+}
+
+#[test]
+fn every_recorded_image_matches_diffusers() {
+    let meta = meta();
+    let runs = meta["runs"].as_object().unwrap();
+    assert!(runs.len() >= 9, "{runs:?}");
+    for (run, spec) in runs {
+        // a run's scheduler_config keys (SDXL-Turbo's "trailing") go into the model's config
+        let mut p = pipeline();
+        if let Some(keys) = spec["scheduler_config"].as_object() {
+            for (k, v) in keys {
+                p.scheduler_config.set(k, v.clone());
+            }
+        }
+        let r = request(&p, &meta, spec);
+        let images = p.generate_all(&r).unwrap();
+        for (img, seed) in images.iter().zip(&r.seeds) {
+            let want = image::open(reference(&format!("tiny_xl/e2e/{run}-{seed}.png")))
+                .unwrap()
+                .to_rgb8();
+            assert_eq!((img.width as u32, img.height as u32), want.dimensions());
+            let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
+            eprintln!("tiny_xl {run} seed {seed}: max {max}/255, mean {mean:.4}/255");
+            assert!(
+                max <= 2 && mean <= 0.25,
+                "tiny_xl {run} seed {seed}: max {max}/255, mean {mean:.4}/255"
+            );
+        }
+    }
+}
+
+#[test]
+fn zeros_without_a_negative_prompt_differ_from_encoding_the_empty_text() {
+    // the reference images for "no negative prompt" (zeros) are not those of an encoded "":
+    // check that the two conditionings differ, so that the image test above can tell them
+    let p = pipeline();
+    let meta = meta();
+    let r = request(&p, &meta, &meta["runs"]["euler_no_negative"]);
+    let empty = p.encode_prompt("", &r).unwrap();
+    let zero = Tensor::zeros_like(&empty.context).unwrap();
+    assert!(max_abs_diff(&to_vec(&empty.context), &to_vec(&zero)) > 0.1);
+}
+
+#[test]
+fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
+    let p = pipeline();
+    let meta = meta();
+    let base = request(&p, &meta, &meta["runs"]["euler"]);
+    let r = Request {
+        clip_skip: 2,
+        ..base.clone()
+    };
+    let e = p.validate(&r).unwrap_err().to_string();
+    assert!(e.contains("--clip-skip") && e.contains("SDXL"), "{e}");
+    let r = Request {
+        prompt_syntax: sdgen::conditioning::PromptSyntax::A1111,
+        ..base
+    };
+    let e = p.validate(&r).unwrap_err().to_string();
+    assert!(e.contains("a1111"), "{e}");
+}
+
+/// The binary on the tiny SDXL: the size-conditioning flags (WIDTHxHEIGHT, TOP,LEFT) reach
+/// diffusers' original_size / crops_coords_top_left / target_size, and what SDXL does not run
+/// yet is one `error:` line.
+#[test]
+fn the_cli_runs_sdxl_with_size_conditioning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("xl.png");
+    let model = model_dir("tiny_xl");
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"));
+        cmd.args([
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "--seed",
+            "42",
+        ])
+        .args([
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--guidance",
+            "7.5",
+            "-q",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1");
+        cmd.output().unwrap()
+    };
+    let o = run(&[
+        "--original-size",
+        "80x48",
+        "--crop-top-left",
+        "4,8",
+        "--target-size",
+        "32x64",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(reference("tiny_xl/e2e/euler_size_conditioning-42.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, mean) = pixel_diff(got.as_raw(), want.as_raw());
+    assert!(
+        max <= 2 && mean <= 0.25,
+        "max {max}/255, mean {mean:.4}/255"
+    );
+
+    std::fs::remove_file(&out).unwrap();
+    let o = run(&["--clip-skip", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: ") && err.contains("SDXL"), "{err}");
+    assert!(!out.exists());
+}
