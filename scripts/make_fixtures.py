@@ -923,25 +923,83 @@ def to_ldm_state_dict(pipe):
     if pipe.text_encoder.config.hidden_act == "quick_gelu":
         for k, v in text.items():
             sd["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")] = v
-    else:  # SD 2.x: OpenCLIP layout
-        p = "cond_stage_model.model."
+    else:  # SD 2.x: OpenCLIP layout (SD 2's files hold an unused identity text_projection)
         d = pipe.text_encoder.config.hidden_size
-        t = {k.removeprefix("text_model."): v for k, v in text.items()}
-        sd[p + "token_embedding.weight"] = t["embeddings.token_embedding.weight"]
-        sd[p + "positional_embedding"] = t["embeddings.position_embedding.weight"]
-        sd[p + "ln_final.weight"] = t["final_layer_norm.weight"]
-        sd[p + "ln_final.bias"] = t["final_layer_norm.bias"]
-        sd[p + "text_projection"] = torch.eye(d, dtype=t["final_layer_norm.weight"].dtype)
-        for i in range(pipe.text_encoder.config.num_hidden_layers):
-            b, l = f"{p}transformer.resblocks.{i}.", f"encoder.layers.{i}."
-            for w in ["weight", "bias"]:
-                sd[b + f"attn.in_proj_{w}"] = torch.cat([t[l + f"self_attn.{q}_proj.{w}"] for q in "qkv"])
-                sd[b + f"attn.out_proj.{w}"] = t[l + f"self_attn.out_proj.{w}"]
-                sd[b + f"ln_1.{w}"] = t[l + f"layer_norm1.{w}"]
-                sd[b + f"ln_2.{w}"] = t[l + f"layer_norm2.{w}"]
-                sd[b + f"mlp.c_fc.{w}"] = t[l + f"mlp.fc1.{w}"]
-                sd[b + f"mlp.c_proj.{w}"] = t[l + f"mlp.fc2.{w}"]
+        projection = torch.eye(d, dtype=pipe.text_encoder.dtype)
+        sd.update(open_clip_state_dict(pipe.text_encoder, "cond_stage_model.model.", projection))
     return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def open_clip_state_dict(text_encoder, p, projection):
+    """A transformers CLIP text model's weights in OpenCLIP's layout under prefix `p`: q, k, v
+    stacked in `in_proj`, and `projection` stored as OpenCLIP keeps it ([hidden, projection])."""
+    t = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    sd = {}
+    sd[p + "token_embedding.weight"] = t["embeddings.token_embedding.weight"]
+    sd[p + "positional_embedding"] = t["embeddings.position_embedding.weight"]
+    sd[p + "ln_final.weight"] = t["final_layer_norm.weight"]
+    sd[p + "ln_final.bias"] = t["final_layer_norm.bias"]
+    sd[p + "text_projection"] = projection
+    for i in range(text_encoder.config.num_hidden_layers):
+        b, l = f"{p}transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for w in ["weight", "bias"]:
+            sd[b + f"attn.in_proj_{w}"] = torch.cat([t[l + f"self_attn.{q}_proj.{w}"] for q in "qkv"])
+            sd[b + f"attn.out_proj.{w}"] = t[l + f"self_attn.out_proj.{w}"]
+            sd[b + f"ln_1.{w}"] = t[l + f"layer_norm1.{w}"]
+            sd[b + f"ln_2.{w}"] = t[l + f"layer_norm2.{w}"]
+            sd[b + f"mlp.c_fc.{w}"] = t[l + f"mlp.fc1.{w}"]
+            sd[b + f"mlp.c_proj.{w}"] = t[l + f"mlp.fc2.{w}"]
+    return sd
+
+
+def to_ldm_state_dict_xl(pipe):
+    """An SDXL pipeline's weights in the original naming (what SDXL fine-tunes ship):
+    `model.diffusion_model.*` with the added embedding as `label_emb.0.{0,2}`,
+    `first_stage_model.*`, CLIP-L under `conditioner.embedders.0.transformer.`, OpenCLIP
+    under `conditioner.embedders.1.model.`."""
+    sd = {}
+    unet = pipe.unet
+    layers = unet.config.layers_per_block
+    up_has_attn = [t == "CrossAttnUpBlock2D" for t in unet.config.up_block_types]
+    for k, v in unet.state_dict().items():
+        if k.startswith("add_embedding."):
+            key = k.replace("add_embedding.linear_1.", "label_emb.0.0.").replace("add_embedding.linear_2.", "label_emb.0.2.")
+        else:
+            key = ldm_unet_key(k, layers, up_has_attn)
+        sd["model.diffusion_model." + key] = v
+    n = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        lk = ldm_vae_key(k, n)
+        if ".mid.attn_1." in lk and lk.endswith(".weight") and v.dim() == 2:
+            v = v[:, :, None, None]
+        sd["first_stage_model." + lk] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        sd["conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model.")] = v
+    projection = pipe.text_encoder_2.text_projection.weight.T
+    sd.update(open_clip_state_dict(pipe.text_encoder_2, "conditioner.embedders.1.model.", projection))
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def record_sdxl_single_file(out):
+    """tiny_xl as one .safetensors in the original naming, checked with diffusers' own
+    from_single_file against the diffusers folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    model_dir = os.path.join(out, "models", "tiny_xl")
+    half = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float16, add_watermarker=False)
+    path = os.path.join(out, "single_file", "tiny_xl.safetensors")
+    save_file(to_ldm_state_dict_xl(half), path)
+    ref = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
+    single = StableDiffusionXLPipeline.from_single_file(path, config=model_dir, torch_dtype=torch.float32,
+                                                        add_watermarker=False)
+    for comp in ["unet", "vae", "text_encoder", "text_encoder_2"]:
+        a, b = getattr(ref, comp).state_dict(), getattr(single, comp).state_dict()
+        assert set(a) - {k for k in a if k.endswith("position_ids")} <= set(b), f"{comp}: keys missing"
+        for k in a:
+            if k.endswith("position_ids"):
+                continue
+            assert torch.equal(a[k], b[k].reshape(a[k].shape)), f"tiny_xl: {comp} {k} differs"
+    print(f"{path}: diffusers' from_single_file gives the folder's weights")
 
 
 class _Evil:
@@ -1706,6 +1764,7 @@ def main():
         return
     if args.only_sdxl:
         record_sdxl(out)
+        record_sdxl_single_file(out)
         return
     if args.only_clip_skip:
         for name in MODELS:
@@ -1731,6 +1790,7 @@ def main():
     record_inpaint(out)
     record_vae_tiling(out)
     record_sdxl(out)
+    record_sdxl_single_file(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -65,6 +65,13 @@ fn sd2_open_clip_safetensors_matches_the_diffusers_folder() {
     same_images_as_folder("tiny2", "tiny2.safetensors");
 }
 
+#[test]
+fn sdxl_safetensors_matches_the_diffusers_folder() {
+    // both text encoders (CLIP-L, OpenCLIP with its transposed projection) and the U-Net's
+    // label_emb, in SDXL's original naming
+    same_images_as_folder("tiny_xl", "tiny_xl.safetensors");
+}
+
 fn sdgen(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdgen"));
     cmd.args(args)
@@ -115,6 +122,25 @@ fn the_family_is_detected_and_a_mismatched_config_is_a_clear_error() {
     assert_eq!(c.family, sdgen::weights::single_file::Family::Sd2);
     let c = sdgen::weights::single_file::Checkpoint::open(&single("tiny.ckpt")).unwrap();
     assert_eq!(c.family, sdgen::weights::single_file::Family::Sd1);
+    let c = sdgen::weights::single_file::Checkpoint::open(&single("tiny_xl.safetensors")).unwrap();
+    assert_eq!(c.family, sdgen::weights::single_file::Family::Sdxl);
+    // the tiny SDXL with the built-in SDXL base configs: one error naming the misfit
+    let o = sdgen(
+        &[
+            "a cat",
+            "-m",
+            single("tiny_xl.safetensors").to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("built-in configs") && (err.contains("shape") || err.contains("cannot find")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -377,7 +377,7 @@ impl Pipeline {
                         ckpt.text_encoder(&self.clip_config, dtype, device)?
                     }
                     Component::TextEncoder2 => {
-                        bail!("single-file SDXL checkpoints are not supported yet: use the model's diffusers folder or Hub repo")
+                        ckpt.text_encoder_2(&self.second_encoder()?.config, dtype, device)?
                     }
                     Component::Unet => ckpt.unet(&self.unet_config, dtype, device)?,
                     Component::Vae => ckpt.vae(&self.vae_config, dtype, device)?,

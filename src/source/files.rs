@@ -249,12 +249,10 @@ impl ModelFiles {
             )
         };
         let mut m = Self::configs_from(name, revision, root);
+        // what needed_files chose, whatever else the folder holds
         let second = files.iter().any(|f| f == "text_encoder_2/config.json");
-        if second {
-            m.second_encoder = Some(SecondEncoder {
-                tokenizer_dir: root.join("tokenizer_2"),
-                config: root.join("text_encoder_2/config.json"),
-            });
+        if !second {
+            m.second_encoder = None;
         }
         m.weights = WeightFiles::Diffusers {
             text_encoder: weights("text_encoder"),
@@ -266,6 +264,15 @@ impl ModelFiles {
     }
 
     fn configs_from(name: String, revision: Option<String>, root: &Path) -> Self {
+        // SDXL's (the weights of a diffusers folder are chosen by needed_files; this is for
+        // the configs of a single-file checkpoint)
+        let second_encoder =
+            root.join("text_encoder_2/config.json")
+                .is_file()
+                .then(|| SecondEncoder {
+                    tokenizer_dir: root.join("tokenizer_2"),
+                    config: root.join("text_encoder_2/config.json"),
+                });
         Self {
             name,
             revision,
@@ -275,14 +282,14 @@ impl ModelFiles {
             text_encoder_config: root.join("text_encoder/config.json"),
             unet_config: root.join("unet/config.json"),
             vae_config: root.join("vae/config.json"),
-            second_encoder: None,
+            second_encoder,
             weights: WeightFiles::SingleFile(PathBuf::new()),
             builtin_configs: None,
         }
     }
 
     /// A single-file checkpoint with the configs of `config_from`, else the built-in ones of
-    /// its family (SD 1.5 or SD 2.1, told apart by its text encoder).
+    /// its family (SD 1.5, SD 2.1 or SDXL base, told apart by its text encoders).
     pub fn single_file(
         name: String,
         revision: Option<String>,

@@ -1,6 +1,6 @@
 //! Single-file checkpoints in the original (CompVis/LDM) naming: `model.safetensors` or
 //! `model.ckpt` with `model.diffusion_model.*`, `first_stage_model.*` and
-//! `cond_stage_model.*` keys, read in place through a renaming weight backend (the way
+//! `cond_stage_model.*` keys (SDXL: `conditioner.embedders.0/1.*`), read in place through a renaming weight backend (the way
 //! diffusers' `from_single_file` converts them), with configs from built-in copies of the
 //! base models or from `--config-from`.
 //!
@@ -23,6 +23,9 @@ pub enum Family {
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H text encoder under `cond_stage_model.model`.
     Sd2,
+    /// SDXL: CLIP ViT-L under `conditioner.embedders.0.transformer`, OpenCLIP ViT-bigG under
+    /// `conditioner.embedders.1.model`.
+    Sdxl,
 }
 
 impl Family {
@@ -30,9 +33,14 @@ impl Family {
         match self {
             Family::Sd1 => "sd15",
             Family::Sd2 => "sd21",
+            Family::Sdxl => "sdxl",
         }
     }
 }
+
+/// Where SDXL files keep their two text encoders.
+const XL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+const XL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 pub fn is_checkpoint_file(path: &str) -> bool {
     path.ends_with(".safetensors") || path.ends_with(".ckpt")
@@ -136,7 +144,11 @@ impl Checkpoint {
             }
             Family::Sd2 => {
                 let d = c.hidden_size;
-                Box::new(move |name: &str| open_clip_name(name, d))
+                Box::new(move |name: &str| open_clip_name(name, d, "cond_stage_model.model."))
+            }
+            // SDXL files nest CLIP-L under `text_model.`, as transformers names it
+            Family::Sdxl => {
+                Box::new(|name: &str| Some(Source::whole(format!("{XL_CLIP_L}{name}"))))
             }
         };
         Ok(VarBuilder::from_backend(
@@ -145,14 +157,48 @@ impl Checkpoint {
             dev.clone(),
         ))
     }
+
+    /// SDXL's second text encoder under transformers' CLIPTextModelWithProjection names.
+    pub fn text_encoder_2(
+        &self,
+        c: &ClipTextConfig,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        if self.family != Family::Sdxl {
+            bail!("the checkpoint has no second text encoder (not SDXL)");
+        }
+        let d = c.hidden_size;
+        let map = move |name: &str| {
+            if name == "text_projection.weight" {
+                // OpenCLIP keeps the projection as [hidden, projection]: x @ P
+                return Some(Source {
+                    name: format!("{XL_OPEN_CLIP}text_projection"),
+                    rows: None,
+                    transpose: true,
+                });
+            }
+            open_clip_name(name, d, XL_OPEN_CLIP)
+        };
+        Ok(VarBuilder::from_backend(
+            Box::new(self.renamed(Box::new(map))),
+            dtype,
+            dev.clone(),
+        ))
+    }
 }
 
 fn detect_family(keys: &HashSet<String>) -> Result<Family> {
     if !keys.contains("model.diffusion_model.input_blocks.0.0.weight") {
-        if keys.iter().any(|k| k.starts_with("conditioner.embedders")) {
-            bail!("this is an SDXL checkpoint; sdgen runs Stable Diffusion 1.x/2.x");
-        }
         bail!("not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.input_blocks.0.0.weight)");
+    }
+    if keys.iter().any(|k| k.starts_with("conditioner.embedders.")) {
+        let clip_l = format!("{XL_CLIP_L}text_model.embeddings.token_embedding.weight");
+        let open_clip = format!("{XL_OPEN_CLIP}token_embedding.weight");
+        if keys.contains(&clip_l) && keys.contains(&open_clip) {
+            return Ok(Family::Sdxl);
+        }
+        bail!("an SDXL-style checkpoint without SDXL base's two text encoders ({clip_l} and {open_clip}): the refiner and other variants are not supported");
     }
     if keys.contains("cond_stage_model.model.token_embedding.weight") {
         return Ok(Family::Sd2);
@@ -167,15 +213,21 @@ fn detect_family(keys: &HashSet<String>) -> Result<Family> {
 }
 
 /// Where a diffusers-named tensor lives in the checkpoint: a name, and optionally a slice of
-/// rows (OpenCLIP stores q, k and v stacked in one `in_proj`).
+/// rows (OpenCLIP stores q, k and v stacked in one `in_proj`) or a transposition (OpenCLIP's
+/// `text_projection`).
 struct Source {
     name: String,
     rows: Option<(usize, usize)>,
+    transpose: bool,
 }
 
 impl Source {
     fn whole(name: String) -> Self {
-        Self { name, rows: None }
+        Self {
+            name,
+            rows: None,
+            transpose: false,
+        }
     }
 }
 
@@ -196,9 +248,14 @@ impl Renamed {
         }
         // a tensor that is there but cannot be read says why (its type, a short read)
         let t = self.inner.get_unchecked(&src.name, dtype, dev)?;
-        match src.rows {
-            Some((start, len)) => t.narrow(0, start, len)?.contiguous(),
-            None => Ok(t),
+        let t = match src.rows {
+            Some((start, len)) => t.narrow(0, start, len)?.contiguous()?,
+            None => t,
+        };
+        if src.transpose {
+            t.t()?.contiguous()
+        } else {
+            Ok(t)
         }
     }
 }
@@ -259,6 +316,13 @@ fn unet_name(name: &str, layers: usize, up_has_attn: &[bool]) -> Option<String> 
     }
     if let Some(r) = name.strip_prefix("time_embedding.linear_2.") {
         return Some(format!("time_embed.2.{r}"));
+    }
+    // SDXL's added conditioning
+    if let Some(r) = name.strip_prefix("add_embedding.linear_1.") {
+        return Some(format!("label_emb.0.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("add_embedding.linear_2.") {
+        return Some(format!("label_emb.0.2.{r}"));
     }
     if let Some(r) = name.strip_prefix("conv_norm_out.") {
         return Some(format!("out.0.{r}"));
@@ -387,10 +451,10 @@ fn vae_name(name: &str, n: usize) -> Option<String> {
     None
 }
 
-/// transformers CLIPTextModel name -> OpenCLIP name (SD 2.x `cond_stage_model.model.*`);
+/// transformers CLIPTextModel name -> OpenCLIP name under `p` (SD 2.x
+/// `cond_stage_model.model.`, SDXL's second encoder `conditioner.embedders.1.model.`);
 /// `d` = hidden size (q, k, v are row slices of `in_proj`).
-fn open_clip_name(name: &str, d: usize) -> Option<Source> {
-    let p = "cond_stage_model.model.";
+fn open_clip_name(name: &str, d: usize, p: &str) -> Option<Source> {
     let r = name.strip_prefix("text_model.")?;
     match r {
         "embeddings.token_embedding.weight" => {
@@ -414,6 +478,7 @@ fn open_clip_name(name: &str, d: usize) -> Option<Source> {
             return Some(Source {
                 name: format!("{block}attn.in_proj_{t}"),
                 rows: Some((q * d, d)),
+                transpose: false,
             });
         }
     }
@@ -487,10 +552,31 @@ pub fn builtin_configs(family: Family) -> Result<tempfile::TempDir> {
             ]
         };
     }
-    let files = match family {
-        Family::Sd1 => files!("sd15"),
-        Family::Sd2 => files!("sd21"),
+    let mut files = match family {
+        Family::Sd1 => files!("sd15").to_vec(),
+        Family::Sd2 => files!("sd21").to_vec(),
+        Family::Sdxl => files!("sdxl").to_vec(),
     };
+    if family == Family::Sdxl {
+        files.extend([
+            (
+                "text_encoder_2/config.json",
+                include_str!("../../assets/configs/sdxl/text_encoder_2/config.json"),
+            ),
+            (
+                "tokenizer_2/special_tokens_map.json",
+                include_str!("../../assets/configs/sdxl/tokenizer_2/special_tokens_map.json"),
+            ),
+            (
+                "tokenizer_2/vocab.json",
+                include_str!("../../assets/clip-tokenizer/vocab.json"),
+            ),
+            (
+                "tokenizer_2/merges.txt",
+                include_str!("../../assets/clip-tokenizer/merges.txt"),
+            ),
+        ]);
+    }
     use std::os::unix::fs::PermissionsExt;
     let root = tempfile::Builder::new()
         .prefix(&format!("sdgen-configs-{}-", family.builtin_name()))
@@ -587,8 +673,12 @@ mod tests {
             vae_name("post_quant_conv.weight", 4).unwrap(),
             "post_quant_conv.weight"
         );
-        let k =
-            open_clip_name("text_model.encoder.layers.3.self_attn.k_proj.weight", 1024).unwrap();
+        let k = open_clip_name(
+            "text_model.encoder.layers.3.self_attn.k_proj.weight",
+            1024,
+            "cond_stage_model.model.",
+        )
+        .unwrap();
         assert_eq!(
             (k.name.as_str(), k.rows),
             (
@@ -596,13 +686,18 @@ mod tests {
                 Some((1024, 1024))
             )
         );
-        let f = open_clip_name("text_model.final_layer_norm.bias", 1024).unwrap();
+        let f = open_clip_name(
+            "text_model.final_layer_norm.bias",
+            1024,
+            "cond_stage_model.model.",
+        )
+        .unwrap();
         assert_eq!(f.name, "cond_stage_model.model.ln_final.bias");
     }
 
     #[test]
     fn builtin_configs_parse() {
-        for family in [Family::Sd1, Family::Sd2] {
+        for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
             let guard = builtin_configs(family).unwrap();
             let dir = guard.path();
             // private: only this user may list, plant or swap files there
@@ -610,7 +705,19 @@ mod tests {
             assert_eq!(mode & 0o777, 0o700, "{mode:o}");
             let unet = UNetConfig::load(&dir.join("unet/config.json")).unwrap();
             let clip = ClipTextConfig::load(&dir.join("text_encoder/config.json")).unwrap();
-            assert_eq!(unet.cross_attention_dim, clip.hidden_size);
+            let second = match family {
+                Family::Sdxl => {
+                    crate::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer_2")).unwrap();
+                    let c = ClipTextConfig::load(&dir.join("text_encoder_2/config.json")).unwrap();
+                    assert_eq!(
+                        c.projection_dim,
+                        unet.text_time().unwrap().map(|t| t.pooled_dim())
+                    );
+                    c.hidden_size
+                }
+                _ => 0,
+            };
+            assert_eq!(unet.cross_attention_dim, clip.hidden_size + second);
             VaeConfig::load(&dir.join("vae/config.json")).unwrap();
             crate::tokenizer::ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
             // a folder of its own for each model, gone with its guard
