@@ -245,3 +245,70 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     assert!(err.starts_with("error: ") && err.contains("SDXL"), "{err}");
     assert!(!out.exists());
 }
+
+/// A U-Net in shards (what diffusers saves for weights over 10 GB, such as SDXL's U-Net in
+/// f32): the index and its shards are read as the single file; an index naming a shard
+/// outside its folder is refused.
+#[test]
+fn sharded_weights_read_as_the_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("tiny_xl");
+    copy_dir(&model_dir("tiny_xl"), &copy);
+    let unet = copy.join("unet");
+    let single = unet.join("diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let half = names.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&names[..half], &names[half..]].iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let shard: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, unet.join(&file)).unwrap();
+        for n in part.iter() {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = unet.join("diffusion_pytorch_model.safetensors.index.json");
+    let write_index = |map: &serde_json::Map<String, serde_json::Value>| {
+        let v = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    write_index(&weight_map);
+
+    let files = ModelFiles::from_folder(&copy, Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let meta = meta();
+    let r = request(&p, &meta, &meta["runs"]["euler"]);
+    let images = p.generate_all(&r).unwrap();
+    let want = image::open(reference("tiny_xl/e2e/euler-42.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, _) = pixel_diff(&images[0].rgb, want.as_raw());
+    assert!(max <= 2, "max {max}/255");
+
+    let first = weight_map.keys().next().unwrap().clone();
+    weight_map.insert(first, "../evil.safetensors".into());
+    write_index(&weight_map);
+    let files = ModelFiles::from_folder(&copy, Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let e = format!("{:#}", p.generate_all(&r).err().unwrap());
+    assert!(e.contains("refusing"), "{e}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}

@@ -125,11 +125,15 @@ pub fn weight_candidates(component: &str, precision: Precision) -> Vec<String> {
     } else {
         ("diffusion_pytorch_model", "diffusion_pytorch_model")
     };
+    // a sharded index (diffusers shards weights over 10 GB: SDXL's U-Net in f32) after the
+    // single file of the same precision
     let mut v = Vec::new();
     if precision == Precision::Half {
         v.push(format!("{component}/{stem}.fp16.safetensors"));
+        v.push(format!("{component}/{stem}.safetensors.index.fp16.json"));
     }
     v.push(format!("{component}/{stem}.safetensors"));
+    v.push(format!("{component}/{stem}.safetensors.index.json"));
     if precision == Precision::Half {
         v.push(format!("{component}/{bin_stem}.fp16.bin"));
     }
@@ -191,6 +195,14 @@ pub fn needed_files(
     for &component in components {
         let candidates = weight_candidates(component, precision);
         match candidates.iter().find(|c| available.contains(*c)) {
+            Some(c) if c.ends_with(".json") => {
+                files.push(c.clone());
+                let shards = shards_listed(available, c);
+                if shards.is_empty() {
+                    bail!("{source} has the shard index {c} but none of its shards");
+                }
+                files.extend(shards);
+            }
             Some(c) => files.push(c.clone()),
             None => bail!(
                 "{source} has no weights for {component} (looked for {})",
@@ -199,6 +211,33 @@ pub fn needed_files(
         }
     }
     Ok(files)
+}
+
+/// The shards of the sharded index `index` among `available`, by diffusers' naming:
+/// `X.safetensors.index.json` has `X-00001-of-0000N.safetensors`, ...; the fp16 variant's
+/// `X.safetensors.index.fp16.json` has `X.fp16-00001-of-0000N.safetensors`, ... (the index's
+/// own list is checked against the folder when the weights are read).
+fn shards_listed(available: &BTreeSet<String>, index: &str) -> Vec<String> {
+    let (stem, variant) = match index.strip_suffix(".safetensors.index.fp16.json") {
+        Some(stem) => (stem, ".fp16"),
+        None => (index.trim_end_matches(".safetensors.index.json"), ""),
+    };
+    let prefix = format!("{stem}{variant}-");
+    available
+        .iter()
+        .filter(|f| {
+            f.strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .is_some_and(|r| {
+                    r.split_once("-of-").is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && !b.is_empty()
+                            && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
+                    })
+                })
+        })
+        .cloned()
+        .collect()
 }
 
 /// The files of a model folder that sdgen may use, as paths relative to `root`: those at its
@@ -238,13 +277,15 @@ impl ModelFiles {
         root: &Path,
         files: &[String],
     ) -> Self {
-        // `files` holds exactly one weight file per component, chosen by `needed_files`.
+        // `files` holds one weight file per component, chosen by `needed_files`: a single
+        // file, or a shard index (then the weights are read through it) with its shards
         let weights = |component: &str| -> PathBuf {
             let prefix = format!("{component}/");
+            let mine = || files.iter().filter(|f| f.starts_with(&prefix));
+            let index = mine().find(|f| f.contains(".safetensors.index."));
             root.join(
-                files
-                    .iter()
-                    .find(|f| f.starts_with(&prefix) && !f.ends_with(".json"))
+                index
+                    .or_else(|| mine().find(|f| !f.ends_with(".json")))
                     .expect("chosen by needed_files"),
             )
         };
@@ -354,6 +395,56 @@ impl ModelFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sharded U-Net is planned as its index and the shards the listing has, by diffusers'
+    /// names (the fp16 variant's too), after a single file of the same precision.
+    #[test]
+    fn sharded_weights_are_planned_with_their_shards() {
+        let mut available: BTreeSet<String> = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors.index.json",
+            "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+            "unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+            "unet/diffusion_pytorch_model-notashard.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]
+        .map(String::from)
+        .into();
+        let full = needed_files(&available, Precision::Full, "m").unwrap();
+        let unet: Vec<&String> = full.iter().filter(|f| f.starts_with("unet/")).collect();
+        assert_eq!(
+            unet,
+            [
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors.index.json",
+                "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+                "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+            ]
+        );
+        let half = needed_files(&available, Precision::Half, "m").unwrap();
+        assert!(
+            half.contains(&"unet/diffusion_pytorch_model.fp16-00001-of-00001.safetensors".into())
+        );
+        assert!(!half.contains(&"unet/diffusion_pytorch_model-00001-of-00002.safetensors".into()));
+        // a single file of the same precision comes first
+        available.insert("unet/diffusion_pytorch_model.safetensors".into());
+        let full = needed_files(&available, Precision::Full, "m").unwrap();
+        assert!(!full.iter().any(|f| f.contains("-of-")), "{full:?}");
+        // an index without its shards
+        available
+            .retain(|f| !f.contains("-of-") && f != "unet/diffusion_pytorch_model.safetensors");
+        let e = needed_files(&available, Precision::Full, "m").unwrap_err();
+        assert!(e.to_string().contains("none of its shards"), "{e}");
+    }
 
     /// A folder that links to itself, and the file system's root, are listed in bounded time.
     #[test]

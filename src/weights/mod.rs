@@ -108,14 +108,113 @@ impl TensorFile {
     }
 }
 
-/// A `VarBuilder` over one weight file, read tensor by tensor.
+/// A `VarBuilder` over one weight file, read tensor by tensor; or, for a sharded
+/// safetensors index (`*.safetensors.index.json`, what diffusers writes for weights over
+/// 10 GB, such as SDXL's U-Net in f32), over the shards it names.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    let file = TensorFile::open(path)?;
-    Ok(VarBuilder::from_backend(
-        file.backend,
-        dtype,
-        device.clone(),
-    ))
+    let backend = if is_shard_index(path) {
+        Box::new(Shards::open(path)?)
+    } else {
+        TensorFile::open(path)?.backend
+    };
+    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+}
+
+/// Whether `path` is a sharded safetensors index (`X.safetensors.index.json`, or a variant's
+/// `X.safetensors.index.fp16.json`).
+pub fn is_shard_index(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.contains(".safetensors.index.") && n.ends_with(".json"))
+}
+
+/// The shard files a sharded index names (its `weight_map` values), in the index's folder.
+/// A name that is not a plain file name (a folder, `..`) is refused: the index may come from
+/// anywhere.
+pub fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let v = crate::config::read_json(index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(serde_json::Value::as_object)
+        .with_context(|| format!("{}: no weight_map object", index.display()))?;
+    let mut names: Vec<&str> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().with_context(|| {
+            format!(
+                "{}: weight_map[{tensor:?}] is not a file name",
+                index.display()
+            )
+        })?;
+        let plain = !file.is_empty()
+            && file != "."
+            && file != ".."
+            && !file.contains(['/', '\\'])
+            && file.ends_with(".safetensors");
+        if !plain {
+            anyhow::bail!(
+                "{}: the shard {file:?} is not a .safetensors file beside the index; refusing it",
+                index.display()
+            );
+        }
+        if !names.contains(&file) {
+            names.push(file);
+        }
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+/// The tensors of several shard files as one backend, each name read from the shard that
+/// holds it.
+struct Shards {
+    files: Vec<TensorFile>,
+    by_name: std::collections::HashMap<String, usize>,
+}
+
+impl Shards {
+    fn open(index: &Path) -> Result<Self> {
+        let files = shard_files(index)?
+            .iter()
+            .map(|p| TensorFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut by_name = std::collections::HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for n in f.names() {
+                by_name.insert(n.clone(), i);
+            }
+        }
+        Ok(Self { files, by_name })
+    }
+
+    fn file(&self, name: &str) -> candle_core::Result<&TensorFile> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.files[i])
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Shards {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.file(name)?.backend.get(s, name, init, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.file(name)?.backend.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
 }
 
 /// The hex SHA-256 of `path`'s bytes from `skip` on (Hub downloads are checked with the whole
