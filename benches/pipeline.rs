@@ -1,6 +1,7 @@
 //! The CPU benchmark: text encoder, U-Net step (classifier-free guidance, batch 2) at 256x256
 //! and 512x512, VAE decode at 512x512, model load, and the peak RSS of a whole 512x512
-//! generation by the `sdgen` binary. Prints one JSON object; `scripts/bench.sh` runs it beside
+//! generation by the `sdgen` binary; for an SDXL model the same at SDXL's 1024x1024 (U-Net
+//! step with the added conditioning, VAE decode, a whole generation; no 256 and 512 steps). Prints one JSON object; `scripts/bench.sh` runs it beside
 //! diffusers on the same weights and prints the ratios.
 //!
 //!     SDGEN_BENCH_MODEL=/path/to/sd15-random cargo bench --bench pipeline
@@ -52,8 +53,15 @@ fn time<T>(dev: &Device, runs: usize, mut f: impl FnMut() -> T) -> f64 {
     )
 }
 
-/// Peak RSS (MB) and wall time of `sdgen` generating one 512x512 image with `steps` steps.
-fn whole_generation(model: &str, steps: usize, dtype: &str, device: &str) -> (f64, f64) {
+/// Peak RSS (MB) and wall time of `sdgen` generating one `size` x `size` image with `steps`
+/// steps.
+fn whole_generation(
+    model: &str,
+    steps: usize,
+    size: usize,
+    dtype: &str,
+    device: &str,
+) -> (f64, f64) {
     // the bench runs from <target>/release/deps: its sdgen is two folders up
     let exe = std::env::current_exe()
         .ok()
@@ -72,9 +80,9 @@ fn whole_generation(model: &str, steps: usize, dtype: &str, device: &str) -> (f6
             "--steps",
             &steps.to_string(),
             "-W",
-            "512",
+            &size.to_string(),
             "-H",
-            "512",
+            &size.to_string(),
         ])
         .args([
             "--dtype",
@@ -118,8 +126,12 @@ fn main() {
     // first, while this process is small: Linux carries the parent's RSS at the fork into the
     // child's peak (ru_maxrss), which made the figure the bench's own size with the model
     // loaded rather than the generation's
+    let xl = std::path::Path::new(&model)
+        .join("text_encoder_2/config.json")
+        .exists();
+    let size = if xl { 1024 } else { 512 };
     let (rss_mb, gen_wall) = if want("generate") {
-        whole_generation(&model, 2, sdgen::device::dtype_name(dtype), &device)
+        whole_generation(&model, 2, size, sdgen::device::dtype_name(dtype), &device)
     } else {
         (nan, nan)
     };
@@ -142,6 +154,9 @@ fn main() {
     let p = Pipeline::load(files, dev.clone(), dtype).unwrap();
     p.preload().unwrap();
     let load = t.elapsed().as_secs_f64();
+    if xl {
+        return sdxl(&p, &dev, &device, load, gen_wall, rss_mb, want);
+    }
     let text = if want("text") {
         time(&dev, 3, || {
             p.encode_text("a photo of a cat on a beach", Default::default(), 1)
@@ -214,6 +229,88 @@ fn main() {
             "peak_rss_mb": rss_mb,
             "vae_decode_2048_tiled_s": vae2048,
             "vae_decode_2048_tiled_peak_rss_mb": vae2048_rss,
+        })
+    );
+}
+
+/// The SDXL measurements at 1024x1024: both text encoders, a U-Net step with classifier-free
+/// guidance (batch 2) and the added conditioning, a VAE decode.
+fn sdxl(
+    p: &Pipeline,
+    dev: &Device,
+    device: &str,
+    load: f64,
+    gen_wall: f64,
+    rss_mb: f64,
+    want: impl Fn(&str) -> bool,
+) {
+    let nan = f64::NAN;
+    let dtype = p.dtype;
+    let request = sdgen::pipeline::Request {
+        prompt: "a photo of a cat on a beach".into(),
+        negative_prompt: String::new(),
+        seeds: vec![1],
+        steps: 1,
+        guidance: 5.0,
+        scheduler: None,
+        width: 1024,
+        height: 1024,
+        batch_size: 1,
+        clip_skip: 1,
+        prompt_syntax: Default::default(),
+        loras: Vec::new(),
+        rng: Default::default(),
+        image: None,
+        vae_tiling: false,
+        sizes: Default::default(),
+    };
+    let text = if want("text") {
+        time(dev, 3, || {
+            p.encode_prompt(&request.prompt, &request).unwrap()
+        })
+    } else {
+        nan
+    };
+    let randn = |shape: &[usize]| {
+        Tensor::randn(0f32, 1.0, shape, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let ctx = randn(&[2, 77, p.unet_config.cross_attention_dim]);
+    let pooled = p.unet_config.text_time().unwrap().unwrap().pooled_dim();
+    let added = sdgen::pipeline::AddedConditioning {
+        text_embeds: randn(&[2, pooled]),
+        time_ids: vec![[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
+    };
+    let unet1024 = if want("unet1024") {
+        let x = randn(&[2, 4, 128, 128]);
+        time(dev, 1, || {
+            p.unet_forward_xl(&x, 500.0, &ctx, &added).unwrap()
+        })
+    } else {
+        nan
+    };
+    let vae = if want("vae") {
+        let lat = randn(&[1, 4, 128, 128]);
+        time(dev, 1, || p.vae_decode_raw(&lat, None).unwrap())
+    } else {
+        nan
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "sdgen",
+            "family": "sdxl",
+            "dtype": sdgen::device::dtype_name(dtype),
+            "device": device,
+            "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+            "load_s": load,
+            "text_encoder_s": text,
+            "unet_step_1024_s": unet1024,
+            "vae_decode_1024_s": vae,
+            "generation_1024_2steps_s": gen_wall,
+            "peak_rss_mb": rss_mb,
         })
     );
 }

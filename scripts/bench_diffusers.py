@@ -4,6 +4,10 @@
     python scripts/bench_diffusers.py MODEL_DIR [--threads N] [--dtype f32|bf16|f16] [--device cpu|cuda]
     python scripts/bench_diffusers.py MODEL_DIR --whole N --device cuda --dtype f16
 
+An SDXL model (model_index.json says StableDiffusionXLPipeline) is timed at 1024x1024 as
+benches/pipeline.rs times it: both text encoders, a U-Net step with CFG and the added
+conditioning, a VAE decode, a whole 2-step generation; everything in the one type.
+
 `--whole N` times one 50-step 512x512 call of the pipeline (PNDM, CFG) making N images in one
 batch, after a 2-step warm-up of the same batch, for scripts/gpu-check.sh's batch part.
 """
@@ -66,6 +70,58 @@ def whole(args, dtype):
                       "steps": 50, "seconds": seconds, "torch_max_reserved_mb": peak}))
 
 
+def is_sdxl(model):
+    with open(os.path.join(model, "model_index.json")) as f:
+        return json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def load_xl(args, dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype, add_watermarker=False).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_xl(args, dtype):
+    load_xl(args, dtype)("bench", num_inference_steps=2, height=1024, width=1024,
+                         generator=torch.Generator().manual_seed(1))
+
+
+def bench_xl(args, dtype, wall, rss):
+    dev = args.device
+    t = time.perf_counter()
+    pipe = load_xl(args, dtype)
+    sync(dev)
+    load = time.perf_counter() - t
+    with torch.inference_mode():
+        text = timed(3, lambda: pipe.encode_prompt("a photo of a cat on a beach", device=dev,
+                                                   do_classifier_free_guidance=True), dev)
+        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, dtype=dtype, device=dev)
+        cond = pipe.unet.config
+        pooled = cond.projection_class_embeddings_input_dim - 6 * cond.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled, dtype=dtype, device=dev),
+                 "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, dtype=dtype, device=dev)}
+        x = torch.randn(2, 4, 128, 128, dtype=dtype, device=dev)
+        unet = timed(1, lambda: pipe.unet(x, torch.tensor(500, device=dev), encoder_hidden_states=ctx,
+                                          added_cond_kwargs=added), dev)
+        lat = torch.randn(1, 4, 128, 128, dtype=dtype, device=dev)
+        vae = timed(1, lambda: pipe.vae.decode(lat), dev)
+    print(json.dumps({
+        "impl": "diffusers",
+        "family": "sdxl",
+        "dtype": args.dtype,
+        "device": dev,
+        "threads": args.threads,
+        "load_s": load,
+        "text_encoder_s": text,
+        "unet_step_1024_s": unet,
+        "vae_decode_1024_s": vae,
+        "generation_1024_2steps_s": wall,
+        "peak_rss_mb": rss,
+    }))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -78,8 +134,9 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype, torch.float32)
     dev = args.device
+    xl = is_sdxl(args.model)
     if args.generate_only:
-        generate(args, dtype)
+        (generate_xl if xl else generate)(args, dtype)
         return
     if args.whole:
         whole(args, dtype)
@@ -90,6 +147,9 @@ def main():
     subprocess.run([sys.executable, __file__, args.model, "--threads", str(args.threads), "--dtype", args.dtype, "--device", dev, "--generate-only"], check=True)
     wall = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    if xl:
+        bench_xl(args, dtype, wall, rss)
+        return
     t = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, safety_checker=None)
     pipe.unet.to(dtype)

@@ -1112,6 +1112,41 @@ def full_size(out_dir):
         json.dump(SD15_SCHEDULER, f, indent=2)
 
 
+def full_size_xl(out_dir):
+    """A full-size SDXL base architecture with random weights, from the Hub configs in
+    tests/fixtures/configs/sdxl-base-1.0, for benchmarks (about 14 GB in float32; never
+    committed)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    cfg = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "configs", "sdxl-base-1.0")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(cfg, "unet")))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(cfg, "vae")))
+    text = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(cfg, "text_encoder", "config.json")))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(os.path.join(cfg, "text_encoder_2", "config.json")))
+    tok_dir = os.path.join(out_dir, "_tok")
+    write_clip_tokenizer(tok_dir, "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir)
+    write_clip_tokenizer(tok_dir, "!")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir)
+    # all in float32, as the f32 benchmark reads it (the configs' "torch_dtype": "float16" made
+    # transformers build the second encoder in float16)
+    vae, text, text_2, unet = vae.float(), text.float(), text_2.float(), unet.float()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+                                     add_watermarker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for sub, pad in [("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")]:
+        shutil.rmtree(os.path.join(out_dir, sub))
+        write_clip_tokenizer(os.path.join(out_dir, sub), pad)
+    for rel in ["model_index.json", "scheduler/scheduler_config.json"]:
+        shutil.copy(os.path.join(cfg, rel), os.path.join(out_dir, rel))
+
+
 def save_seed42_image(pipe, path, **prompt):
     """The pipeline's seed-42 image at its default size and scheduler, E2E_STEPS steps, guidance
     7.5, as an 8-bit PNG (what tests/common's assert_seed42_image compares with); `prompt`
@@ -1715,6 +1750,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     ap.add_argument("--full-size", metavar="DIR", help="write a full-size random SD 1.5 to DIR and exit")
+    ap.add_argument("--full-size-xl", metavar="DIR", help="write a full-size random SDXL base to DIR and exit")
     ap.add_argument("--only-real-world", action="store_true", help="only record the real-world config variants (reference/real_world)")
     ap.add_argument("--only-clip-skip", action="store_true", help="only record the clip skip images (reference/*/clip_skip)")
     ap.add_argument("--only-cuda-rng", action="store_true", help="only record torch's CUDA generator references (reference/randn_cuda.safetensors, reference/tiny/rng_cuda)")
@@ -1731,6 +1767,9 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.full_size:
         full_size(args.full_size)
+        return
+    if args.full_size_xl:
+        full_size_xl(args.full_size_xl)
         return
     out = os.path.abspath(args.out)
     if args.only_real_world:
