@@ -192,6 +192,18 @@ pub fn metadata(
     if let Some(line) = line {
         meta.push(("prompts_line".into(), line.to_string()));
     }
+    // SDXL's size conditioning, when not the image's size (the flags' WxH and TOP,LEFT forms)
+    let sizes = &r.sizes;
+    if let Some((h, w)) = sizes.original {
+        meta.push(("original_size".into(), format!("{w}x{h}")));
+    }
+    if sizes.crop_top_left != (0, 0) {
+        let (top, left) = sizes.crop_top_left;
+        meta.push(("crop_top_left".into(), format!("{top},{left}")));
+    }
+    if let Some((h, w)) = sizes.target {
+        meta.push(("target_size".into(), format!("{w}x{h}")));
+    }
     if !r.loras.is_empty() {
         let list: Vec<String> = r
             .loras

@@ -586,3 +586,70 @@ fn loras_and_embeddings_from_the_hub() {
         stderr(&missing)
     );
 }
+
+/// An SDXL repo: the second tokenizer and text encoder are fetched with the rest (the fp16
+/// variant for half precision), nothing else; the cached model then gives diffusers' image.
+#[test]
+fn an_sdxl_repo_fetches_both_encoders() {
+    let mut files = model_files(&model_dir("tiny_xl"));
+    let te2 = files["text_encoder_2/model.safetensors"].clone();
+    files.insert("text_encoder_2/model.fp16.safetensors".into(), te2);
+    files.insert("text_encoder_2/model.onnx".into(), b"not needed".to_vec());
+    files.insert("vae_1_0/config.json".into(), b"{}".to_vec());
+    let server = HubServer::start(REPO, files);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let o = sdgen(
+        &["--download-only", "-m", REPO, "-q", "--dtype", "f16"],
+        &server.url,
+        &cache,
+        &[],
+    );
+    ok(&o);
+    let got = fetched(&server);
+    for want in [
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.fp16.safetensors",
+    ] {
+        assert!(got.iter().any(|f| f == want), "{want}: {got:?}");
+    }
+    assert!(
+        !got.iter()
+            .any(|f| f.ends_with(".onnx") || f.starts_with("vae_1_0")),
+        "{got:?}"
+    );
+    // f32 from the same repo, then the image diffusers makes
+    let out = dir.path().join("xl.png");
+    let o = sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            REPO,
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--guidance",
+            "7.5",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &server.url,
+        &cache,
+        &[],
+    );
+    ok(&o);
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(reference("tiny_xl/e2e/euler-42.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, _) = pixel_diff(got.as_raw(), want.as_raw());
+    assert!(max <= 2, "max {max}/255");
+}

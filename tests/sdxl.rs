@@ -236,6 +236,26 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
         max <= 2 && mean <= 0.25,
         "max {max}/255, mean {mean:.4}/255"
     );
+    // the PNG says how it was conditioned, in the flags' forms
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()))
+        .read_info()
+        .unwrap();
+    let text: Vec<(String, String)> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for (key, want) in [
+        ("original_size", "80x48"),
+        ("crop_top_left", "4,8"),
+        ("target_size", "32x64"),
+    ] {
+        assert!(
+            text.iter().any(|(k, v)| k == key && v == want),
+            "{key}: {text:?}"
+        );
+    }
 
     std::fs::remove_file(&out).unwrap();
     let o = run(&["--clip-skip", "2"]);
@@ -243,6 +263,19 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: ") && err.contains("SDXL"), "{err}");
+    assert!(!out.exists());
+
+    // the size flags on an SD 1.x model: refused, not ignored
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(["a cat", "--original-size", "64x64", "-q", "-o"])
+        .arg(&out)
+        .arg("--model")
+        .arg(model_dir("tiny"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("size conditioning"), "{err}");
     assert!(!out.exists());
 }
 

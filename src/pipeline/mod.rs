@@ -494,7 +494,7 @@ impl Pipeline {
     /// The VAE's activations at `width` x `height` pixels (the decoder's last block, a few
     /// tensors of its first block's width alive at once).
     fn vae_bytes(&self, width: usize, height: usize) -> u64 {
-        let elem = self.dtype.size_in_bytes() as u64;
+        let elem = self.vae_dtype().size_in_bytes() as u64;
         self.vae_config.block_out_channels[0] as u64 * (width * height) as u64 * 4 * elem
     }
 
@@ -554,6 +554,8 @@ impl Pipeline {
         }
         if self.family == Family::Sdxl {
             self.validate_xl(r)?;
+        } else if r.sizes != SizeConditioning::default() {
+            bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
         }
         // the web UI's syntax can be wrong (a weight that is no number), or too long
         for text in r.texts()? {
