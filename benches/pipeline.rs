@@ -1,7 +1,8 @@
 //! The CPU benchmark: text encoder, U-Net step (classifier-free guidance, batch 2) at 256x256
 //! and 512x512, VAE decode at 512x512, model load, and the peak RSS of a whole 512x512
 //! generation by the `sdgen` binary; for an SDXL model the same at SDXL's 1024x1024 (U-Net
-//! step with the added conditioning, VAE decode, a whole generation; no 256 and 512 steps). Prints one JSON object; `scripts/bench.sh` runs it beside
+//! step with the added conditioning, VAE decode, a whole generation; no 256 and 512 steps;
+//! `SDGEN_BENCH_PARTS` names `unet1024` for its step). Prints one JSON object; `scripts/bench.sh` runs it beside
 //! diffusers on the same weights and prints the ratios.
 //!
 //!     SDGEN_BENCH_MODEL=/path/to/sd15-random cargo bench --bench pipeline
@@ -283,6 +284,7 @@ fn sdxl(
         text_embeds: randn(&[2, pooled]),
         time_ids: vec![[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
     };
+    sdgen::ops::profile::report(); // SDGEN_PROFILE_OPS=1: from here on
     let unet1024 = if want("unet1024") {
         let x = randn(&[2, 4, 128, 128]);
         time(dev, 1, || {
@@ -291,6 +293,12 @@ fn sdxl(
     } else {
         nan
     };
+    let profile = sdgen::ops::profile::report();
+    if !profile.is_empty() {
+        eprintln!(
+            "time per operation over the 1024x1024 U-Net steps (warm-up included):\n{profile}"
+        );
+    }
     let vae = if want("vae") {
         let lat = randn(&[1, 4, 128, 128]);
         time(dev, 1, || p.vae_decode_raw(&lat, None).unwrap())
