@@ -270,26 +270,19 @@ impl ModelFlags {
 
 /// `WIDTHxHEIGHT` as (height, width), diffusers' order for sizes.
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT, e.g. 1024x768"))?;
-    let num = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{s:?} is not WIDTHxHEIGHT, e.g. 1024x768"))
-    };
-    Ok((num(h)?, num(w)?))
+    let (w, h) = parse_two(s, &['x', 'X'], "WIDTHxHEIGHT, e.g. 1024x768")?;
+    Ok((h, w))
 }
 
 /// `A,B` as (A, B).
 fn parse_pair(s: &str) -> Result<(usize, usize), String> {
-    let (a, b) = s
-        .split_once(',')
-        .ok_or_else(|| format!("{s:?} is not TOP,LEFT, e.g. 0,0"))?;
-    let num = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{s:?} is not TOP,LEFT, e.g. 0,0"))
-    };
+    parse_two(s, &[','], "TOP,LEFT, e.g. 0,0")
+}
+
+/// Two whole numbers split at one of `separators`; else an error saying `form`.
+fn parse_two(s: &str, separators: &[char], form: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{s:?} is not {form}");
+    let (a, b) = s.split_once(separators).ok_or_else(bad)?;
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
     Ok((num(a)?, num(b)?))
 }
