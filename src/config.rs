@@ -580,6 +580,22 @@ fn default_eos() -> i64 {
     49407
 }
 
+/// `eos_token_id` as transformers 5 allows it: a number, a list (its first entry counts), or
+/// null (the default).
+fn eos_id<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<i64, D::Error> {
+    let v = Value::deserialize(d)?;
+    let first = match &v {
+        Value::Array(a) => a.first(),
+        v => Some(v),
+    };
+    match first {
+        None | Some(Value::Null) => Ok(default_eos()),
+        Some(n) => n.as_i64().ok_or_else(|| {
+            serde::de::Error::custom(format!("expected a token id or a list of them, found {v}"))
+        }),
+    }
+}
+
 /// `text_encoder/config.json` of a transformers `CLIPTextModel`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
@@ -599,7 +615,7 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
     /// Where the pooled output is taken: 2 (older configs, SDXL's) means at the largest id, as
     /// transformers still reads it; another id, at its first occurrence.
-    #[serde(default = "default_eos")]
+    #[serde(default = "default_eos", deserialize_with = "eos_id")]
     pub eos_token_id: i64,
 }
 
@@ -699,5 +715,30 @@ impl ModelIndex {
             scheduler_class,
             force_zeros_for_empty_prompt,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip(extra: Value) -> std::result::Result<ClipTextConfig, serde_json::Error> {
+        let mut v = serde_json::json!({"vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v)
+    }
+
+    /// `eos_token_id` in the forms transformers writes: a number, a list, null, absent.
+    #[test]
+    fn eos_token_id_forms() {
+        let id = |extra| clip(extra).unwrap().eos_token_id;
+        assert_eq!(id(serde_json::json!({"eos_token_id": 2})), 2);
+        assert_eq!(id(serde_json::json!({"eos_token_id": [49407, 2]})), 49407);
+        assert_eq!(id(serde_json::json!({"eos_token_id": null})), 49407);
+        assert_eq!(id(serde_json::json!({})), 49407);
+        assert!(clip(serde_json::json!({"eos_token_id": "x"})).is_err());
     }
 }
