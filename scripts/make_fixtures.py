@@ -980,6 +980,35 @@ def to_ldm_state_dict_xl(pipe):
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
+# (scheduler, strength) of the SDXL image-to-image references; 0.3 is diffusers' default there
+SDXL_IMG2IMG_CASES = [("euler", 0.6), ("dpmpp_2m", 0.6), ("euler_a", 0.3), ("ddim", 0.8)]
+
+
+def record_sdxl_img2img(out):
+    """diffusers' StableDiffusionXLImg2ImgPipeline (the base model's: no aesthetic score) on
+    tiny_xl from the committed 64x64 picture img2img/tiny2.png, seed 42, the e2e prompts."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from PIL import Image
+
+    model_dir = os.path.join(out, "models", "tiny_xl")
+    base = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
+    pipe = StableDiffusionXLImg2ImgPipeline(**base.components, requires_aesthetics_score=False,
+                                            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    ref = os.path.join(out, "reference", "tiny_xl", "img2img")
+    os.makedirs(ref, exist_ok=True)
+    picture = Image.open(os.path.join(out, "img2img", "tiny2.png"))
+    cases = []
+    for name, strength in SDXL_IMG2IMG_CASES:
+        cls, extra = SCHEDULERS[name]
+        pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
+        png = f"{name}-{strength}.png"
+        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                          image=picture, strength=strength)
+        cases.append({"scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
+
+
 def record_sdxl_single_file(out):
     """tiny_xl as one .safetensors in the original naming, checked with diffusers' own
     from_single_file against the diffusers folder."""
@@ -1804,6 +1833,7 @@ def main():
     if args.only_sdxl:
         record_sdxl(out)
         record_sdxl_single_file(out)
+        record_sdxl_img2img(out)
         return
     if args.only_clip_skip:
         for name in MODELS:
@@ -1830,6 +1860,7 @@ def main():
     record_vae_tiling(out)
     record_sdxl(out)
     record_sdxl_single_file(out)
+    record_sdxl_img2img(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -345,3 +345,75 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Image to image against diffusers' `StableDiffusionXLImg2ImgPipeline` (the base model's, no
+/// aesthetic score) from the committed 64x64 picture, for the recorded schedulers and strengths.
+#[test]
+fn img2img_matches_diffusers() {
+    let p = pipeline();
+    let meta = meta();
+    let cases = read_json("tiny_xl/img2img/cases.json");
+    let picture =
+        sdgen::input_image::Picture::open(&fixtures().join(cases["picture"].as_str().unwrap()))
+            .unwrap();
+    let (width, height) = picture.default_size(p.vae_scale_factor()).unwrap();
+    let mut checked = 0;
+    for case in cases["cases"].as_array().unwrap() {
+        let r = Request {
+            seeds: vec![42],
+            scheduler: Some(case["scheduler"].as_str().unwrap().into()),
+            width,
+            height,
+            image: Some(sdgen::pipeline::InitImage {
+                pixels: picture.to_tensor(width, height).unwrap(),
+                strength: case["strength"].as_f64().unwrap(),
+                mask: None,
+            }),
+            ..request(&p, &meta, &meta["runs"]["euler"])
+        };
+        let png = format!("tiny_xl/img2img/{}", case["png"].as_str().unwrap());
+        let img = &p.generate_all(&r).unwrap()[0];
+        let want = image::open(reference(&png)).unwrap().to_rgb8();
+        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
+        eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
+        assert!(
+            max <= 2 && mean <= 0.25,
+            "{png}: max {max}/255, mean {mean:.4}/255"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4);
+}
+
+/// Image to image in half precision: the picture is encoded in f32 (`force_upcast`), its
+/// latents then join the model's type; the images stay near diffusers' f32 one.
+#[test]
+fn img2img_in_half_precision_stays_near_f32() {
+    let picture = sdgen::input_image::Picture::open(&fixtures().join("img2img/tiny2.png")).unwrap();
+    let want = image::open(reference("tiny_xl/img2img/euler-0.6.png"))
+        .unwrap()
+        .to_rgb8();
+    for (dtype, max_tol) in [(DType::BF16, 24), (DType::F16, 4)] {
+        let files = ModelFiles::from_folder(&model_dir("tiny_xl"), Precision::Half).unwrap();
+        let p = Pipeline::load(files, Device::Cpu, dtype).unwrap();
+        let meta = meta();
+        let r = Request {
+            seeds: vec![42],
+            width: 64,
+            height: 64,
+            image: Some(sdgen::pipeline::InitImage {
+                pixels: picture.to_tensor(64, 64).unwrap(),
+                strength: 0.6,
+                mask: None,
+            }),
+            ..request(&p, &meta, &meta["runs"]["euler"])
+        };
+        let img = &p.generate_all(&r).unwrap()[0];
+        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
+        eprintln!("{dtype:?}: max {max}/255, mean {mean:.4}/255");
+        assert!(
+            max <= max_tol && mean <= 2.5,
+            "{dtype:?}: max {max}/255, mean {mean:.4}/255"
+        );
+    }
+}

@@ -152,6 +152,8 @@ pub enum Component {
     TextEncoder2,
     Unet,
     Vae,
+    /// The VAE's encoder (image to image), from the VAE's weights.
+    VaeEncoder,
 }
 
 pub struct Pipeline {
@@ -346,11 +348,25 @@ impl Pipeline {
         }
     }
 
+    /// The VAE encoder's type: float32 for an SDXL model in half precision (f16 or bf16) whose
+    /// VAE config asks for `force_upcast`, as `StableDiffusionXLImg2ImgPipeline` encodes; else
+    /// the model's.
+    fn vae_encoder_dtype(&self) -> DType {
+        let upcast =
+            self.family == Family::Sdxl && self.dtype != DType::F32 && self.vae_config.force_upcast;
+        if upcast {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     /// The weights of `component`, for the model's engine, with the LoRAs' updates.
     fn loader(&self, component: Component) -> Result<Loader<'static>> {
         let device = &self.device;
         let dtype = match component {
             Component::Vae => self.vae_dtype(),
+            Component::VaeEncoder => self.vae_encoder_dtype(),
             _ => self.dtype,
         };
         let vb = match &self.files.weights {
@@ -366,7 +382,7 @@ impl Pipeline {
                         .as_ref()
                         .context("the model has no text_encoder_2 weights")?,
                     Component::Unet => unet,
-                    Component::Vae => vae,
+                    Component::Vae | Component::VaeEncoder => vae,
                 };
                 var_builder(path, dtype, device)?
             }
@@ -380,14 +396,16 @@ impl Pipeline {
                         ckpt.text_encoder_2(&self.second_encoder()?.config, dtype, device)?
                     }
                     Component::Unet => ckpt.unet(&self.unet_config, dtype, device)?,
-                    Component::Vae => ckpt.vae(&self.vae_config, dtype, device)?,
+                    Component::Vae | Component::VaeEncoder => {
+                        ckpt.vae(&self.vae_config, dtype, device)?
+                    }
                 }
             }
         };
         let part = match component {
             Component::TextEncoder => Some(Part::TextEncoder),
             Component::Unet => Some(Part::Unet),
-            Component::TextEncoder2 | Component::Vae => None,
+            Component::TextEncoder2 | Component::Vae | Component::VaeEncoder => None,
         };
         let lora = match part {
             Some(part) => LoraPatch::load(&self.loras.borrow(), part)?.map(Rc::new),
@@ -467,7 +485,9 @@ impl Pipeline {
         if let Some(m) = self.vae_encoder.borrow().as_ref() {
             return Ok(m.clone());
         }
-        let m = self.build(Component::Vae, |vb| VaeEncoder::new(vb, &self.vae_config))?;
+        let m = self.build(Component::VaeEncoder, |vb| {
+            VaeEncoder::new(vb, &self.vae_config)
+        })?;
         *self.vae_encoder.borrow_mut() = Some(m.clone());
         Ok(m)
     }
@@ -480,7 +500,7 @@ impl Pipeline {
         tiles: Option<Tiles>,
     ) -> Result<LatentDistribution> {
         self.vae_encoder()?
-            .encode(&images.to_dtype(self.vae_dtype())?, tiles)
+            .encode(&images.to_dtype(self.vae_encoder_dtype())?, tiles)
     }
 
     /// The VAE's tiles for request `r`: with `--vae-tiling`, and whenever the untiled VAE
@@ -601,8 +621,8 @@ impl Pipeline {
 
     /// What sdgen does not run on SDXL models yet, refused before any work.
     fn validate_xl(&self, r: &Request) -> Result<()> {
-        let missing = if r.image.is_some() {
-            "image-to-image and inpainting (--image)"
+        let missing = if r.image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            "inpainting (--mask)"
         } else if r.clip_skip != 1 {
             "--clip-skip"
         } else if r.prompt_syntax != PromptSyntax::Plain {

@@ -3,7 +3,7 @@
 //! and inpainting's mask, masked picture and blending state. Each image's generator draws in
 //! diffusers' order, so a seed gives diffusers' picture.
 
-use super::{Generator, Pipeline, Request};
+use super::{Generator, LatentDistribution, Pipeline, Request};
 use crate::schedulers;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -50,6 +50,7 @@ impl Pipeline {
         let mut generators: Vec<Generator> = (first..first + n)
             .map(|i| Generator::new(r.rng, r.seeds[i]))
             .collect();
+        // the noise, in the model's type
         let draws = |g: &mut Generator| -> Result<Tensor> {
             Ok(
                 Tensor::from_vec(g.randn(per_image), dims.as_slice(), &Device::Cpu)?
@@ -57,10 +58,16 @@ impl Pipeline {
                     .to_dtype(self.dtype)?,
             )
         };
+        // a latent drawn from a distribution in the encoder's type (f32 when SDXL's VAE is
+        // upcast), then in the model's type and scaled, as diffusers' prepare_latents does
+        let sample = |dist: &LatentDistribution, g: &mut Generator| -> Result<Tensor> {
+            let eps = draws(g)?.to_dtype(dist.mean.dtype())?;
+            Ok((dist.sample(&eps)?.to_dtype(self.dtype)? * sf)?)
+        };
         let Some(mask) = &image.mask else {
             let mut latents = Vec::with_capacity(n);
             for g in generators.iter_mut() {
-                let clean = (dist.sample(&draws(g)?)? * sf)?;
+                let clean = sample(&dist, g)?;
                 latents.push(level.add_noise(&clean, &draws(g)?)?);
             }
             return Ok((begin, generators, Tensor::cat(&latents, 0)?, None));
@@ -72,7 +79,7 @@ impl Pipeline {
         let (mut latents, mut cleans, mut noises, mut masked) = (vec![], vec![], vec![], vec![]);
         for g in generators.iter_mut() {
             let clean = if !nine || !full {
-                Some((dist.sample(&draws(g)?)? * sf)?)
+                Some(sample(&dist, g)?)
             } else {
                 None
             };
@@ -83,7 +90,7 @@ impl Pipeline {
             });
             cleans.extend(clean);
             noises.push(noise);
-            masked.push((masked_dist.sample(&draws(g)?)? * sf)?);
+            masked.push(sample(&masked_dist, g)?);
         }
         let mask = nearest_to(&mask, dims[2], dims[3])?.repeat((n, 1, 1, 1))?;
         let inpaint = Inpaint {
