@@ -78,7 +78,7 @@ impl Checkpoint {
         })
     }
 
-    fn renamed(&self, map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync>) -> Renamed {
+    fn renamed(&self, map: NameMap) -> Renamed {
         Renamed {
             inner: self.inner.clone(),
             map,
@@ -125,7 +125,7 @@ impl Checkpoint {
         dtype: DType,
         dev: &Device,
     ) -> Result<VarBuilder<'static>> {
-        let map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync> = match self.family {
+        let map: NameMap = match self.family {
             Family::Sd1 => {
                 // newer files nest CLIP under `text_model.`, older ones do not
                 let nested = self.keys.contains(
@@ -212,6 +212,9 @@ fn detect_family(keys: &HashSet<String>) -> Result<Family> {
     bail!("cannot tell the text encoder of this checkpoint (no cond_stage_model.transformer.* or cond_stage_model.model.* keys)")
 }
 
+/// Maps a diffusers (or transformers) tensor name to where the checkpoint keeps it.
+type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
+
 /// Where a diffusers-named tensor lives in the checkpoint: a name, and optionally a slice of
 /// rows (OpenCLIP stores q, k and v stacked in one `in_proj`) or a transposition (OpenCLIP's
 /// `text_projection`).
@@ -233,7 +236,7 @@ impl Source {
 
 struct Renamed {
     inner: Arc<dyn SimpleBackend>,
-    map: Box<dyn Fn(&str) -> Option<Source> + Send + Sync>,
+    map: NameMap,
 }
 
 impl Renamed {
