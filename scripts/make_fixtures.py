@@ -1009,6 +1009,39 @@ def record_sdxl_img2img(out):
         json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
 
 
+# (scheduler, strength) of the SDXL inpainting references; 0.9999 is diffusers' default there
+SDXL_INPAINT_CASES = [("euler", 1.0), ("euler_a", 0.6), ("dpmpp_2m", 0.9999)]
+
+
+def record_sdxl_inpaint(out):
+    """diffusers' StableDiffusionXLInpaintPipeline with tiny_xl's 4-channel U-Net (its masked
+    blending) from img2img/tiny2.png and the 64x64 mask img2img/tiny2-mask.png (tiny's mask,
+    nearest-resized), seed 42, the e2e prompts."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+    from PIL import Image
+
+    pics = os.path.join(out, "img2img")
+    Image.open(os.path.join(pics, "tiny-mask.png")).resize((64, 64), resample=Image.NEAREST).save(
+        os.path.join(pics, "tiny2-mask.png"))
+    model_dir = os.path.join(out, "models", "tiny_xl")
+    base = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
+    pipe = StableDiffusionXLInpaintPipeline(**base.components, requires_aesthetics_score=False,
+                                            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    ref = os.path.join(out, "reference", "tiny_xl", "inpaint")
+    os.makedirs(ref, exist_ok=True)
+    cases = []
+    for name, strength in SDXL_INPAINT_CASES:
+        cls, extra = SCHEDULERS[name]
+        pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
+        png = f"{name}-{strength}.png"
+        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                          image=Image.open(os.path.join(pics, "tiny2.png")),
+                          mask_image=Image.open(os.path.join(pics, "tiny2-mask.png")), strength=strength)
+        cases.append({"scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"picture": "img2img/tiny2.png", "mask": "img2img/tiny2-mask.png", "cases": cases}, f, indent=1)
+
+
 def record_sdxl_single_file(out):
     """tiny_xl as one .safetensors in the original naming, checked with diffusers' own
     from_single_file against the diffusers folder."""
@@ -1834,6 +1867,7 @@ def main():
         record_sdxl(out)
         record_sdxl_single_file(out)
         record_sdxl_img2img(out)
+        record_sdxl_inpaint(out)
         return
     if args.only_clip_skip:
         for name in MODELS:
@@ -1861,6 +1895,7 @@ def main():
     record_sdxl(out)
     record_sdxl_single_file(out)
     record_sdxl_img2img(out)
+    record_sdxl_inpaint(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

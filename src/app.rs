@@ -554,7 +554,8 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
                 s.mask.as_ref(),
                 (width, height),
                 args.mask_blur,
-                job.strength,
+                job.strength
+                    .or(Some(pipeline.default_strength(s.mask.is_some()))),
                 args.keep_unmasked,
             )
         });

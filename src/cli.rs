@@ -132,8 +132,8 @@ pub struct Args {
     pub image: Option<PathBuf>,
 
     /// With --image: how much of the schedule runs, in [0, 1] (1 = from pure noise; lower
-    /// keeps more of the picture, and runs steps x strength steps). Default 0.8, 1 with
-    /// --mask (diffusers' defaults).
+    /// keeps more of the picture, and runs steps x strength steps). Default: diffusers' (0.8,
+    /// 1 with --mask; SDXL 0.3, 0.9999 with --mask).
     #[arg(long, value_name = "S")]
     pub strength: Option<f64>,
 

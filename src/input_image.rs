@@ -166,8 +166,8 @@ pub struct Start {
 }
 
 /// `picture` (and inpainting's `mask`, blurred by `mask_blur` and binarized as diffusers'
-/// mask processor does) at `width` x `height`, with `strength` or diffusers' default (0.8, 1
-/// when inpainting).
+/// mask processor does) at `width` x `height`, with `strength` or SD's default in diffusers
+/// (0.8, 1 when inpainting; the CLI passes its model's, `Pipeline::default_strength`).
 pub fn start(
     picture: &Picture,
     mask: Option<&Picture>,

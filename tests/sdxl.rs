@@ -417,3 +417,84 @@ fn img2img_in_half_precision_stays_near_f32() {
         );
     }
 }
+
+/// Inpainting against diffusers' `StableDiffusionXLInpaintPipeline` with tiny_xl's 4-channel
+/// U-Net (the masked blending): strength 1, below 1, and diffusers' default 0.9999.
+#[test]
+fn inpainting_matches_diffusers() {
+    let p = pipeline();
+    let meta = meta();
+    let cases = read_json("tiny_xl/inpaint/cases.json");
+    let open = |key: &str| {
+        sdgen::input_image::Picture::open(&fixtures().join(cases[key].as_str().unwrap())).unwrap()
+    };
+    let (picture, mask) = (open("picture"), open("mask"));
+    let mut checked = 0;
+    for case in cases["cases"].as_array().unwrap() {
+        let r = Request {
+            seeds: vec![42],
+            scheduler: Some(case["scheduler"].as_str().unwrap().into()),
+            width: 64,
+            height: 64,
+            image: Some(sdgen::pipeline::InitImage {
+                pixels: picture.to_tensor(64, 64).unwrap(),
+                strength: case["strength"].as_f64().unwrap(),
+                mask: Some(mask.to_mask(64, 64, 0.0).unwrap()),
+            }),
+            ..request(&p, &meta, &meta["runs"]["euler"])
+        };
+        let png = format!("tiny_xl/inpaint/{}", case["png"].as_str().unwrap());
+        let img = &p.generate_all(&r).unwrap()[0];
+        let want = image::open(reference(&png)).unwrap().to_rgb8();
+        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
+        eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
+        assert!(
+            max <= 2 && mean <= 0.25,
+            "{png}: max {max}/255, mean {mean:.4}/255"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3);
+}
+
+/// The CLI's default strength is the SDXL pipelines': `--mask` without `--strength` gives
+/// diffusers' default inpainting image (0.9999: 5 of 6 steps).
+#[test]
+fn the_cli_defaults_to_sdxls_strengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("xl.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args([
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "--seed",
+            "42",
+        ])
+        .args([
+            "--steps",
+            "6",
+            "--scheduler",
+            "dpmpp_2m",
+            "--guidance",
+            "7.5",
+            "-q",
+        ])
+        .arg("--model")
+        .arg(model_dir("tiny_xl"))
+        .arg("--image")
+        .arg(fixtures().join("img2img/tiny2.png"))
+        .arg("--mask")
+        .arg(fixtures().join("img2img/tiny2-mask.png"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(reference("tiny_xl/inpaint/dpmpp_2m-0.9999.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, _) = pixel_diff(got.as_raw(), want.as_raw());
+    assert!(max <= 2, "max {max}/255");
+}

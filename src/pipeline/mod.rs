@@ -531,6 +531,17 @@ impl Pipeline {
         (h * self.vae_scale_factor(), w * self.vae_scale_factor())
     }
 
+    /// diffusers' default strength for image to image (`masked`: inpainting) with this
+    /// model's pipeline: 0.8 and 1 for SD 1.x/2.x, 0.3 and 0.9999 for SDXL.
+    pub fn default_strength(&self, masked: bool) -> f64 {
+        match (self.family, masked) {
+            (Family::Sd, false) => 0.8,
+            (Family::Sd, true) => 1.0,
+            (Family::Sdxl, false) => 0.3,
+            (Family::Sdxl, true) => 0.9999,
+        }
+    }
+
     /// Checks a request before any work is done.
     pub fn validate(&self, r: &Request) -> Result<()> {
         let f = self.vae_scale_factor();
@@ -621,9 +632,7 @@ impl Pipeline {
 
     /// What sdgen does not run on SDXL models yet, refused before any work.
     fn validate_xl(&self, r: &Request) -> Result<()> {
-        let missing = if r.image.as_ref().is_some_and(|i| i.mask.is_some()) {
-            "inpainting (--mask)"
-        } else if r.clip_skip != 1 {
+        let missing = if r.clip_skip != 1 {
             "--clip-skip"
         } else if r.prompt_syntax != PromptSyntax::Plain {
             "--prompt-syntax a1111"
