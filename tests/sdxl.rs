@@ -70,6 +70,41 @@ fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> 
     }
 }
 
+/// The e2e euler run's request for seed 42 from the 64x64 `picture` at `strength`, with
+/// `mask` for inpainting.
+fn picture_request(
+    p: &Pipeline,
+    scheduler: &str,
+    picture: &sdgen::input_image::Picture,
+    strength: f64,
+    mask: Option<&sdgen::input_image::Picture>,
+) -> Request {
+    let meta = meta();
+    Request {
+        seeds: vec![42],
+        scheduler: Some(scheduler.into()),
+        width: 64,
+        height: 64,
+        image: Some(sdgen::pipeline::InitImage {
+            pixels: picture.to_tensor(64, 64).unwrap(),
+            strength,
+            mask: mask.map(|m| m.to_mask(64, 64, 0.0).unwrap()),
+        }),
+        ..request(p, &meta, &meta["runs"]["euler"])
+    }
+}
+
+/// `rgb` within `max_tol`/255 (and a mean of `mean_tol`/255) of the reference PNG `png`.
+fn assert_near(rgb: &[u8], png: &str, max_tol: u8, mean_tol: f64) {
+    let want = image::open(reference(png)).unwrap().to_rgb8();
+    let (max, mean) = pixel_diff(rgb, want.as_raw());
+    eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
+    assert!(
+        max <= max_tol && mean <= mean_tol,
+        "{png}: max {max}/255, mean {mean:.4}/255"
+    );
+}
+
 #[test]
 fn both_text_encoders_and_the_pooled_embedding_match_diffusers() {
     let p = pipeline();
@@ -139,16 +174,8 @@ fn every_recorded_image_matches_diffusers() {
         let r = request(&p, &meta, spec);
         let images = p.generate_all(&r).unwrap();
         for (img, seed) in images.iter().zip(&r.seeds) {
-            let want = image::open(reference(&format!("tiny_xl/e2e/{run}-{seed}.png")))
-                .unwrap()
-                .to_rgb8();
-            assert_eq!((img.width as u32, img.height as u32), want.dimensions());
-            let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
-            eprintln!("tiny_xl {run} seed {seed}: max {max}/255, mean {mean:.4}/255");
-            assert!(
-                max <= 2 && mean <= 0.25,
-                "tiny_xl {run} seed {seed}: max {max}/255, mean {mean:.4}/255"
-            );
+            assert_eq!((img.width, img.height), (r.width, r.height));
+            assert_near(&img.rgb, &format!("tiny_xl/e2e/{run}-{seed}.png"), 2, 0.25);
         }
     }
 }
@@ -351,35 +378,21 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 #[test]
 fn img2img_matches_diffusers() {
     let p = pipeline();
-    let meta = meta();
     let cases = read_json("tiny_xl/img2img/cases.json");
     let picture =
         sdgen::input_image::Picture::open(&fixtures().join(cases["picture"].as_str().unwrap()))
             .unwrap();
-    let (width, height) = picture.default_size(p.vae_scale_factor()).unwrap();
+    assert_eq!(
+        picture.default_size(p.vae_scale_factor()).unwrap(),
+        (64, 64)
+    );
     let mut checked = 0;
     for case in cases["cases"].as_array().unwrap() {
-        let r = Request {
-            seeds: vec![42],
-            scheduler: Some(case["scheduler"].as_str().unwrap().into()),
-            width,
-            height,
-            image: Some(sdgen::pipeline::InitImage {
-                pixels: picture.to_tensor(width, height).unwrap(),
-                strength: case["strength"].as_f64().unwrap(),
-                mask: None,
-            }),
-            ..request(&p, &meta, &meta["runs"]["euler"])
-        };
+        let scheduler = case["scheduler"].as_str().unwrap();
+        let strength = case["strength"].as_f64().unwrap();
+        let r = picture_request(&p, scheduler, &picture, strength, None);
         let png = format!("tiny_xl/img2img/{}", case["png"].as_str().unwrap());
-        let img = &p.generate_all(&r).unwrap()[0];
-        let want = image::open(reference(&png)).unwrap().to_rgb8();
-        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
-        eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
-        assert!(
-            max <= 2 && mean <= 0.25,
-            "{png}: max {max}/255, mean {mean:.4}/255"
-        );
+        assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
         checked += 1;
     }
     assert!(checked >= 4);
@@ -390,31 +403,13 @@ fn img2img_matches_diffusers() {
 #[test]
 fn img2img_in_half_precision_stays_near_f32() {
     let picture = sdgen::input_image::Picture::open(&fixtures().join("img2img/tiny2.png")).unwrap();
-    let want = image::open(reference("tiny_xl/img2img/euler-0.6.png"))
-        .unwrap()
-        .to_rgb8();
     for (dtype, max_tol) in [(DType::BF16, 24), (DType::F16, 4)] {
         let files = ModelFiles::from_folder(&model_dir("tiny_xl"), Precision::Half).unwrap();
         let p = Pipeline::load(files, Device::Cpu, dtype).unwrap();
-        let meta = meta();
-        let r = Request {
-            seeds: vec![42],
-            width: 64,
-            height: 64,
-            image: Some(sdgen::pipeline::InitImage {
-                pixels: picture.to_tensor(64, 64).unwrap(),
-                strength: 0.6,
-                mask: None,
-            }),
-            ..request(&p, &meta, &meta["runs"]["euler"])
-        };
-        let img = &p.generate_all(&r).unwrap()[0];
-        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
-        eprintln!("{dtype:?}: max {max}/255, mean {mean:.4}/255");
-        assert!(
-            max <= max_tol && mean <= 2.5,
-            "{dtype:?}: max {max}/255, mean {mean:.4}/255"
-        );
+        let r = picture_request(&p, "euler", &picture, 0.6, None);
+        eprint!("{dtype:?}: ");
+        let rgb = &p.generate_all(&r).unwrap()[0].rgb;
+        assert_near(rgb, "tiny_xl/img2img/euler-0.6.png", max_tol, 2.5);
     }
 }
 
@@ -423,7 +418,6 @@ fn img2img_in_half_precision_stays_near_f32() {
 #[test]
 fn inpainting_matches_diffusers() {
     let p = pipeline();
-    let meta = meta();
     let cases = read_json("tiny_xl/inpaint/cases.json");
     let open = |key: &str| {
         sdgen::input_image::Picture::open(&fixtures().join(cases[key].as_str().unwrap())).unwrap()
@@ -431,27 +425,11 @@ fn inpainting_matches_diffusers() {
     let (picture, mask) = (open("picture"), open("mask"));
     let mut checked = 0;
     for case in cases["cases"].as_array().unwrap() {
-        let r = Request {
-            seeds: vec![42],
-            scheduler: Some(case["scheduler"].as_str().unwrap().into()),
-            width: 64,
-            height: 64,
-            image: Some(sdgen::pipeline::InitImage {
-                pixels: picture.to_tensor(64, 64).unwrap(),
-                strength: case["strength"].as_f64().unwrap(),
-                mask: Some(mask.to_mask(64, 64, 0.0).unwrap()),
-            }),
-            ..request(&p, &meta, &meta["runs"]["euler"])
-        };
+        let scheduler = case["scheduler"].as_str().unwrap();
+        let strength = case["strength"].as_f64().unwrap();
+        let r = picture_request(&p, scheduler, &picture, strength, Some(&mask));
         let png = format!("tiny_xl/inpaint/{}", case["png"].as_str().unwrap());
-        let img = &p.generate_all(&r).unwrap()[0];
-        let want = image::open(reference(&png)).unwrap().to_rgb8();
-        let (max, mean) = pixel_diff(&img.rgb, want.as_raw());
-        eprintln!("{png}: max {max}/255, mean {mean:.4}/255");
-        assert!(
-            max <= 2 && mean <= 0.25,
-            "{png}: max {max}/255, mean {mean:.4}/255"
-        );
+        assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
         checked += 1;
     }
     assert!(checked >= 3);
