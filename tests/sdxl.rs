@@ -373,15 +373,18 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// Image to image against diffusers' `StableDiffusionXLImg2ImgPipeline` (the base model's, no
-/// aesthetic score) from the committed 64x64 picture, for the recorded schedulers and strengths.
-#[test]
-fn img2img_matches_diffusers() {
+/// Every case of `tiny_xl/{kind}/cases.json` (its picture, and its mask for inpainting)
+/// against diffusers' image; how many were checked.
+fn check_picture_cases(kind: &str) -> usize {
     let p = pipeline();
-    let cases = read_json("tiny_xl/img2img/cases.json");
-    let picture =
-        sdgen::input_image::Picture::open(&fixtures().join(cases["picture"].as_str().unwrap()))
-            .unwrap();
+    let cases = read_json(&format!("tiny_xl/{kind}/cases.json"));
+    let open = |key: &str| {
+        cases[key]
+            .as_str()
+            .map(|f| sdgen::input_image::Picture::open(&fixtures().join(f)).unwrap())
+    };
+    let (picture, mask) = (open("picture").unwrap(), open("mask"));
+    // the pictures are at the model's sizes: their own size is the request's
     assert_eq!(
         picture.default_size(p.vae_scale_factor()).unwrap(),
         (64, 64)
@@ -390,12 +393,19 @@ fn img2img_matches_diffusers() {
     for case in cases["cases"].as_array().unwrap() {
         let scheduler = case["scheduler"].as_str().unwrap();
         let strength = case["strength"].as_f64().unwrap();
-        let r = picture_request(&p, scheduler, &picture, strength, None);
-        let png = format!("tiny_xl/img2img/{}", case["png"].as_str().unwrap());
+        let r = picture_request(&p, scheduler, &picture, strength, mask.as_ref());
+        let png = format!("tiny_xl/{kind}/{}", case["png"].as_str().unwrap());
         assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
         checked += 1;
     }
-    assert!(checked >= 4);
+    checked
+}
+
+/// Image to image against diffusers' `StableDiffusionXLImg2ImgPipeline` (the base model's, no
+/// aesthetic score) from the committed 64x64 picture, for the recorded schedulers and strengths.
+#[test]
+fn img2img_matches_diffusers() {
+    assert!(check_picture_cases("img2img") >= 4);
 }
 
 /// Image to image in half precision: the picture is encoded in f32 (`force_upcast`), its
@@ -417,22 +427,7 @@ fn img2img_in_half_precision_stays_near_f32() {
 /// U-Net (the masked blending): strength 1, below 1, and diffusers' default 0.9999.
 #[test]
 fn inpainting_matches_diffusers() {
-    let p = pipeline();
-    let cases = read_json("tiny_xl/inpaint/cases.json");
-    let open = |key: &str| {
-        sdgen::input_image::Picture::open(&fixtures().join(cases[key].as_str().unwrap())).unwrap()
-    };
-    let (picture, mask) = (open("picture"), open("mask"));
-    let mut checked = 0;
-    for case in cases["cases"].as_array().unwrap() {
-        let scheduler = case["scheduler"].as_str().unwrap();
-        let strength = case["strength"].as_f64().unwrap();
-        let r = picture_request(&p, scheduler, &picture, strength, Some(&mask));
-        let png = format!("tiny_xl/inpaint/{}", case["png"].as_str().unwrap());
-        assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
-        checked += 1;
-    }
-    assert!(checked >= 3);
+    assert!(check_picture_cases("inpaint") >= 3);
 }
 
 /// The CLI's default strength is the SDXL pipelines': `--mask` without `--strength` gives
