@@ -211,6 +211,23 @@ fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
     assert!(e.contains("a1111"), "{e}");
 }
 
+/// The binary on the tiny SDXL with the e2e prompts, seed 42, 6 steps, guidance 7.5 and
+/// `scheduler`, writing `out`, with `extra` flags.
+fn sdgen_xl(scheduler: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
+        .args(["a photo of a cat on a beach", "-n", "blurry, lowres"])
+        .args(["--seed", "42", "--steps", "6", "--guidance", "7.5", "-q"])
+        .args(["--scheduler", scheduler])
+        .arg("--model")
+        .arg(model_dir("tiny_xl"))
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
 /// The binary on the tiny SDXL: the size-conditioning flags (WIDTHxHEIGHT, TOP,LEFT) reach
 /// diffusers' original_size / crops_coords_top_left / target_size, and what SDXL does not run
 /// yet is one `error:` line.
@@ -218,33 +235,7 @@ fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
 fn the_cli_runs_sdxl_with_size_conditioning() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("xl.png");
-    let model = model_dir("tiny_xl");
-    let run = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"));
-        cmd.args([
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "--seed",
-            "42",
-        ])
-        .args([
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
-            "--guidance",
-            "7.5",
-            "-q",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("-o")
-        .arg(&out)
-        .args(extra)
-        .env("HF_HUB_OFFLINE", "1");
-        cmd.output().unwrap()
-    };
+    let run = |extra: &[&str]| sdgen_xl("euler", &out, extra);
     let o = run(&[
         "--original-size",
         "80x48",
@@ -255,13 +246,11 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(reference("tiny_xl/e2e/euler_size_conditioning-42.png"))
-        .unwrap()
-        .to_rgb8();
-    let (max, mean) = pixel_diff(got.as_raw(), want.as_raw());
-    assert!(
-        max <= 2 && mean <= 0.25,
-        "max {max}/255, mean {mean:.4}/255"
+    assert_near(
+        got.as_raw(),
+        "tiny_xl/e2e/euler_size_conditioning-42.png",
+        2,
+        0.25,
     );
     // the PNG says how it was conditioned, in the flags' forms
     let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()))
@@ -436,38 +425,21 @@ fn inpainting_matches_diffusers() {
 fn the_cli_defaults_to_sdxls_strengths() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("xl.png");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
-        .args([
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "--seed",
-            "42",
-        ])
-        .args([
-            "--steps",
-            "6",
-            "--scheduler",
-            "dpmpp_2m",
-            "--guidance",
-            "7.5",
-            "-q",
-        ])
-        .arg("--model")
-        .arg(model_dir("tiny_xl"))
-        .arg("--image")
-        .arg(fixtures().join("img2img/tiny2.png"))
-        .arg("--mask")
-        .arg(fixtures().join("img2img/tiny2-mask.png"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let (picture, mask) = (
+        fixtures().join("img2img/tiny2.png"),
+        fixtures().join("img2img/tiny2-mask.png"),
+    );
+    let o = sdgen_xl(
+        "dpmpp_2m",
+        &out,
+        &[
+            "--image",
+            picture.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = image::open(&out).unwrap().to_rgb8();
-    let want = image::open(reference("tiny_xl/inpaint/dpmpp_2m-0.9999.png"))
-        .unwrap()
-        .to_rgb8();
-    let (max, _) = pixel_diff(got.as_raw(), want.as_raw());
-    assert!(max <= 2, "max {max}/255");
+    assert_near(got.as_raw(), "tiny_xl/inpaint/dpmpp_2m-0.9999.png", 2, 0.25);
 }
