@@ -1808,6 +1808,138 @@ def record_sdxl(out):
         json.dump(meta, f, indent=1)
 
 
+def sgm_unet_name(name, layers_per_block):
+    """The original (SGM / LDM) name of a diffusers SDXL U-Net module, as kohya's sd-scripts
+    train SDXL on that U-Net: input_blocks / middle_block / output_blocks numbering, resnet
+    layers as in_layers.2, out_layers.3, emb_layers.1, skip_connection, the downsampler's op."""
+    parts = name.split(".")
+    step = layers_per_block + 1
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+    def inner(kind, rest):
+        if kind == "resnets":
+            return [resnet[rest[0]]] + rest[1:]
+        return rest
+
+    if parts[0] == "down_blocks":
+        b, kind, l, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + b * step + layers_per_block}.0.op"
+        j = 0 if kind == "resnets" else 1
+        return ".".join([f"input_blocks.{1 + b * step + l}.{j}"] + inner(kind, rest))
+    if parts[0] == "mid_block":
+        kind, l, rest = parts[1], int(parts[2]), parts[3:]
+        i = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(kind, l)]
+        return ".".join([f"middle_block.{i}"] + inner(kind, rest))
+    if parts[0] == "up_blocks":
+        b, kind, l, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            # (SDXL's up blocks with an upsampler all have attentions: it is module 2)
+            return f"output_blocks.{b * step + layers_per_block}.2.conv"
+        j = 0 if kind == "resnets" else 1
+        return ".".join([f"output_blocks.{b * step + l}.{j}"] + inner(kind, rest))
+    raise ValueError(name)
+
+
+def kohya_xl_lora(pipe, seed):
+    """A kohya SDXL LoRA in sd-scripts' naming: the U-Net's layers by their original (SGM)
+    names (attention, projections, feed-forward, and as LoCon the resnets' convolutions, time
+    projections, shortcuts and the resamplers), both text encoders as lora_te1_ / lora_te2_."""
+    g = torch.Generator().manual_seed(seed)
+    r = ADDON_LORA_RANK
+    out = {}
+
+    def add(key, weight):
+        if weight.dim() == 4:
+            down = torch.randn((r, weight.shape[1], weight.shape[2], weight.shape[3]), generator=g) * 0.3
+            up = torch.randn((weight.shape[0], r, 1, 1), generator=g) * 0.3
+        else:
+            down = torch.randn((r, weight.shape[1]), generator=g) * 0.3
+            up = torch.randn((weight.shape[0], r), generator=g) * 0.3
+        out[f"{key}.lora_down.weight"] = down.half()
+        out[f"{key}.lora_up.weight"] = up.half()
+        out[f"{key}.alpha"] = torch.tensor(float(len(out) % 3 + 1)).half()
+
+    lpb = pipe.unet.config.layers_per_block
+    count = 0
+    for name, mod in pipe.unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")) or (
+            "resnets" in name and name.endswith(("conv1", "conv2", "time_emb_proj", "conv_shortcut"))
+        ) or name.endswith(("downsamplers.0.conv", "upsamplers.0.conv")):
+            add("lora_unet_" + sgm_unet_name(name, lpb).replace(".", "_"), mod.weight)
+            count += 1
+    for prefix, encoder in (("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
+        for name, mod in encoder.named_modules():
+            if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+                name = name if name.startswith("text_model.") else "text_model." + name
+                add(f"{prefix}_{name.replace('.', '_')}", mod.weight)
+                count += 1
+    return out, count
+
+
+def peft_xl_lora(pipe, path):
+    """A diffusers / PEFT SDXL LoRA (rank 4, alpha 8 in the metadata) on the U-Net's attention
+    and both text encoders, saved as StableDiffusionXLPipeline saves one."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(12)
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    te_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    te2_cfg = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_modules=["k_proj", "fc1"])
+    pipe.unet.add_adapter(unet_cfg)
+    inject_adapter_in_model(te_cfg, pipe.text_encoder)
+    inject_adapter_in_model(te2_cfg, pipe.text_encoder_2)
+    type(pipe).save_lora_weights(
+        os.path.dirname(path),
+        unet_lora_layers={k: v.half() for k, v in get_peft_model_state_dict(pipe.unet).items()},
+        text_encoder_lora_layers={k: v.half() for k, v in get_peft_model_state_dict(pipe.text_encoder).items()},
+        text_encoder_2_lora_layers={k: v.half() for k, v in get_peft_model_state_dict(pipe.text_encoder_2).items()},
+        unet_lora_adapter_metadata=unet_cfg.to_dict(),
+        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+        text_encoder_2_lora_adapter_metadata=te2_cfg.to_dict(),
+        weight_name=os.path.basename(path),
+    )
+
+
+def record_sdxl_addons(out):
+    """SDXL LoRAs (kohya's SGM naming and PEFT) on tiny_xl, fused as diffusers fuses them:
+    addons/kohya_xl.safetensors, addons/peft_xl.safetensors, reference/tiny_xl/lora-*.png."""
+    from diffusers import StableDiffusionXLPipeline
+
+    model_dir = os.path.join(out, "models", "tiny_xl")
+
+    def load():
+        return StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
+
+    addons = os.path.join(out, "addons")
+    ref = os.path.join(out, "reference", "tiny_xl")
+    kohya = os.path.join(addons, "kohya_xl.safetensors")
+    lora, layers = kohya_xl_lora(load(), 21)
+    save_file(lora, kohya)
+    peft = os.path.join(addons, "peft_xl.safetensors")
+    peft_xl_lora(load(), peft)
+    with torch.no_grad():
+        for name, loras in {"kohya-0.8": [(kohya, 0.8)], "peft-1.0": [(peft, 1.0)],
+                            "kohya-0.8+peft-0.5": [(kohya, 0.8), (peft, 0.5)]}.items():
+            pipe = load()
+            before = {f"{part}.{k}": v.clone() for part in ("unet", "text_encoder", "text_encoder_2")
+                      for k, v in getattr(pipe, part).state_dict().items()}
+            for path, scale in loras:
+                pipe.load_lora_weights(path)
+                pipe.fuse_lora(lora_scale=scale)
+                pipe.unload_lora_weights()
+            if name == "kohya-0.8":
+                # every layer of the file reached its module (diffusers drops keys it cannot
+                # place only with a warning)
+                changed = sum(1 for part in ("unet", "text_encoder", "text_encoder_2")
+                              for k, v in getattr(pipe, part).state_dict().items()
+                              if not torch.equal(v, before[f"{part}.{k}"]))
+                assert changed == layers, (changed, layers)
+            save_seed42_image(pipe, os.path.join(ref, f"lora-{name}.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
@@ -1824,6 +1956,7 @@ def main():
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
+    ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL LoRA fixtures (addons/*_xl, reference/tiny_xl/lora-*)")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -1869,6 +2002,9 @@ def main():
         record_sdxl_img2img(out)
         record_sdxl_inpaint(out)
         return
+    if args.only_sdxl_addons:
+        record_sdxl_addons(out)
+        return
     if args.only_clip_skip:
         for name in MODELS:
             record_clip_skip(name, os.path.join(out, "models", name), os.path.join(out, "reference"))
@@ -1896,6 +2032,7 @@ def main():
     record_sdxl_single_file(out)
     record_sdxl_img2img(out)
     record_sdxl_inpaint(out)
+    record_sdxl_addons(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(
             {"diffusers": diffusers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

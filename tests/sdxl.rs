@@ -192,6 +192,65 @@ fn zeros_without_a_negative_prompt_differ_from_encoding_the_empty_text() {
     assert!(max_abs_diff(&to_vec(&empty.context), &to_vec(&zero)) > 0.1);
 }
 
+fn xl_lora(file: &str, scale: f64) -> sdgen::addons::lora::LoraSpec {
+    sdgen::addons::lora::LoraSpec {
+        path: fixtures().join("addons").join(file),
+        te_scale: scale,
+        unet_scale: scale,
+    }
+}
+
+/// SDXL LoRAs against diffusers' `load_lora_weights` + `fuse_lora`: kohya's (the U-Net's
+/// layers by their original SGM names, LoCon convolutions, both text encoders as
+/// lora_te1_/lora_te2_) and PEFT's (U-Net attention, both encoders), alone and together.
+#[test]
+fn sdxl_loras_match_diffusers_fused() {
+    let p = pipeline();
+    for (png, loras) in [
+        ("lora-kohya-0.8", vec![xl_lora("kohya_xl.safetensors", 0.8)]),
+        ("lora-peft-1.0", vec![xl_lora("peft_xl.safetensors", 1.0)]),
+        (
+            "lora-kohya-0.8+peft-0.5",
+            vec![
+                xl_lora("kohya_xl.safetensors", 0.8),
+                xl_lora("peft_xl.safetensors", 0.5),
+            ],
+        ),
+    ] {
+        let r = Request {
+            loras,
+            ..seed42_request(&p, &meta())
+        };
+        assert_image(&p, &r, &format!("tiny_xl/{png}.png"));
+    }
+    // and without: the plain model's image, which the LoRAs' images are far from
+    let plain = p.generate_all(&seed42_request(&p, &meta())).unwrap();
+    let lora = image::open(reference("tiny_xl/lora-kohya-0.8.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, _) = pixel_diff(&plain[0].rgb, lora.as_raw());
+    assert!(max > 30, "the LoRA changes the image by only {max}/255");
+}
+
+/// An SDXL LoRA on an SD 1.x model: one error naming the second text encoder.
+#[test]
+fn an_sdxl_lora_on_an_sd_model_is_refused() {
+    let files = ModelFiles::from_folder(&model_dir("tiny"), Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let r = Request {
+        loras: vec![xl_lora("kohya_xl.safetensors", 1.0)],
+        ..seed42_request(&p, &read_json("tiny/e2e.json"))
+    };
+    let Err(e) = p.generate_all(&r) else {
+        panic!("an SDXL LoRA ran on an SD 1.x model")
+    };
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("second text encoder") && e.contains("SD 1.x"),
+        "{e}"
+    );
+}
+
 #[test]
 fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
     let p = pipeline();

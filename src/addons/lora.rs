@@ -9,7 +9,11 @@
 //! `alpha`, convolutions included as LoCon trains them) and diffusers / PEFT (`unet.*`,
 //! `text_encoder.*` with `lora_A`/`lora_B`, or `lora.down`/`lora.up`; `alpha` keys or PEFT's
 //! `lora_adapter_metadata` when present, else alpha = rank). Both name the layers of the
-//! diffusers models, so a layer is found by its name with dots as underscores.
+//! diffusers models, so a layer is found by its name with dots as underscores. SDXL LoRAs
+//! name the second text encoder `lora_te2_` / `text_encoder_2.` (the first `lora_te1_`), and
+//! kohya's SDXL LoRAs name the U-Net's layers as the original (SGM) U-Net does
+//! (`input_blocks_4_1_...`): [`sgm_unet_key`] renames them as diffusers'
+//! `_maybe_map_sgm_blocks_to_diffusers` does.
 
 use super::embedding::few;
 use crate::weights::TensorFile;
@@ -51,6 +55,8 @@ impl LoraSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
     Unet,
 }
 
@@ -58,6 +64,7 @@ impl Part {
     fn describe(self) -> &'static str {
         match self {
             Part::TextEncoder => "text encoder",
+            Part::TextEncoder2 => "second text encoder",
             Part::Unet => "U-Net",
         }
     }
@@ -84,14 +91,99 @@ pub struct LoraPatch {
 fn layer_key(part: Part, module: &str) -> String {
     let key = module.replace('.', "_");
     match part {
-        Part::TextEncoder => key.strip_prefix("text_model_").unwrap_or(&key).to_string(),
+        Part::TextEncoder | Part::TextEncoder2 => {
+            key.strip_prefix("text_model_").unwrap_or(&key).to_string()
+        }
         Part::Unet => key,
     }
 }
 
-/// (part, layer key, what) of a tensor name in either format; `None` for what is not a
-/// LoRA tensor of SD 1.x/2.x.
-fn classify(name: &str) -> Result<(Part, String, &'static str)> {
+/// How a U-Net's layers are numbered in the original (SGM) naming: `layers_per_block` from
+/// its config.
+#[derive(Clone, Copy, Debug)]
+pub struct UnetShape {
+    pub layers_per_block: usize,
+}
+
+/// The diffusers layer key of a U-Net layer that kohya names as the original U-Net does
+/// (`input_blocks_{i}_{j}_...`, `middle_block_{i}_...`, `output_blocks_{i}_{j}_...`, and
+/// `time_embed`, `label_emb`, `out_2`), as diffusers' `_maybe_map_sgm_blocks_to_diffusers`
+/// and `_convert_unet_lora_key` rename them: input block i >= 1 is down block (i - 1) / (L + 1),
+/// layer (i - 1) % (L + 1) (L = layers per block; module 0 the resnet, 1 the attention, `op`
+/// the downsampler); output block i is up block i / (L + 1), layer i % (L + 1) (module 2 the
+/// upsampler); the middle block's 0, 1, 2 are resnet 0, the attention, resnet 1. `None` for a
+/// key in diffusers' own naming.
+fn sgm_unet_key(module: &str, shape: UnetShape) -> Option<String> {
+    let step = shape.layers_per_block + 1;
+    let direct = [
+        ("input_blocks_0_0", "conv_in"),
+        ("out_2", "conv_out"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+    ];
+    if let Some((_, d)) = direct.iter().find(|(k, _)| *k == module) {
+        return Some(d.to_string());
+    }
+    // "{i}_{rest}" -> (i, rest)
+    let index = |s: &str| -> Option<(usize, String)> {
+        let (i, rest) = s.split_once('_')?;
+        Some((i.parse().ok()?, rest.to_string()))
+    };
+    // a resnet's layers: in_layers.2, out_layers.3, emb_layers.1, skip_connection
+    let resnet = |rest: &str| -> String {
+        [
+            ("in_layers_2", "conv1"),
+            ("out_layers_3", "conv2"),
+            ("emb_layers_1", "time_emb_proj"),
+            ("skip_connection", "conv_shortcut"),
+        ]
+        .iter()
+        .find(|(k, _)| *k == rest)
+        .map_or(rest.to_string(), |(_, d)| d.to_string())
+    };
+    if let Some(s) = module.strip_prefix("input_blocks_") {
+        let (i, s) = index(s)?;
+        let (j, rest) = index(s.as_str())?;
+        let (block, layer) = ((i.checked_sub(1)?) / step, (i - 1) % step);
+        return Some(match (j, rest.as_str()) {
+            (0, "op") => format!("down_blocks_{block}_downsamplers_0_conv"),
+            (0, _) => format!("down_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
+            _ => format!("down_blocks_{block}_attentions_{layer}_{rest}"),
+        });
+    }
+    if let Some(s) = module.strip_prefix("middle_block_") {
+        let (i, rest) = index(s)?;
+        return Some(match i {
+            0 => format!("mid_block_resnets_0_{}", resnet(&rest)),
+            1 => format!("mid_block_attentions_0_{rest}"),
+            _ => format!("mid_block_resnets_1_{}", resnet(&rest)),
+        });
+    }
+    if let Some(s) = module.strip_prefix("output_blocks_") {
+        let (i, s) = index(s)?;
+        let (j, rest) = index(s.as_str())?;
+        let (block, layer) = (i / step, i % step);
+        return Some(match j {
+            0 => format!("up_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
+            1 => format!("up_blocks_{block}_attentions_{layer}_{rest}"),
+            _ => format!("up_blocks_{block}_upsamplers_0_{rest}"),
+        });
+    }
+    None
+}
+
+/// Whether a kohya U-Net module name is in the original (SGM) naming.
+fn is_sgm(module: &str) -> bool {
+    ["input_blocks_", "middle_block_", "output_blocks_"]
+        .iter()
+        .any(|p| module.starts_with(p))
+}
+
+/// (part, layer key, what) of a tensor name in either format, kohya's SGM U-Net names
+/// renamed for a U-Net of `shape`.
+fn classify(name: &str, shape: UnetShape) -> Result<(Part, String, &'static str)> {
     const SUFFIXES: [(&str, &str); 7] = [
         (".lora_down.weight", "down"),
         (".lora_up.weight", "up"),
@@ -110,20 +202,25 @@ fn classify(name: &str) -> Result<(Part, String, &'static str)> {
         );
     };
     let (part, module) = if let Some(m) = stem.strip_prefix("lora_unet_") {
+        if let Some(key) = sgm_unet_key(m, shape) {
+            return Ok((Part::Unet, key, what));
+        }
         (Part::Unet, m)
-    } else if let Some(m) = stem.strip_prefix("lora_te_") {
+    } else if let Some(m) = stem
+        .strip_prefix("lora_te_")
+        .or_else(|| stem.strip_prefix("lora_te1_"))
+    {
         (Part::TextEncoder, m)
+    } else if let Some(m) = stem.strip_prefix("lora_te2_") {
+        (Part::TextEncoder2, m)
     } else if let Some(m) = stem.strip_prefix("unet.") {
         (Part::Unet, m)
     } else if let Some(m) = stem.strip_prefix("text_encoder.") {
         (Part::TextEncoder, m)
-    } else if stem.starts_with("lora_te1_")
-        || stem.starts_with("lora_te2_")
-        || stem.starts_with("text_encoder_2.")
-    {
-        bail!("{name} belongs to an SDXL LoRA; this model is SD 1.x/2.x");
+    } else if let Some(m) = stem.strip_prefix("text_encoder_2.") {
+        (Part::TextEncoder2, m)
     } else {
-        bail!("{name} names neither the U-Net nor the text encoder (lora_unet_/lora_te_ or unet./text_encoder.)");
+        bail!("{name} names neither the U-Net nor a text encoder (lora_unet_/lora_te_/lora_te1_/lora_te2_ or unet./text_encoder./text_encoder_2.)");
     };
     Ok((part, layer_key(part, module), what))
 }
@@ -139,6 +236,7 @@ fn peft_config(file: &TensorFile, part: Part) -> Result<PeftConfig> {
     let prefix = match part {
         Part::Unet => "unet.",
         Part::TextEncoder => "text_encoder.",
+        Part::TextEncoder2 => "text_encoder_2.",
     };
     let mut c = PeftConfig {
         alpha: None,
@@ -167,9 +265,9 @@ fn peft_config(file: &TensorFile, part: Part) -> Result<PeftConfig> {
 }
 
 impl LoraPatch {
-    /// The updates `specs` make to `part`; `None` when they make none (every scale 0, or no
-    /// LoRA has layers of this part).
-    pub fn load(specs: &[LoraSpec], part: Part) -> Result<Option<Self>> {
+    /// The updates `specs` make to `part` of a model whose U-Net has `shape`; `None` when
+    /// they make none (every scale 0, or no LoRA has layers of this part).
+    pub fn load(specs: &[LoraSpec], part: Part, shape: UnetShape) -> Result<Option<Self>> {
         let mut patch = Self {
             part,
             files: Vec::new(),
@@ -178,27 +276,45 @@ impl LoraPatch {
         };
         for (i, spec) in specs.iter().enumerate() {
             let scale = match part {
-                Part::TextEncoder => spec.te_scale,
+                Part::TextEncoder | Part::TextEncoder2 => spec.te_scale,
                 Part::Unet => spec.unet_scale,
             };
             patch.files.push(spec.path.clone());
             if scale != 0.0 {
                 patch
-                    .add_file(&spec.path, scale, i)
+                    .add_file(&spec.path, scale, i, shape)
                     .with_context(|| format!("LoRA {}", spec.path.display()))?;
             }
         }
         Ok((!patch.layers.is_empty()).then_some(patch))
     }
 
-    fn add_file(&mut self, path: &Path, scale: f64, index: usize) -> Result<()> {
+    fn add_file(&mut self, path: &Path, scale: f64, index: usize, shape: UnetShape) -> Result<()> {
         let file = TensorFile::open(path)?;
+        // diffusers: a file with U-Net layers in both namings keeps only the diffusers ones
+        let unet_module = |n: &str| n.strip_prefix("lora_unet_").map(|m| m.to_string());
+        let sgm = file.names().iter().filter_map(|n| unet_module(n));
+        let (mut any_sgm, mut any_diffusers) = (false, false);
+        for m in sgm {
+            if is_sgm(&m) {
+                any_sgm = true;
+            } else if ["down_blocks_", "mid_block_", "up_blocks_"]
+                .iter()
+                .any(|p| m.starts_with(p))
+            {
+                any_diffusers = true;
+            }
+        }
+        let skip_sgm = any_sgm && any_diffusers;
         let mut downs = HashMap::new();
         let mut ups = HashMap::new();
         let mut alphas = HashMap::new();
         let mut any = false;
         for name in file.names() {
-            let (part, key, what) = classify(name)?;
+            if skip_sgm && unet_module(name).is_some_and(|m| is_sgm(&m)) {
+                continue;
+            }
+            let (part, key, what) = classify(name, shape)?;
             any = true;
             if part != self.part {
                 continue;
@@ -366,6 +482,14 @@ fn most_common(values: impl Iterator<Item = f64>) -> Option<f64> {
 mod tests {
     use super::*;
 
+    const SDXL: UnetShape = UnetShape {
+        layers_per_block: 2,
+    };
+
+    fn classify(name: &str) -> Result<(Part, String, &'static str)> {
+        super::classify(name, SDXL)
+    }
+
     #[test]
     fn both_formats_name_the_same_layer() {
         let kohya = classify(
@@ -386,8 +510,85 @@ mod tests {
             te_kohya.1,
             layer_key(Part::TextEncoder, "encoder.layers.0.self_attn.q_proj")
         );
-        assert!(classify("lora_te1_text_model_x.lora_up.weight").is_err());
+        assert_eq!(
+            classify("lora_te1_text_model_x.lora_up.weight").unwrap().0,
+            Part::TextEncoder
+        );
+        assert_eq!(
+            classify("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha").unwrap(),
+            classify("text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight")
+                .map(|(p, k, _)| (p, k, "alpha"))
+                .unwrap()
+        );
         assert!(classify("lora_unet_x.hada_w1_a").is_err());
+        assert!(classify("lora_te3_x.alpha").is_err());
+    }
+
+    /// kohya's SDXL names (the original U-Net's) against the diffusers module each one is:
+    /// the pairs diffusers' `_maybe_map_sgm_blocks_to_diffusers` makes for SDXL base (2
+    /// layers per block; down block 0 without attentions, up block 2 without an upsampler).
+    #[test]
+    fn sgm_unet_names_map_to_diffusers_layers() {
+        for (sgm, diffusers) in [
+            ("input_blocks_0_0", "conv_in"),
+            (
+                "input_blocks_1_0_in_layers_2",
+                "down_blocks_0_resnets_0_conv1",
+            ),
+            (
+                "input_blocks_2_0_emb_layers_1",
+                "down_blocks_0_resnets_1_time_emb_proj",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            (
+                "input_blocks_4_0_skip_connection",
+                "down_blocks_1_resnets_0_conv_shortcut",
+            ),
+            (
+                "input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+                "down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k",
+            ),
+            (
+                "input_blocks_8_1_proj_in",
+                "down_blocks_2_attentions_1_proj_in",
+            ),
+            ("middle_block_0_out_layers_3", "mid_block_resnets_0_conv2"),
+            (
+                "middle_block_1_transformer_blocks_9_ff_net_0_proj",
+                "mid_block_attentions_0_transformer_blocks_9_ff_net_0_proj",
+            ),
+            ("middle_block_2_in_layers_2", "mid_block_resnets_1_conv1"),
+            (
+                "output_blocks_0_1_proj_out",
+                "up_blocks_0_attentions_0_proj_out",
+            ),
+            ("output_blocks_2_2_conv", "up_blocks_0_upsamplers_0_conv"),
+            (
+                "output_blocks_5_1_transformer_blocks_0_attn1_to_out_0",
+                "up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0",
+            ),
+            (
+                "output_blocks_8_0_skip_connection",
+                "up_blocks_2_resnets_2_conv_shortcut",
+            ),
+            ("out_2", "conv_out"),
+            ("time_embed_2", "time_embedding_linear_2"),
+            ("label_emb_0_0", "add_embedding_linear_1"),
+        ] {
+            let name = format!("lora_unet_{sgm}.lora_down.weight");
+            assert_eq!(
+                classify(&name).unwrap(),
+                (Part::Unet, diffusers.to_string(), "down"),
+                "{sgm}"
+            );
+        }
+        // diffusers' own names pass through
+        assert_eq!(
+            classify("lora_unet_up_blocks_0_attentions_0_proj_out.alpha")
+                .unwrap()
+                .1,
+            "up_blocks_0_attentions_0_proj_out"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use self::start::{start_index, Inpaint};
 use self::xl::SecondEncoder;
 pub use self::xl::SizeConditioning;
 use crate::addons::embedding::Embedding;
-use crate::addons::lora::{LoraPatch, LoraSpec, Part};
+use crate::addons::lora::{LoraPatch, LoraSpec, Part, UnetShape};
 use crate::conditioning::{self, Chunks, Expansions, PromptSyntax};
 pub use crate::config::Family;
 use crate::config::{ClipTextConfig, ModelIndex, UNetConfig, VaeConfig};
@@ -325,12 +325,13 @@ impl Pipeline {
             .map(|(&id, _)| id)
     }
 
-    /// Merges `loras` into the text encoder and the U-Net from now on (both are read again
+    /// Merges `loras` into the text encoders and the U-Net from now on (all are read again
     /// when the set changes).
     fn use_loras(&self, loras: &[LoraSpec]) {
         if self.loras.borrow().as_slice() != loras {
             *self.loras.borrow_mut() = loras.to_vec();
             *self.text_encoder.borrow_mut() = None;
+            self.drop_text_encoder_2();
             *self.unet.borrow_mut() = None;
         }
     }
@@ -404,11 +405,22 @@ impl Pipeline {
         };
         let part = match component {
             Component::TextEncoder => Some(Part::TextEncoder),
+            Component::TextEncoder2 => Some(Part::TextEncoder2),
             Component::Unet => Some(Part::Unet),
-            Component::TextEncoder2 | Component::Vae | Component::VaeEncoder => None,
+            Component::Vae | Component::VaeEncoder => None,
         };
+        let shape = UnetShape {
+            layers_per_block: self.unet_config.layers_per_block,
+        };
+        let loras = self.loras.borrow();
+        if component == Component::TextEncoder
+            && self.family == Family::Sd
+            && LoraPatch::load(&loras, Part::TextEncoder2, shape)?.is_some()
+        {
+            bail!("a LoRA has layers of SDXL's second text encoder (lora_te2_ / text_encoder_2.); this model is SD 1.x/2.x");
+        }
         let lora = match part {
-            Some(part) => LoraPatch::load(&self.loras.borrow(), part)?.map(Rc::new),
+            Some(part) => LoraPatch::load(&loras, part, shape)?.map(Rc::new),
             None => None,
         };
         Ok(Loader::new(vb, self.engine, lora))
@@ -636,8 +648,6 @@ impl Pipeline {
             "--clip-skip"
         } else if r.prompt_syntax != PromptSyntax::Plain {
             "--prompt-syntax a1111"
-        } else if !r.loras.is_empty() {
-            "LoRAs"
         } else {
             return Ok(());
         };
