@@ -1905,7 +1905,8 @@ def peft_xl_lora(pipe, path):
 
 def record_sdxl_addons(out):
     """SDXL LoRAs (kohya's SGM naming and PEFT) on tiny_xl, fused as diffusers fuses them:
-    addons/kohya_xl.safetensors, addons/peft_xl.safetensors, reference/tiny_xl/lora-*.png."""
+    addons/kohya_xl.safetensors, addons/peft_xl.safetensors, reference/tiny_xl/lora-*.png;
+    then the embeddings and clip skip."""
     from diffusers import StableDiffusionXLPipeline
 
     model_dir = os.path.join(out, "models", "tiny_xl")
@@ -1938,6 +1939,50 @@ def record_sdxl_addons(out):
                               if not torch.equal(v, before[f"{part}.{k}"]))
                 assert changed == layers, (changed, layers)
             save_seed42_image(pipe, os.path.join(ref, f"lora-{name}.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
+    record_sdxl_embeddings(out, load)
+    record_sdxl_clip_skip(out, load)
+
+
+# the SDXL embeddings' words and the prompts that use them
+SDXL_EMBEDDINGS = {"shinyxl": 1, "dullxl": 2}
+SDXL_EMBEDDING_PROMPT = "a shinyxl cat on a beach"
+SDXL_EMBEDDING_NEGATIVE = "blurry, dullxl"
+
+
+def record_sdxl_embeddings(out, load):
+    """SDXL embeddings as the web UI's SDXL files hold them (clip_l and clip_g vectors, the
+    word the file's stem; one of 1 vector, one of 2) in addons/xl_emb/, and the image diffusers
+    makes after load_textual_inversion into each encoder and tokenizer under that word."""
+    emb_dir = os.path.join(out, "addons", "xl_emb")
+    os.makedirs(emb_dir, exist_ok=True)
+    pipe = load()
+    g = torch.Generator().manual_seed(31)
+    for word, n in SDXL_EMBEDDINGS.items():
+        vectors = {"clip_l": torch.randn((n, pipe.text_encoder.config.hidden_size), generator=g),
+                   "clip_g": torch.randn((n, pipe.text_encoder_2.config.hidden_size), generator=g)}
+        save_file(vectors, os.path.join(emb_dir, f"{word}.safetensors"))
+        pipe.load_textual_inversion(vectors["clip_l"], token=word, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(vectors["clip_g"], token=word, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        save_seed42_image(pipe, os.path.join(out, "reference", "tiny_xl", "embeddings.png"),
+                          prompt=SDXL_EMBEDDING_PROMPT, negative_prompt=SDXL_EMBEDDING_NEGATIVE)
+
+
+def record_sdxl_clip_skip(out, load):
+    """SDXL with the web UI's "Clip skip: N" (diffusers clip_skip=N-1: each encoder's hidden
+    state N layers before its last, the pooled embedding unchanged) for the prompt and the
+    negative prompt alike (diffusers 0.42 skips in the positive prompt only, so the embeddings
+    are made here and passed in): reference/tiny_xl/clip_skip/N.png."""
+    pipe = load()
+    ref = os.path.join(out, "reference", "tiny_xl", "clip_skip")
+    os.makedirs(ref, exist_ok=True)
+    layers = min(pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers)
+    with torch.no_grad():
+        for n in range(2, layers + 1):
+            pe, _, pp, _ = pipe.encode_prompt(E2E_PROMPT, device="cpu", do_classifier_free_guidance=False, clip_skip=n - 1)
+            ne, _, npool, _ = pipe.encode_prompt(E2E_NEGATIVE, device="cpu", do_classifier_free_guidance=False, clip_skip=n - 1)
+            save_seed42_image(pipe, os.path.join(ref, f"{n}.png"), prompt_embeds=pe, negative_prompt_embeds=ne,
+                              pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npool)
 
 
 def main():
@@ -1956,7 +2001,7 @@ def main():
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
-    ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL LoRA fixtures (addons/*_xl, reference/tiny_xl/lora-*)")
+    ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip})")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -225,11 +225,18 @@ fn sdxl_loras_match_diffusers_fused() {
     }
     // and without: the plain model's image, which the LoRAs' images are far from
     let plain = p.generate_all(&seed42_request(&p, &meta())).unwrap();
-    let lora = image::open(reference("tiny_xl/lora-kohya-0.8.png"))
-        .unwrap()
-        .to_rgb8();
-    let (max, _) = pixel_diff(&plain[0].rgb, lora.as_raw());
-    assert!(max > 30, "the LoRA changes the image by only {max}/255");
+    assert_differs(&plain[0].rgb, "tiny_xl/lora-kohya-0.8.png");
+}
+
+/// `rgb` more than 8/255 (4 times the images' tolerance) away from the reference PNG `png`
+/// somewhere: the image tests can tell the feature from its absence.
+fn assert_differs(rgb: &[u8], png: &str) {
+    let want = image::open(reference(png)).unwrap().to_rgb8();
+    let (max, _) = pixel_diff(rgb, want.as_raw());
+    assert!(
+        max > 8,
+        "{png}: only {max}/255 from the image without the change"
+    );
 }
 
 /// An SDXL LoRA on an SD 1.x model: one error naming the second text encoder.
@@ -251,17 +258,67 @@ fn an_sdxl_lora_on_an_sd_model_is_refused() {
     );
 }
 
+/// SDXL embeddings (clip_l and clip_g vectors; one word of 1 vector, one of 2, in the prompt
+/// and the negative prompt) against diffusers' `load_textual_inversion` into each encoder.
+#[test]
+fn sdxl_embeddings_match_diffusers_textual_inversion() {
+    let mut p = pipeline();
+    for word in ["shinyxl", "dullxl"] {
+        let f = fixtures().join(format!("addons/xl_emb/{word}.safetensors"));
+        p.add_embedding(&f).unwrap();
+    }
+    let r = Request {
+        prompt: "a shinyxl cat on a beach".into(),
+        negative_prompt: "blurry, dullxl".into(),
+        ..seed42_request(&p, &meta())
+    };
+    assert_image(&p, &r, "tiny_xl/embeddings.png");
+    // without the embeddings the words are plain text, and the image another
+    let plain = pipeline().generate_all(&r).unwrap();
+    assert_differs(&plain[0].rgb, "tiny_xl/embeddings.png");
+    // an SD 1.x embedding on SDXL, an SDXL one on SD 1.x: one error each
+    let sd_emb = fixtures().join("addons/emb/glowcat.safetensors");
+    let e = pipeline().add_embedding(&sd_emb).unwrap_err().to_string();
+    assert!(e.contains("clip_l and clip_g"), "{e}");
+    let files = ModelFiles::from_folder(&model_dir("tiny"), Precision::Full).unwrap();
+    let mut sd = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let xl_emb = fixtures().join("addons/xl_emb/dullxl.safetensors");
+    let e = sd.add_embedding(&xl_emb).unwrap_err().to_string();
+    assert!(e.contains("SDXL embedding"), "{e}");
+}
+
+/// The web UI's "Clip skip: N" (diffusers' `clip_skip` N - 1) on both encoders, for the prompt
+/// and the negative prompt, for every N the encoders allow.
+#[test]
+fn sdxl_clip_skip_matches_diffusers() {
+    let p = pipeline();
+    let mut checked = 0;
+    for n in 2.. {
+        let png = format!("tiny_xl/clip_skip/{n}.png");
+        if !reference(&png).exists() {
+            break;
+        }
+        assert_seed42_image(&p, &meta(), n, &png);
+        checked += 1;
+        // (the skip changes the image)
+        let plain = p.generate_all(&seed42_request(&p, &meta())).unwrap();
+        assert_differs(&plain[0].rgb, &png);
+    }
+    assert_eq!(checked, 2);
+    // beyond the encoders' layers: refused before any work
+    let r = Request {
+        clip_skip: 4,
+        ..seed42_request(&p, &meta())
+    };
+    let e = p.validate(&r).unwrap_err().to_string();
+    assert!(e.contains("--clip-skip 4"), "{e}");
+}
+
 #[test]
 fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
     let p = pipeline();
     let meta = meta();
     let base = request(&p, &meta, &meta["runs"]["euler"]);
-    let r = Request {
-        clip_skip: 2,
-        ..base.clone()
-    };
-    let e = p.validate(&r).unwrap_err().to_string();
-    assert!(e.contains("--clip-skip") && e.contains("SDXL"), "{e}");
     let r = Request {
         prompt_syntax: sdgen::conditioning::PromptSyntax::A1111,
         ..base

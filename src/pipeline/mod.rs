@@ -281,17 +281,23 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Adds a textual-inversion embedding: its words become tokens of the tokenizer, its
-    /// vectors rows of the text encoder's token embedding.
+    /// Adds a textual-inversion embedding: its words become tokens of the tokenizer(s), its
+    /// vectors rows of the text encoder's (encoders') token embedding.
     pub fn add_embedding(&mut self, path: &Path) -> Result<()> {
-        if self.family == Family::Sdxl {
-            bail!(
-                "{}: textual-inversion embeddings are not supported for SDXL models yet",
-                path.display()
-            );
-        }
-        let e = Embedding::load(path, self.clip_config.hidden_size)?;
+        let hidden_2 = self.second.as_ref().map(|s| s.config.hidden_size);
+        let e = Embedding::load(path, self.clip_config.hidden_size, hidden_2)?;
         let ids = self.tokenizer.add_tokens(&e.tokens())?;
+        if let Some(second) = &mut self.second {
+            // SDXL's tokenizers share their vocabulary: the words get the same ids in both,
+            // and the same rows after both encoders' vocabularies
+            let same_vocab = second.config.vocab_size == self.clip_config.vocab_size;
+            if second.tokenizer.add_tokens(&e.tokens())? != ids || !same_vocab {
+                bail!(
+                    "{}: the two tokenizers give the embedding's words different ids (tokenizers of different vocabularies)",
+                    path.display()
+                );
+            }
+        }
         let next = self.clip_config.vocab_size
             + self
                 .embeddings
@@ -310,6 +316,7 @@ impl Pipeline {
         self.expansions.insert(ids[0], (e.name.clone(), ids));
         self.embeddings.push(e);
         *self.text_encoder.borrow_mut() = None;
+        self.drop_text_encoder_2();
         Ok(())
     }
 
@@ -585,7 +592,13 @@ impl Pipeline {
         if r.seeds.is_empty() || r.batch_size == 0 {
             bail!("--num-images and --batch-size must be at least 1");
         }
-        let layers = self.clip_config.num_hidden_layers;
+        // (SDXL: the smaller of the two encoders)
+        let layers = match &self.second {
+            Some(second) => {
+                (self.clip_config.num_hidden_layers).min(second.config.num_hidden_layers)
+            }
+            None => self.clip_config.num_hidden_layers,
+        };
         if r.clip_skip == 0 || r.clip_skip > layers {
             bail!(
                 "--clip-skip {} is outside 1..={layers} (the text encoder has {layers} layers; 1 uses the last)",
@@ -644,14 +657,10 @@ impl Pipeline {
 
     /// What sdgen does not run on SDXL models yet, refused before any work.
     fn validate_xl(&self, r: &Request) -> Result<()> {
-        let missing = if r.clip_skip != 1 {
-            "--clip-skip"
-        } else if r.prompt_syntax != PromptSyntax::Plain {
-            "--prompt-syntax a1111"
-        } else {
-            return Ok(());
-        };
-        bail!("{missing} with SDXL models is not supported yet")
+        if r.prompt_syntax != PromptSyntax::Plain {
+            bail!("--prompt-syntax a1111 with SDXL models is not supported yet")
+        }
+        Ok(())
     }
 
     /// The half-precision cause of the non-finite errors ("" in f32).

@@ -3,6 +3,7 @@
 //! size conditioning (`add_time_ids`).
 
 use super::{Component, Conditioning, Pipeline};
+use crate::conditioning::{self, PromptSyntax};
 use crate::config::ClipTextConfig;
 use crate::models::clip::ClipTextModel;
 use crate::tokenizer::ClipTokenizer;
@@ -48,8 +49,17 @@ impl Pipeline {
             return Ok(m.clone());
         }
         let m = self.build(Component::TextEncoder2, |vb| {
-            ClipTextModel::with_projection(vb, &second.config)
-                .context("loading the second text encoder's weights")
+            let m = ClipTextModel::with_projection(vb, &second.config)
+                .context("loading the second text encoder's weights")?;
+            let vectors: Vec<&Tensor> = self
+                .embeddings()
+                .iter()
+                .filter_map(|e| e.vectors_2.as_ref())
+                .collect();
+            if vectors.is_empty() {
+                return Ok(m);
+            }
+            Ok(m.with_extra_tokens(&Tensor::cat(&vectors, 0)?)?)
         })?;
         *second.model.borrow_mut() = Some(m.clone());
         Ok(m)
@@ -66,9 +76,11 @@ impl Pipeline {
     /// encoder 1 first; the pooled embedding from encoder 2.
     pub(super) fn encode_xl(&self, text: &str, skip: usize) -> Result<Conditioning> {
         let second = self.second_encoder()?;
+        // each tokenizer's ids with the embeddings' words spelled out (diffusers'
+        // maybe_convert_prompt, once per tokenizer)
         let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
-            let ids = tok.encode(text)?.ids;
-            Ok(Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?)
+            let chunks = conditioning::tokenize(tok, &self.expansions, text, PromptSyntax::Plain)?;
+            Ok(Tensor::new(chunks.ids[0].as_slice(), &self.device)?.unsqueeze(0)?)
         };
         let first = self
             .text_encoder()?
