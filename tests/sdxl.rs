@@ -390,7 +390,7 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     }
 
     std::fs::remove_file(&out).unwrap();
-    let o = run(&["--clip-skip", "2"]);
+    let o = run(&["--prompt-syntax", "a1111"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
