@@ -1476,7 +1476,7 @@ def seed42_loop(pipe, cond, uncond, path):
     latents = pipe.prepare_latents(1, unet.config.in_channels, size, size, torch.float32, "cpu", g)
     sched.set_timesteps(E2E_STEPS)
     extra = pipe.prepare_extra_step_kwargs(g, 0.0)
-    latents = latents * sched.init_noise_sigma
+    # (prepare_latents has scaled by init_noise_sigma)
     for t in sched.timesteps:
         x = sched.scale_model_input(latents, t)
         u = unet(x, t, encoder_hidden_states=uncond).sample
@@ -1941,6 +1941,7 @@ def record_sdxl_addons(out):
             save_seed42_image(pipe, os.path.join(ref, f"lora-{name}.png"), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE)
     record_sdxl_embeddings(out, load)
     record_sdxl_clip_skip(out, load)
+    record_sdxl_webui(out, load)
 
 
 # the SDXL embeddings' words and the prompts that use them
@@ -1966,6 +1967,85 @@ def record_sdxl_embeddings(out, load):
     with torch.no_grad():
         save_seed42_image(pipe, os.path.join(out, "reference", "tiny_xl", "embeddings.png"),
                           prompt=SDXL_EMBEDDING_PROMPT, negative_prompt=SDXL_EMBEDDING_NEGATIVE)
+
+
+def webui_encode_xl(pipe, prompt):
+    """The web UI's SDXL conditioning of a prompt in its syntax: each embedder (CLIP-L, then
+    OpenCLIP-G) chunks the prompt with its own tokenizer and takes each chunk's second-to-last
+    hidden state, weighted with the mean restored ("Original") per embedder and chunk; the
+    chunks' two states side by side, the chunks one after the other; the pooled embedding is
+    the first chunk's, unweighted."""
+    chunks = [webui_chunks(pipe.tokenizer, prompt, {}), webui_chunks(pipe.tokenizer_2, prompt, {})]
+    assert len(chunks[0]) == len(chunks[1])
+    zs, pooled = [], None
+    for c1, c2 in zip(*chunks):
+        parts = []
+        for (ids, ws), encoder in ((c1, pipe.text_encoder), (c2, pipe.text_encoder_2)):
+            o = encoder(torch.tensor([ids]), output_hidden_states=True)
+            if pooled is None and encoder is pipe.text_encoder_2:
+                pooled = o.text_embeds
+            z = o.hidden_states[-2]
+            original_mean = z.mean()
+            z = z * torch.tensor(ws).reshape(1, -1, 1).expand(z.shape)
+            parts.append(z * (original_mean / z.mean()))
+        zs.append(torch.cat(parts, dim=-1))
+    return torch.hstack(zs), pooled
+
+
+def seed42_loop_xl(pipe, cond, uncond, path):
+    """seed42_loop for SDXL, each half (context, pooled) with the default size conditioning."""
+    from PIL import Image
+
+    g = torch.Generator("cpu").manual_seed(42)
+    unet, sched = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    latents = pipe.prepare_latents(1, unet.config.in_channels, size, size, torch.float32, "cpu", g)
+    sched.set_timesteps(E2E_STEPS)
+    extra = pipe.prepare_extra_step_kwargs(g, 0.0)
+    # (prepare_latents has scaled by init_noise_sigma)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    for t in sched.timesteps:
+        x = sched.scale_model_input(latents, t)
+        u, c = (unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+                for ctx, pooled in (uncond, cond))
+        latents = sched.step(u + 7.5 * (c - u), t, latents, **extra).prev_sample
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    Image.fromarray((image * 255).round().astype("uint8")).save(path)
+
+
+def record_sdxl_webui(out, load):
+    """SDXL images for prompts in the web UI's syntax (webui_encode_xl): equal chunk counts
+    through the pipeline, unequal ones through seed42_loop_xl with the halves apart (checked
+    against the pipeline on an equal case): reference/tiny_xl/a1111-*.png, the prompts in
+    reference/tiny_xl/a1111.json."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = load()
+    ref = os.path.join(out, "reference", "tiny_xl")
+    cases = {
+        "emphasis": ("((masterpiece)), a [cat] on a (beach:0.7)", "(blurry:1.4)"),
+        "break": ("a (red fox:1.3), [blurry], snow BREAK lake", "(ugly:1.2), lowres BREAK (noise:0.8)"),
+        "long": ("one, two, three four five six seven eight nine ten " * 9, "[lowres]"),
+    }
+    with torch.no_grad():
+        for name, (p, n) in cases.items():
+            (pe, pp), (ne, npool) = webui_encode_xl(pipe, p), webui_encode_xl(pipe, n)
+            path = os.path.join(ref, f"a1111-{name}.png")
+            if pe.shape == ne.shape:
+                save_seed42_image(pipe, path, prompt_embeds=pe, negative_prompt_embeds=ne,
+                                  pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npool)
+                # the loop gives the pipeline's image
+                seed42_loop_xl(pipe, (pe, pp), (ne, npool), path + ".loop.png")
+                a, b = (np.asarray(Image.open(f), dtype=np.int16) for f in (path, path + ".loop.png"))
+                os.remove(path + ".loop.png")
+                assert np.abs(a - b).max() <= 1, np.abs(a - b).max()
+            else:
+                seed42_loop_xl(pipe, (pe, pp), (ne, npool), path)
+            print(f"SDXL a1111 {name}: {pe.shape[1] // 77} and {ne.shape[1] // 77} chunks")
+    with open(os.path.join(ref, "a1111.json"), "w") as f:
+        json.dump(cases, f, indent=1)
 
 
 def record_sdxl_clip_skip(out, load):
@@ -2001,7 +2081,7 @@ def main():
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
-    ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip})")
+    ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip, the web UI syntax (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip,a1111*})")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))

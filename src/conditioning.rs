@@ -202,27 +202,38 @@ pub fn web_ui(tok: &ClipTokenizer, expansions: &Expansions, pieces: &[Piece]) ->
 /// weights.
 pub fn encode(te: &ClipTextModel, chunks: &Chunks, skip: usize, device: &Device) -> Result<Tensor> {
     let mut out = Vec::with_capacity(chunks.ids.len());
-    for (i, ids) in chunks.ids.iter().enumerate() {
-        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-        let z = te.forward(&ids, skip)?;
-        let z = match &chunks.weights {
+    for i in 0..chunks.ids.len() {
+        let z = te.forward(&chunks.ids_tensor(i, device)?, skip)?;
+        out.push(chunks.emphasize(i, z)?);
+    }
+    Ok(Tensor::cat(&out, 1)?)
+}
+
+impl Chunks {
+    /// Chunk `i`'s ids as a (1, 77) tensor.
+    pub fn ids_tensor(&self, i: usize, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::new(self.ids[i].as_slice(), device)?.unsqueeze(0)?)
+    }
+
+    /// The text encoder's output `z` (1, 77, hidden) of chunk `i` with the chunk's weights
+    /// applied as the web UI's "Original" emphasis does: z * w, scaled back to z's mean;
+    /// unchanged without weights (`plain`).
+    pub fn emphasize(&self, i: usize, z: Tensor) -> Result<Tensor> {
+        Ok(match &self.weights {
             None => z,
             // all 1: the web UI's z * (mean / mean) is z, except that it is NaN where the mean
             // is exactly 0 (the tiny model's unit LayerNorms with zero bias give that)
             Some(w) if w[i].iter().all(|&x| x == 1.0) => z,
             Some(w) => {
-                // the "Original" emphasis: z * w, scaled back to z's mean
                 let dtype = z.dtype();
                 let z = z.to_dtype(DType::F32)?;
                 let original_mean = z.mean_all()?;
-                let w = Tensor::new(w[i].as_slice(), device)?.reshape((1, MAX_LENGTH, 1))?;
+                let w = Tensor::new(w[i].as_slice(), z.device())?.reshape((1, MAX_LENGTH, 1))?;
                 let z = z.broadcast_mul(&w)?;
                 let new_mean = z.mean_all()?;
                 z.broadcast_mul(&(original_mean / new_mean)?)?
                     .to_dtype(dtype)?
             }
-        };
-        out.push(z);
+        })
     }
-    Ok(Tensor::cat(&out, 1)?)
 }

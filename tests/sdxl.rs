@@ -2,7 +2,8 @@
 //! (`scripts/make_fixtures.py --only-sdxl`): both text encoders and the pooled embedding, the
 //! U-Net with its added conditioning, and whole images for several schedulers, with and
 //! without a negative prompt, without guidance, with non-default size conditioning and at a
-//! non-square size.
+//! non-square size; and the add-ons (`--only-sdxl-addons`): LoRAs, embeddings, clip skip and
+//! the web UI's prompt syntax.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -314,17 +315,31 @@ fn sdxl_clip_skip_matches_diffusers() {
     assert!(e.contains("--clip-skip 4"), "{e}");
 }
 
+/// Prompts in the web UI's syntax (emphasis, BREAK, a prompt longer than one chunk, and
+/// halves of different chunk counts run apart) against the fixture script's implementation of
+/// the web UI's SDXL conditioning fed to diffusers.
 #[test]
-fn what_sdxl_does_not_run_yet_is_refused_before_any_work() {
+fn web_ui_prompts_match_its_sdxl_conditioning() {
     let p = pipeline();
-    let meta = meta();
-    let base = request(&p, &meta, &meta["runs"]["euler"]);
-    let r = Request {
-        prompt_syntax: sdgen::conditioning::PromptSyntax::A1111,
-        ..base
-    };
-    let e = p.validate(&r).unwrap_err().to_string();
-    assert!(e.contains("a1111"), "{e}");
+    let cases = read_json("tiny_xl/a1111.json");
+    let cases = cases.as_object().unwrap();
+    assert_eq!(cases.len(), 3);
+    for (name, pair) in cases {
+        let r = Request {
+            prompt: pair[0].as_str().unwrap().into(),
+            negative_prompt: pair[1].as_str().unwrap().into(),
+            prompt_syntax: sdgen::conditioning::PromptSyntax::A1111,
+            ..seed42_request(&p, &meta())
+        };
+        let png = format!("tiny_xl/a1111-{name}.png");
+        assert_image(&p, &r, &png);
+        // read as plain text the weights and BREAKs are words: another image
+        let plain = Request {
+            prompt_syntax: Default::default(),
+            ..r
+        };
+        assert_differs(&p.generate_all(&plain).unwrap()[0].rgb, &png);
+    }
 }
 
 /// The binary on the tiny SDXL with the e2e prompts, seed 42, 6 steps, guidance 7.5 and
@@ -390,7 +405,8 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     }
 
     std::fs::remove_file(&out).unwrap();
-    let o = run(&["--prompt-syntax", "a1111"]);
+    let sd_embedding = fixtures().join("addons/emb/glowcat.safetensors");
+    let o = run(&["--embedding", sd_embedding.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

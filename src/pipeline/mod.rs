@@ -608,9 +608,7 @@ impl Pipeline {
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
         }
-        if self.family == Family::Sdxl {
-            self.validate_xl(r)?;
-        } else if r.sizes != SizeConditioning::default() {
+        if self.family == Family::Sd && r.sizes != SizeConditioning::default() {
             bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
         }
         // the web UI's syntax can be wrong (a weight that is no number), or too long
@@ -651,14 +649,6 @@ impl Pipeline {
                 self.unet_config.in_channels,
                 self.vae_config.latent_channels
             );
-        }
-        Ok(())
-    }
-
-    /// What sdgen does not run on SDXL models yet, refused before any work.
-    fn validate_xl(&self, r: &Request) -> Result<()> {
-        if r.prompt_syntax != PromptSyntax::Plain {
-            bail!("--prompt-syntax a1111 with SDXL models is not supported yet")
         }
         Ok(())
     }
@@ -723,7 +713,7 @@ impl Pipeline {
                 context: self.encode_text(text, r.prompt_syntax, r.clip_skip)?,
                 pooled: None,
             }),
-            Family::Sdxl => self.encode_xl(text, r.clip_skip.saturating_sub(1)),
+            Family::Sdxl => self.encode_xl(text, r.prompt_syntax, r.clip_skip.saturating_sub(1)),
         }
     }
 

@@ -7,7 +7,7 @@ use crate::conditioning::{self, PromptSyntax};
 use crate::config::ClipTextConfig;
 use crate::models::clip::ClipTextModel;
 use crate::tokenizer::ClipTokenizer;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -73,24 +73,44 @@ impl Pipeline {
 
     /// `StableDiffusionXLPipeline.encode_prompt` for one text: each encoder's hidden state
     /// `skip + 1` layers before its last (the second-to-last with `skip` 0), concatenated,
-    /// encoder 1 first; the pooled embedding from encoder 2.
-    pub(super) fn encode_xl(&self, text: &str, skip: usize) -> Result<Conditioning> {
+    /// encoder 1 first; the pooled embedding from encoder 2. In the web UI's syntax, as its
+    /// SDXL conditioner does: each encoder reads the prompt in 77-token chunks through its own
+    /// tokenizer, each chunk's state weighted with the mean restored (per encoder), the chunks'
+    /// contexts one after the other, the pooled embedding the first chunk's (unweighted).
+    pub(super) fn encode_xl(
+        &self,
+        text: &str,
+        syntax: PromptSyntax,
+        skip: usize,
+    ) -> Result<Conditioning> {
         let second = self.second_encoder()?;
-        // each tokenizer's ids with the embeddings' words spelled out (diffusers'
-        // maybe_convert_prompt, once per tokenizer)
-        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
-            let chunks = conditioning::tokenize(tok, &self.expansions, text, PromptSyntax::Plain)?;
-            Ok(Tensor::new(chunks.ids[0].as_slice(), &self.device)?.unsqueeze(0)?)
-        };
-        let first = self
-            .text_encoder()?
-            .forward_xl(&ids(&self.tokenizer)?, skip)?;
-        let last = self
-            .text_encoder_2()?
-            .forward_xl(&ids(&second.tokenizer)?, skip)?;
+        // the embeddings' words spelled out per tokenizer (diffusers' maybe_convert_prompt)
+        let first_chunks = conditioning::tokenize(&self.tokenizer, &self.expansions, text, syntax)?;
+        let second_chunks =
+            conditioning::tokenize(&second.tokenizer, &self.expansions, text, syntax)?;
+        let n = first_chunks.ids.len();
+        if second_chunks.ids.len() != n {
+            bail!(
+                "the two tokenizers cut the prompt into {n} and {} chunks (tokenizers of different vocabularies?)",
+                second_chunks.ids.len()
+            );
+        }
+        let (first, last) = (self.text_encoder()?, self.text_encoder_2()?);
+        let mut contexts = Vec::with_capacity(n);
+        let mut pooled = None;
+        for i in 0..n {
+            let a = first.forward_xl(&first_chunks.ids_tensor(i, &self.device)?, skip)?;
+            let b = last.forward_xl(&second_chunks.ids_tensor(i, &self.device)?, skip)?;
+            let a = first_chunks.emphasize(i, a.hidden)?;
+            let hidden = second_chunks.emphasize(i, b.hidden)?;
+            if i == 0 {
+                pooled = b.pooled;
+            }
+            contexts.push(Tensor::cat(&[&a, &hidden], 2)?);
+        }
         Ok(Conditioning {
-            context: Tensor::cat(&[&first.hidden, &last.hidden], 2)?,
-            pooled: last.pooled,
+            context: Tensor::cat(&contexts, 1)?,
+            pooled,
         })
     }
 
