@@ -321,9 +321,19 @@ pub fn pack_b(src: &[u16], k: usize, kv: usize, n: usize, rs: usize, cs: usize, 
     // SAFETY (both loops): r < kv and col < n, so the source index is within the asserted
     // bound and the destination index below k * np.
     if cs == 1 {
-        // rows contiguous in the source: read row by row
+        // rows contiguous in the source: whole panels' columns a row pair at a time (the
+        // attention's V: element by element this took ~5% of a 1024-token attention), then
+        // the rest element by element
+        let full = if rs >= n { n / PANEL * PANEL } else { 0 };
+        for r in (0..kv & !1).step_by(2) {
+            if full > 0 {
+                let (r0, r1) = (&src[r * rs..][..full], &src[(r + 1) * rs..][..full]);
+                interleave_pair(r0, r1, dst, k * PANEL, r * PANEL);
+            }
+        }
         for r in 0..kv {
-            for col in 0..n {
+            let first = if r < kv & !1 { full } else { 0 };
+            for col in first..n {
                 unsafe { *dst.get_unchecked_mut(at(r, col)) = *src.get_unchecked(r * rs + col) };
             }
         }
@@ -440,6 +450,32 @@ mod tests {
         // no kernel here (checked against /proc/cpuinfo above): nothing to run
         for kernel in available_kernels() {
             blocks_match_a_direct_product_on(kernel);
+        }
+    }
+
+    /// Every element of B lands where `packed_index` says, the padding zero, for each of
+    /// `pack_b`'s paths (rows contiguous with whole and partial panels and an odd last row,
+    /// columns contiguous, neither).
+    #[test]
+    fn pack_b_places_every_element() {
+        let src: Vec<u16> = (1..=5000u16).collect();
+        // (k, kv, n, rs, cs)
+        for (k, kv, n, rs, cs) in [
+            (8usize, 7usize, 40usize, 50usize, 1usize),
+            (6, 6, 32, 33, 1),
+            (10, 9, 20, 1, 12),
+            (4, 3, 5, 7, 2),
+        ] {
+            let np = n.next_multiple_of(BLOCK);
+            let mut dst = vec![u16::MAX; k * np];
+            pack_b(&src, k, kv, n, rs, cs, &mut dst);
+            let mut want = vec![0u16; k * np];
+            for r in 0..kv {
+                for col in 0..n {
+                    want[packed_index(k, r, col)] = src[r * rs + col * cs];
+                }
+            }
+            assert_eq!(dst, want, "k {k} kv {kv} n {n} rs {rs} cs {cs}");
         }
     }
 
