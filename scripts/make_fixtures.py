@@ -1042,6 +1042,60 @@ def record_sdxl_inpaint(out):
         json.dump({"picture": "img2img/tiny2.png", "mask": "img2img/tiny2-mask.png", "cases": cases}, f, indent=1)
 
 
+def tiny_xl_inpaint(out, tmp):
+    """tiny_xl with a random 9-channel U-Net (latents, mask, masked-picture latents), as the
+    Hub's SDXL inpainting model (its model_index: StableDiffusionXLInpaintPipeline,
+    requires_aesthetics_score false), its folder in tmp; the U-Net is committed as
+    models/tiny_xl_inpaint_unet and the Rust tests compose the model the same way."""
+    unet_dir = os.path.join(out, "models", "tiny_xl_inpaint_unet")
+    if not os.path.exists(unet_dir):
+        config = dict(UNet2DConditionModel.load_config(os.path.join(out, "models", "tiny_xl", "unet")))
+        torch.manual_seed(8)
+        unet = UNet2DConditionModel.from_config({**config, "in_channels": 9})
+        with torch.no_grad():
+            for p in unet.parameters():
+                if p.dim() > 1:
+                    p.add_(torch.randn_like(p) * 0.02)
+        unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    model_dir = os.path.join(tmp, "tiny_xl_inpaint")
+    shutil.copytree(os.path.join(out, "models", "tiny_xl"), model_dir)
+    shutil.rmtree(os.path.join(model_dir, "unet"))
+    shutil.copytree(unet_dir, os.path.join(model_dir, "unet"))
+    apply_config_edits(model_dir, {"model_index.json": {"_class_name": "StableDiffusionXLInpaintPipeline",
+                                                        "requires_aesthetics_score": False}})
+    return model_dir
+
+
+SDXL_INPAINT9_CASES = [("euler", 0.9999), ("euler_a", 1.0), ("dpmpp_2m", 0.6)]
+
+
+def record_sdxl_inpaint9(out):
+    """diffusers' StableDiffusionXLInpaintPipeline with a 9-channel U-Net (tiny_xl_inpaint), as
+    record_sdxl_inpaint: reference/tiny_xl/inpaint9/."""
+    import tempfile
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    pics = os.path.join(out, "img2img")
+    ref = os.path.join(out, "reference", "tiny_xl", "inpaint9")
+    os.makedirs(ref, exist_ok=True)
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_xl_inpaint(out, tmp), torch_dtype=torch.float32,
+                                                                add_watermarker=False)
+        base_config = dict(pipe.scheduler.config)
+        for name, strength in SDXL_INPAINT9_CASES:
+            cls, extra = SCHEDULERS[name]
+            pipe.scheduler = cls.from_config(base_config, **extra)
+            png = f"{name}-{strength}.png"
+            save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                              image=Image.open(os.path.join(pics, "tiny2.png")),
+                              mask_image=Image.open(os.path.join(pics, "tiny2-mask.png")), strength=strength)
+            cases.append({"scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"picture": "img2img/tiny2.png", "mask": "img2img/tiny2-mask.png", "cases": cases}, f, indent=1)
+
+
 def record_sdxl_single_file(out):
     """tiny_xl as one .safetensors in the original naming, checked with diffusers' own
     from_single_file against the diffusers folder."""
@@ -2081,6 +2135,7 @@ def main():
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
+    ap.add_argument("--only-sdxl-inpaint9", action="store_true", help="only record the 9-channel SDXL inpainting references (models/tiny_xl_inpaint_unet, reference/tiny_xl/inpaint9)")
     ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip, the web UI syntax (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip,a1111*})")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
     args = ap.parse_args()
@@ -2126,6 +2181,10 @@ def main():
         record_sdxl_single_file(out)
         record_sdxl_img2img(out)
         record_sdxl_inpaint(out)
+        record_sdxl_inpaint9(out)
+        return
+    if args.only_sdxl_inpaint9:
+        record_sdxl_inpaint9(out)
         return
     if args.only_sdxl_addons:
         record_sdxl_addons(out)
@@ -2157,6 +2216,7 @@ def main():
     record_sdxl_single_file(out)
     record_sdxl_img2img(out)
     record_sdxl_inpaint(out)
+    record_sdxl_inpaint9(out)
     record_sdxl_addons(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(

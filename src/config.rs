@@ -681,7 +681,13 @@ impl ModelIndex {
         "StableDiffusionInpaintPipeline",
         "AltDiffusionPipeline",
     ];
-    pub const SUPPORTED_XL: &'static [&'static str] = &["StableDiffusionXLPipeline"];
+    /// (the image-to-image and inpainting classes only without `requires_aesthetics_score`:
+    /// the refiner's conditioning is not run)
+    pub const SUPPORTED_XL: &'static [&'static str] = &[
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ];
 
     pub fn load(path: &Path) -> Result<Self> {
         let v = read_json(path)?;
@@ -701,6 +707,14 @@ impl ModelIndex {
                 class_name
             );
         };
+        if family == Family::Sdxl
+            && v.get("requires_aesthetics_score").and_then(Value::as_bool) == Some(true)
+        {
+            bail!(
+                "{}: the model is a {class_name} that requires an aesthetic score (the SDXL refiner's conditioning), which sdgen does not run",
+                path.display()
+            );
+        }
         let scheduler_class = v
             .get("scheduler")
             .and_then(|s| s.get(1))
@@ -721,6 +735,38 @@ impl ModelIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// model_index.json files shaped as the Hub's SDXL inpainting model (9-channel U-Net,
+    /// no aesthetic score) and SDXL refiner (aesthetic score, no first text encoder) have them.
+    #[test]
+    fn sdxl_inpainting_loads_and_the_refiner_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model_index.json");
+        let inpainting = serde_json::json!({
+            "_class_name": "StableDiffusionXLInpaintPipeline",
+            "_diffusers_version": "0.21.0.dev0",
+            "force_zeros_for_empty_prompt": true,
+            "requires_aesthetics_score": false,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        });
+        std::fs::write(&path, inpainting.to_string()).unwrap();
+        let index = ModelIndex::load(&path).unwrap();
+        assert_eq!(index.family, Family::Sdxl);
+        let refiner = serde_json::json!({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "force_zeros_for_empty_prompt": false,
+            "requires_aesthetics_score": true,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": [null, null],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        });
+        std::fs::write(&path, refiner.to_string()).unwrap();
+        let e = ModelIndex::load(&path).unwrap_err().to_string();
+        assert!(e.contains("aesthetic score"), "{e}");
+    }
 
     fn clip(extra: Value) -> std::result::Result<ClipTextConfig, serde_json::Error> {
         let mut v = serde_json::json!({"vocab_size": 10, "hidden_size": 8,

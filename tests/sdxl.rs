@@ -495,9 +495,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Every case of `tiny_xl/{kind}/cases.json` (its picture, and its mask for inpainting)
-/// against diffusers' image; how many were checked.
-fn check_picture_cases(kind: &str) -> usize {
-    let p = pipeline();
+/// against diffusers' image on `p`; how many were checked.
+fn check_picture_cases(p: &Pipeline, kind: &str) -> usize {
     let cases = read_json(&format!("tiny_xl/{kind}/cases.json"));
     let open = |key: &str| {
         cases[key]
@@ -514,7 +513,7 @@ fn check_picture_cases(kind: &str) -> usize {
     for case in cases["cases"].as_array().unwrap() {
         let scheduler = case["scheduler"].as_str().unwrap();
         let strength = case["strength"].as_f64().unwrap();
-        let r = picture_request(&p, scheduler, &picture, strength, mask.as_ref());
+        let r = picture_request(p, scheduler, &picture, strength, mask.as_ref());
         let png = format!("tiny_xl/{kind}/{}", case["png"].as_str().unwrap());
         assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
         checked += 1;
@@ -526,7 +525,7 @@ fn check_picture_cases(kind: &str) -> usize {
 /// aesthetic score) from the committed 64x64 picture, for the recorded schedulers and strengths.
 #[test]
 fn img2img_matches_diffusers() {
-    assert!(check_picture_cases("img2img") >= 4);
+    assert!(check_picture_cases(&pipeline(), "img2img") >= 4);
 }
 
 /// Image to image in half precision: the picture is encoded in f32 (`force_upcast`), its
@@ -548,7 +547,32 @@ fn img2img_in_half_precision_stays_near_f32() {
 /// U-Net (the masked blending): strength 1, below 1, and diffusers' default 0.9999.
 #[test]
 fn inpainting_matches_diffusers() {
-    assert!(check_picture_cases("inpaint") >= 3);
+    assert!(check_picture_cases(&pipeline(), "inpaint") >= 3);
+}
+
+/// Inpainting with a 9-channel U-Net (the Hub's SDXL inpainting model's structure: tiny_xl
+/// with models/tiny_xl_inpaint_unet, model_index StableDiffusionXLInpaintPipeline) against
+/// diffusers: strengths 0.9999 (its default), 1 and 0.6.
+#[test]
+fn nine_channel_inpainting_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&model_dir("tiny_xl"), dir.path());
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(
+            model_dir("tiny_xl_inpaint_unet").join(f),
+            dir.path().join("unet").join(f),
+        )
+        .unwrap();
+    }
+    let index = dir.path().join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["_class_name"] = "StableDiffusionXLInpaintPipeline".into();
+    v["requires_aesthetics_score"] = false.into();
+    std::fs::write(&index, v.to_string()).unwrap();
+    let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    assert_eq!(check_picture_cases(&p, "inpaint9"), 3);
 }
 
 /// The CLI's default strength is the SDXL pipelines': `--mask` without `--strength` gives
