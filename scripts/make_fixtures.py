@@ -1066,6 +1066,36 @@ def tiny_xl_inpaint(out, tmp):
     return model_dir
 
 
+def record_sdxl_asymmetric(out):
+    """A U-Net with tiny_xl's structure but per-layer transformer counts and the up blocks'
+    own counts (reverse_transformer_layers_per_block), as the distilled SDXL U-Nets (SSD-1B)
+    configure them: models/tiny_xl_asym_unet, and its output for tiny_xl's U-Net inputs
+    (reference/tiny_xl/tensors.safetensors) in reference/tiny_xl/asym_unet.safetensors."""
+    from safetensors.torch import load_file
+
+    unet_dir = os.path.join(out, "models", "tiny_xl_asym_unet")
+    config = dict(UNet2DConditionModel.load_config(os.path.join(out, "models", "tiny_xl", "unet")))
+    config.update(transformer_layers_per_block=[1, [2, 1], [3, 1]],
+                  reverse_transformer_layers_per_block=[[1, 3, 2], [2, 1, 1], 1])
+    torch.manual_seed(9)
+    unet = UNet2DConditionModel.from_config(config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn_like(p) * 0.02)
+    unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    depths = [len(a.transformer_blocks) for b in unet.down_blocks for a in getattr(b, "attentions", [])]
+    depths += [len(a.transformer_blocks) for a in unet.mid_block.attentions]
+    depths += [len(a.transformer_blocks) for b in unet.up_blocks for a in getattr(b, "attentions", [])]
+    assert depths == [2, 1, 3, 1, 3, 1, 3, 2, 2, 1, 1], depths
+    t = load_file(os.path.join(out, "reference", "tiny_xl", "tensors.safetensors"))
+    with torch.no_grad():
+        got = unet(t["unet_sample"], torch.tensor(500), encoder_hidden_states=t["unet_context"],
+                   added_cond_kwargs={"text_embeds": t["unet_text_embeds"], "time_ids": t["unet_time_ids"]}).sample
+    save_file({"out_t500": got.contiguous()}, os.path.join(out, "reference", "tiny_xl", "asym_unet.safetensors"))
+
+
 SDXL_INPAINT9_CASES = [("euler", 0.9999), ("euler_a", 1.0), ("dpmpp_2m", 0.6)]
 
 
@@ -2135,6 +2165,7 @@ def main():
     ap.add_argument("--only-inpaint", action="store_true", help="only record the inpainting references (models/tiny_inpaint_unet, reference/inpaint)")
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
+    ap.add_argument("--only-sdxl-asymmetric", action="store_true", help="only record the asymmetric SDXL U-Net (models/tiny_xl_asym_unet, reference/tiny_xl/asym_unet.safetensors)")
     ap.add_argument("--only-sdxl-inpaint9", action="store_true", help="only record the 9-channel SDXL inpainting references (models/tiny_xl_inpaint_unet, reference/tiny_xl/inpaint9)")
     ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip, the web UI syntax (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip,a1111*})")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
@@ -2182,6 +2213,10 @@ def main():
         record_sdxl_img2img(out)
         record_sdxl_inpaint(out)
         record_sdxl_inpaint9(out)
+        record_sdxl_asymmetric(out)
+        return
+    if args.only_sdxl_asymmetric:
+        record_sdxl_asymmetric(out)
         return
     if args.only_sdxl_inpaint9:
         record_sdxl_inpaint9(out)
@@ -2217,6 +2252,7 @@ def main():
     record_sdxl_img2img(out)
     record_sdxl_inpaint(out)
     record_sdxl_inpaint9(out)
+    record_sdxl_asymmetric(out)
     record_sdxl_addons(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(

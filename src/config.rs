@@ -95,8 +95,8 @@ fn check_positive(keys: &[(&str, usize)]) -> Result<()> {
     }
 }
 
-/// `attention_head_dim` / `num_attention_heads` / `transformer_layers_per_block` may be one
-/// number for every block or a list with one entry per block.
+/// `attention_head_dim` / `num_attention_heads` may be one number for every block or a list
+/// with one entry per block.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
@@ -115,6 +115,46 @@ impl PerBlock {
             ),
         }
     }
+}
+
+/// One entry of `transformer_layers_per_block` / `reverse_transformer_layers_per_block`: one
+/// count for every layer of a block, or a count per layer (distilled SDXL U-Nets).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Depth {
+    One(usize),
+    PerLayer(Vec<usize>),
+}
+
+impl Depth {
+    /// The counts of a block of `layers` layers.
+    fn per_layer(&self, layers: usize, field: &str, block: usize) -> Result<Vec<usize>> {
+        match self {
+            Depth::One(v) => Ok(vec![*v; layers]),
+            Depth::PerLayer(v) if v.len() == layers => Ok(v.clone()),
+            Depth::PerLayer(v) => bail!(
+                "unet config: {field}[{block}] has {} counts but the block has {layers} layers",
+                v.len()
+            ),
+        }
+    }
+}
+
+/// `transformer_layers_per_block`: one count, or one [`Depth`] per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Depths {
+    One(usize),
+    Each(Vec<Depth>),
+}
+
+/// The transformer layers of every attention of a U-Net, as diffusers builds them: per down
+/// block (one count per layer), the mid block, per up block (layers + 1 counts each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerDepths {
+    pub down: Vec<Vec<usize>>,
+    pub mid: usize,
+    pub up: Vec<Vec<usize>>,
 }
 
 fn default_true() -> bool {
@@ -210,7 +250,11 @@ pub struct UNetConfig {
     pub norm_eps: f64,
     pub cross_attention_dim: usize,
     #[serde(default)]
-    pub transformer_layers_per_block: Option<PerBlock>,
+    pub transformer_layers_per_block: Option<Depths>,
+    /// The up blocks' counts when they are not the down blocks' reversed (SSD-1B's
+    /// asymmetric U-Net); needed when `transformer_layers_per_block` has per-layer counts.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<Depth>>,
     #[serde(default)]
     pub attention_head_dim: Option<PerBlock>,
     #[serde(default)]
@@ -440,18 +484,70 @@ impl UNetConfig {
             (None, Some(h)) => h.expand(n, "attention_head_dim")?,
             (None, None) => vec![8; n],
         };
-        let layers = match &self.transformer_layers_per_block {
-            Some(t) => t.expand(n, "transformer_layers_per_block")?,
-            None => vec![1; n],
-        };
+        let depths = self.transformer_depths()?;
         Ok((0..n)
             .map(|i| UNetBlock {
                 out_channels: self.block_out_channels[i],
                 cross_attention: (self.down_block_types[i] == "CrossAttnDownBlock2D")
-                    .then_some(layers[i]),
+                    .then(|| depths.down[i].iter().copied().max().unwrap_or(1)),
                 num_heads: heads[i],
             })
             .collect())
+    }
+
+    /// The transformer layers of each attention, as diffusers' `UNet2DConditionModel` reads
+    /// `transformer_layers_per_block` (one count; or per block one count or a count per layer;
+    /// the mid block takes the last block's, its first count) and
+    /// `reverse_transformer_layers_per_block` (the up blocks'; else the down blocks' reversed,
+    /// which diffusers refuses when they have per-layer counts).
+    pub fn transformer_depths(&self) -> Result<TransformerDepths> {
+        let n = self.block_out_channels.len();
+        let field = "transformer_layers_per_block";
+        let per_block: Vec<Depth> = match &self.transformer_layers_per_block {
+            None => vec![Depth::One(1); n],
+            Some(Depths::One(v)) => vec![Depth::One(*v); n],
+            Some(Depths::Each(v)) if v.len() == n => v.clone(),
+            Some(Depths::Each(v)) => bail!(
+                "unet config: {field} has {} entries but there are {n} blocks",
+                v.len()
+            ),
+        };
+        let lpb = self.layers_per_block;
+        let down = per_block
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.per_layer(lpb, field, i))
+            .collect::<Result<Vec<_>>>()?;
+        // the mid block (one layer) takes the last block's count, or its first per-layer one
+        let mid = match &per_block[n - 1] {
+            Depth::One(v) => *v,
+            Depth::PerLayer(v) => *v
+                .first()
+                .with_context(|| format!("unet config: {field}[{}] is empty", n - 1))?,
+        };
+        let up = match &self.reverse_transformer_layers_per_block {
+            Some(r) if r.len() != n => bail!(
+                "unet config: reverse_transformer_layers_per_block has {} entries but there are {n} blocks",
+                r.len()
+            ),
+            Some(r) => r
+                .iter()
+                .enumerate()
+                .map(|(i, d)| d.per_layer(lpb + 1, "reverse_transformer_layers_per_block", i))
+                .collect::<Result<Vec<_>>>()?,
+            None => {
+                if per_block.iter().any(|d| matches!(d, Depth::PerLayer(_))) {
+                    bail!("unet config: {field} has per-layer counts but there is no reverse_transformer_layers_per_block for the up blocks (diffusers refuses such a config too)");
+                }
+                per_block
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .map(|(i, d)| d.per_layer(lpb + 1, field, n - 1 - i))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        Ok(TransformerDepths { down, mid, up })
     }
 }
 
@@ -735,6 +831,49 @@ impl ModelIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn depths(extra: Value) -> Result<TransformerDepths> {
+        let mut v = serde_json::json!({"in_channels": 4, "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+            "cross_attention_dim": 2048});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<UNetConfig>(v)?.transformer_depths()
+    }
+
+    /// diffusers' reading of `transformer_layers_per_block` and
+    /// `reverse_transformer_layers_per_block`.
+    #[test]
+    fn transformer_depths_per_block_and_per_layer() {
+        // SDXL base: one count per block, the up blocks reversed, the mid block the last one's
+        let d = depths(serde_json::json!({"transformer_layers_per_block": [1, 2, 10]})).unwrap();
+        assert_eq!(d.down, vec![vec![1, 1], vec![2, 2], vec![10, 10]]);
+        assert_eq!(d.mid, 10);
+        assert_eq!(d.up, vec![vec![10; 3], vec![2; 3], vec![1; 3]]);
+        // per-layer counts with the up blocks' own (mid: the last block's first count)
+        let d = depths(serde_json::json!({
+            "transformer_layers_per_block": [1, [2, 1], [4, 10]],
+            "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1]}))
+        .unwrap();
+        assert_eq!(d.down, vec![vec![1, 1], vec![2, 1], vec![4, 10]]);
+        assert_eq!(d.mid, 4);
+        assert_eq!(d.up, vec![vec![4, 4, 10], vec![2, 1, 1], vec![1, 1, 1]]);
+        // per-layer counts without the up blocks' (diffusers refuses it), wrong lengths
+        for bad in [
+            serde_json::json!({"transformer_layers_per_block": [1, [2, 1], 3]}),
+            serde_json::json!({"transformer_layers_per_block": [1, [2, 1, 1], 3],
+                "reverse_transformer_layers_per_block": [3, 1, 1]}),
+            serde_json::json!({"transformer_layers_per_block": [1, 2],
+                "reverse_transformer_layers_per_block": [3, 1, 1]}),
+            serde_json::json!({"transformer_layers_per_block": 1,
+                "reverse_transformer_layers_per_block": [[3, 1], 1, 1]}),
+        ] {
+            assert!(depths(bad.clone()).is_err(), "{bad}");
+        }
+    }
 
     /// model_index.json files shaped as the Hub's SDXL inpainting model (9-channel U-Net,
     /// no aesthetic score) and SDXL refiner (aesthetic score, no first text encoder) have them.

@@ -136,18 +136,23 @@ fn both_text_encoders_and_the_pooled_embedding_match_diffusers() {
     );
 }
 
-#[test]
-fn the_unet_with_added_conditioning_matches_diffusers() {
-    let p = pipeline();
-    let refs = load_tensors("tiny_xl/tensors.safetensors");
+/// The added conditioning of the U-Net inputs in tiny_xl/tensors.safetensors.
+fn reference_added(refs: &std::collections::HashMap<String, Tensor>) -> AddedConditioning {
     let ids: Vec<Vec<f32>> = refs["unet_time_ids"].to_vec2().unwrap();
-    let added = AddedConditioning {
+    AddedConditioning {
         text_embeds: refs["unet_text_embeds"].clone(),
         time_ids: ids
             .iter()
             .map(|row| std::array::from_fn(|i| f64::from(row[i])))
             .collect(),
-    };
+    }
+}
+
+#[test]
+fn the_unet_with_added_conditioning_matches_diffusers() {
+    let p = pipeline();
+    let refs = load_tensors("tiny_xl/tensors.safetensors");
+    let added = reference_added(&refs);
     let got = p
         .unet_forward_xl(&refs["unet_sample"], 500.0, &refs["unet_context"], &added)
         .unwrap();
@@ -550,20 +555,40 @@ fn inpainting_matches_diffusers() {
     assert!(check_picture_cases(&pipeline(), "inpaint") >= 3);
 }
 
+/// tiny_xl in `dir` with the U-Net of the fixture folder `unet`, as the fixture script
+/// composes it.
+fn tiny_xl_with_unet(dir: &std::path::Path, unet: &str) {
+    copy_dir(&model_dir("tiny_xl"), dir);
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(model_dir(unet).join(f), dir.join("unet").join(f)).unwrap();
+    }
+}
+
+/// A U-Net with per-layer transformer counts and the up blocks' own counts
+/// (`reverse_transformer_layers_per_block`, as distilled SDXL U-Nets such as SSD-1B configure
+/// them) against diffusers' output for the same inputs.
+#[test]
+fn an_asymmetric_unet_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_xl_with_unet(dir.path(), "tiny_xl_asym_unet");
+    let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let refs = load_tensors("tiny_xl/tensors.safetensors");
+    let want = load_tensors("tiny_xl/asym_unet.safetensors");
+    let added = reference_added(&refs);
+    let got = p
+        .unet_forward_xl(&refs["unet_sample"], 500.0, &refs["unet_context"], &added)
+        .unwrap();
+    assert_close("asymmetric unet t=500", &got, &want["out_t500"], 1e-4);
+}
+
 /// Inpainting with a 9-channel U-Net (the Hub's SDXL inpainting model's structure: tiny_xl
 /// with models/tiny_xl_inpaint_unet, model_index StableDiffusionXLInpaintPipeline) against
 /// diffusers: strengths 0.9999 (its default), 1 and 0.6.
 #[test]
 fn nine_channel_inpainting_matches_diffusers() {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&model_dir("tiny_xl"), dir.path());
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(
-            model_dir("tiny_xl_inpaint_unet").join(f),
-            dir.path().join("unet").join(f),
-        )
-        .unwrap();
-    }
+    tiny_xl_with_unet(dir.path(), "tiny_xl_inpaint_unet");
     let index = dir.path().join("model_index.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();

@@ -187,6 +187,7 @@ impl UNet2DConditionModel {
 
     fn build(vb: Loader, c: &UNetConfig) -> anyhow::Result<Self> {
         let blocks = c.blocks()?;
+        let depths = c.transformer_depths()?;
         let n = blocks.len();
         let ch0 = c.block_out_channels[0];
         let temb = ch0 * 4;
@@ -238,12 +239,12 @@ impl UNet2DConditionModel {
                     temb,
                     1.0,
                 )?);
-                if let Some(layers) = block.cross_attention {
+                if block.cross_attention.is_some() {
                     attentions.push(transformer(
                         vb.pp(format!("attentions.{j}")),
                         output_channel,
                         block,
-                        layers,
+                        depths.down[i][j],
                         c,
                     )?);
                 }
@@ -269,7 +270,7 @@ impl UNet2DConditionModel {
 
         let last = blocks[n - 1];
         let mid_ch = last.out_channels;
-        let mid_layers = last.cross_attention.unwrap_or(1);
+        let mid_layers = depths.mid;
         let vbm = vb.pp("mid_block");
         let scale = c.mid_block_scale_factor;
         // `mid_block_type: null` (BK-SDM): no mid block, as diffusers skips it
@@ -321,12 +322,12 @@ impl UNet2DConditionModel {
                     temb,
                     1.0,
                 )?);
-                if let Some(layers) = block.cross_attention {
+                if block.cross_attention.is_some() {
                     attentions.push(transformer(
                         vb.pp(format!("attentions.{j}")),
                         output_channel,
                         block,
-                        layers,
+                        depths.up[i][j],
                         c,
                     )?);
                 }
