@@ -33,9 +33,14 @@ impl Server {
     /// Starts `sdgen serve` on the tiny model on a free port with `extra` flags; waits until it
     /// prints where it listens.
     fn start(extra: &[&str]) -> Server {
-        let tiny = model_dir("tiny").display().to_string();
+        Self::start_with("tiny", extra)
+    }
+
+    /// [`Server::start`] on the fixture model `model`.
+    fn start_with(model: &str, extra: &[&str]) -> Server {
+        let model = model_dir(model).display().to_string();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sdgen"))
-            .args(["serve", "--model", &tiny, "--port", "0"])
+            .args(["serve", "--model", &model, "--port", "0"])
             .args(extra)
             .env(
                 "HF_HUB_CACHE",
@@ -304,6 +309,25 @@ fn webui_txt2img_gives_diffusers_images_and_the_clis_files() {
         infotext.contains("Steps: 6, Sampler: Euler, CFG scale: 7.5, Seed: 43, Size: 32x32"),
         "{infotext}"
     );
+}
+
+/// SDXL through the web UI's API: diffusers' `StableDiffusionXLPipeline` image (the prompts
+/// have no weights, so the web UI's syntax reads them as the plain one does).
+#[test]
+fn webui_txt2img_runs_sdxl() {
+    let server = Server::start_with("tiny_xl", &[]);
+    let meta = read_json("tiny_xl/e2e.json");
+    let body = json!({
+        "prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"], "seed": 42,
+        "steps": meta["steps"], "cfg_scale": 7.5, "width": 64, "height": 64,
+        "sampler_name": "Euler",
+    });
+    let r = server.post("/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let images = r.json()["images"].as_array().unwrap().clone();
+    assert_eq!(images.len(), 1);
+    let png = unbase64(images[0].as_str().unwrap());
+    assert_matches_reference(&png, "tiny_xl/e2e/euler-42.png");
 }
 
 fn b64_file(rel: &str) -> String {
