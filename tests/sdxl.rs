@@ -245,6 +245,29 @@ fn assert_differs(rgb: &[u8], png: &str) {
     );
 }
 
+/// The same LoRAs on tiny_xl's single-file checkpoint (its weights renamed from the original
+/// naming as they are read) give the same images.
+#[test]
+fn sdxl_loras_apply_to_a_single_file_checkpoint() {
+    let file = fixtures().join("single_file/tiny_xl.safetensors");
+    let files = ModelFiles::single_file(
+        "tiny_xl.safetensors".into(),
+        None,
+        &file,
+        Some(&model_dir("tiny_xl")),
+    )
+    .unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    let r = Request {
+        loras: vec![
+            xl_lora("kohya_xl.safetensors", 0.8),
+            xl_lora("peft_xl.safetensors", 0.5),
+        ],
+        ..seed42_request(&p, &meta())
+    };
+    assert_image(&p, &r, "tiny_xl/lora-kohya-0.8+peft-0.5.png");
+}
+
 /// An SDXL LoRA on an SD 1.x model: one error naming the second text encoder.
 #[test]
 fn an_sdxl_lora_on_an_sd_model_is_refused() {
