@@ -279,10 +279,16 @@ fn sdxl(
             .unwrap()
     };
     let ctx = randn(&[2, 77, p.unet_config.cross_attention_dim]);
-    let pooled = p.unet_config.text_time().unwrap().unwrap().pooled_dim();
+    let pooled = p
+        .unet_config
+        .text_time()
+        .unwrap()
+        .unwrap()
+        .pooled_dim(6)
+        .unwrap();
     let added = sdgen::pipeline::AddedConditioning {
         text_embeds: randn(&[2, pooled]),
-        time_ids: vec![[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
+        time_ids: vec![vec![1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
     };
     sdgen::ops::profile::report(); // SDGEN_PROFILE_OPS=1: from here on
     let unet1024 = if want("unet1024") {

@@ -1096,6 +1096,73 @@ def record_sdxl_asymmetric(out):
     save_file({"out_t500": got.contiguous()}, os.path.join(out, "reference", "tiny_xl", "asym_unet.safetensors"))
 
 
+def tiny_xl_refiner(out, tmp):
+    """SDXL's refiner at toy size, as the Hub's stable-diffusion-xl-refiner-1.0 is laid out:
+    StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score, no text_encoder or
+    tokenizer (null in model_index.json), tiny_xl's OpenCLIP-like text_encoder_2 (its width is
+    the U-Net's cross_attention_dim), and a U-Net whose add_embedding takes the pooled
+    embedding and 5 numbers (original size, crop, aesthetic score). Only the U-Net is committed
+    (models/tiny_xl_refiner_unet); the rest is tiny_xl's, composed in tmp as the Rust tests
+    compose it."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    unet_dir = os.path.join(out, "models", "tiny_xl_refiner_unet")
+    base = StableDiffusionXLPipeline.from_pretrained(os.path.join(out, "models", "tiny_xl"), torch_dtype=torch.float32,
+                                                     add_watermarker=False)
+    if not os.path.exists(unet_dir):
+        config = dict(base.unet.config)
+        config.update(cross_attention_dim=base.text_encoder_2.config.hidden_size,
+                      projection_class_embeddings_input_dim=5 * config["addition_time_embed_dim"]
+                      + base.text_encoder_2.config.projection_dim)
+        torch.manual_seed(10)
+        unet = UNet2DConditionModel.from_config(config)
+        with torch.no_grad():
+            for p in unet.parameters():
+                if p.dim() > 1:
+                    p.add_(torch.randn_like(p) * 0.02)
+        unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=UNet2DConditionModel.from_pretrained(unet_dir), scheduler=base.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    model_dir = os.path.join(tmp, "tiny_xl_refiner")
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
+
+
+SDXL_REFINER_CASES = [("euler", 0.3), ("dpmpp_2m", 0.6)]
+
+
+def record_sdxl_refiner(out):
+    """diffusers' StableDiffusionXLImg2ImgPipeline with the tiny refiner (tiny_xl_refiner) from
+    img2img/tiny2.png, seed 42, the e2e prompts: reference/tiny_xl/refiner/."""
+    import tempfile
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    pics = os.path.join(out, "img2img")
+    ref = os.path.join(out, "reference", "tiny_xl", "refiner")
+    os.makedirs(ref, exist_ok=True)
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny_xl_refiner(out, tmp)
+        with open(os.path.join(model_dir, "model_index.json")) as f:
+            index = json.load(f)
+        assert index["text_encoder"] == [None, None] and index["requires_aesthetics_score"], index
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32,
+                                                                add_watermarker=False)
+        base_config = dict(pipe.scheduler.config)
+        for name, strength in SDXL_REFINER_CASES:
+            cls, extra = SCHEDULERS[name]
+            pipe.scheduler = cls.from_config(base_config, **extra)
+            png = f"{name}-{strength}.png"
+            save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                              image=Image.open(os.path.join(pics, "tiny2.png")), strength=strength)
+            cases.append({"scheduler": name, "strength": strength, "png": png})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
+
+
 SDXL_INPAINT9_CASES = [("euler", 0.9999), ("euler_a", 1.0), ("dpmpp_2m", 0.6)]
 
 
@@ -2166,6 +2233,7 @@ def main():
     ap.add_argument("--only-img2img", action="store_true", help="only record the image-to-image references (img2img/, reference/img2img)")
     ap.add_argument("--only-sdxl", action="store_true", help="only build the tiny SDXL and record its references (models/tiny_xl, reference/tiny_xl)")
     ap.add_argument("--only-sdxl-asymmetric", action="store_true", help="only record the asymmetric SDXL U-Net (models/tiny_xl_asym_unet, reference/tiny_xl/asym_unet.safetensors)")
+    ap.add_argument("--only-sdxl-refiner", action="store_true", help="only record the SDXL refiner references (models/tiny_xl_refiner_unet, reference/tiny_xl/refiner)")
     ap.add_argument("--only-sdxl-inpaint9", action="store_true", help="only record the 9-channel SDXL inpainting references (models/tiny_xl_inpaint_unet, reference/tiny_xl/inpaint9)")
     ap.add_argument("--only-sdxl-addons", action="store_true", help="only record the SDXL add-on fixtures: LoRAs, embeddings, clip skip, the web UI syntax (addons/*_xl*, reference/tiny_xl/{lora-*,embeddings.png,clip_skip,a1111*})")
     ap.add_argument("--only-sde-images", action="store_true", help="only record the dpmpp_sde images (reference/tiny/sde)")
@@ -2214,9 +2282,13 @@ def main():
         record_sdxl_inpaint(out)
         record_sdxl_inpaint9(out)
         record_sdxl_asymmetric(out)
+        record_sdxl_refiner(out)
         return
     if args.only_sdxl_asymmetric:
         record_sdxl_asymmetric(out)
+        return
+    if args.only_sdxl_refiner:
+        record_sdxl_refiner(out)
         return
     if args.only_sdxl_inpaint9:
         record_sdxl_inpaint9(out)
@@ -2253,6 +2325,7 @@ def main():
     record_sdxl_inpaint(out)
     record_sdxl_inpaint9(out)
     record_sdxl_asymmetric(out)
+    record_sdxl_refiner(out)
     record_sdxl_addons(out)
     with open(os.path.join(ref, "versions.json"), "w") as f:
         json.dump(

@@ -293,16 +293,20 @@ pub struct UNetConfig {
 /// SDXL's added conditioning (`addition_embed_type: "text_time"`): the widths it needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TextTime {
-    /// Each of the six size numbers' sinusoidal embedding width.
+    /// Each of the size numbers' sinusoidal embedding width.
     pub time_embed_dim: usize,
-    /// The input of `add_embedding`: the pooled text embedding plus 6 x `time_embed_dim`.
+    /// The input of `add_embedding`: the pooled text embedding plus `time_embed_dim` for each
+    /// of the pipeline's `add_time_ids` (6; 5 for the refiner).
     pub input_dim: usize,
 }
 
 impl TextTime {
-    /// The pooled text embedding's width this U-Net expects.
-    pub fn pooled_dim(&self) -> usize {
-        self.input_dim - 6 * self.time_embed_dim
+    /// The pooled text embedding's width this U-Net expects with `time_ids` numbers (`None`
+    /// when they leave no room for it).
+    pub fn pooled_dim(&self, time_ids: usize) -> Option<usize> {
+        self.input_dim
+            .checked_sub(time_ids * self.time_embed_dim)
+            .filter(|&d| d > 0)
     }
 }
 
@@ -768,6 +772,9 @@ pub struct ModelIndex {
     /// SDXL: with no negative prompt, the unconditional half is zeros rather than the
     /// encoding of "" (true unless the file says otherwise, as diffusers' default).
     pub force_zeros_for_empty_prompt: bool,
+    /// SDXL's `requires_aesthetics_score` (the refiner): the added conditioning ends with an
+    /// aesthetic score instead of the target size.
+    pub aesthetic_score: bool,
 }
 
 impl ModelIndex {
@@ -777,8 +784,6 @@ impl ModelIndex {
         "StableDiffusionInpaintPipeline",
         "AltDiffusionPipeline",
     ];
-    /// (the image-to-image and inpainting classes only without `requires_aesthetics_score`:
-    /// the refiner's conditioning is not run)
     pub const SUPPORTED_XL: &'static [&'static str] = &[
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
@@ -803,14 +808,6 @@ impl ModelIndex {
                 class_name
             );
         };
-        if family == Family::Sdxl
-            && v.get("requires_aesthetics_score").and_then(Value::as_bool) == Some(true)
-        {
-            bail!(
-                "{}: the model is a {class_name} that requires an aesthetic score (the SDXL refiner's conditioning), which sdgen does not run",
-                path.display()
-            );
-        }
         let scheduler_class = v
             .get("scheduler")
             .and_then(|s| s.get(1))
@@ -820,10 +817,13 @@ impl ModelIndex {
             .get("force_zeros_for_empty_prompt")
             .and_then(Value::as_bool)
             .unwrap_or(true);
+        let aesthetic_score = family == Family::Sdxl
+            && v.get("requires_aesthetics_score").and_then(Value::as_bool) == Some(true);
         Ok(Self {
             family,
             scheduler_class,
             force_zeros_for_empty_prompt,
+            aesthetic_score,
         })
     }
 }
@@ -878,7 +878,7 @@ mod tests {
     /// model_index.json files shaped as the Hub's SDXL inpainting model (9-channel U-Net,
     /// no aesthetic score) and SDXL refiner (aesthetic score, no first text encoder) have them.
     #[test]
-    fn sdxl_inpainting_loads_and_the_refiner_is_refused() {
+    fn sdxl_inpainting_and_refiner_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model_index.json");
         let inpainting = serde_json::json!({
@@ -893,7 +893,7 @@ mod tests {
         });
         std::fs::write(&path, inpainting.to_string()).unwrap();
         let index = ModelIndex::load(&path).unwrap();
-        assert_eq!(index.family, Family::Sdxl);
+        assert_eq!((index.family, index.aesthetic_score), (Family::Sdxl, false));
         let refiner = serde_json::json!({
             "_class_name": "StableDiffusionXLImg2ImgPipeline",
             "force_zeros_for_empty_prompt": false,
@@ -903,8 +903,8 @@ mod tests {
             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         });
         std::fs::write(&path, refiner.to_string()).unwrap();
-        let e = ModelIndex::load(&path).unwrap_err().to_string();
-        assert!(e.contains("aesthetic score"), "{e}");
+        let index = ModelIndex::load(&path).unwrap();
+        assert!(index.aesthetic_score && !index.force_zeros_for_empty_prompt);
     }
 
     fn clip(extra: Value) -> std::result::Result<ClipTextConfig, serde_json::Error> {

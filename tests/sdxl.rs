@@ -143,7 +143,7 @@ fn reference_added(refs: &std::collections::HashMap<String, Tensor>) -> AddedCon
         text_embeds: refs["unet_text_embeds"].clone(),
         time_ids: ids
             .iter()
-            .map(|row| std::array::from_fn(|i| f64::from(row[i])))
+            .map(|row| row.iter().map(|&v| f64::from(v)).collect())
             .collect(),
     }
 }
@@ -603,6 +603,37 @@ fn an_asymmetric_unet_matches_diffusers() {
         .unet_forward_xl(&refs["unet_sample"], 500.0, &refs["unet_context"], &added)
         .unwrap();
     assert_close("asymmetric unet t=500", &got, &want["out_t500"], 1e-4);
+}
+
+/// SDXL's refiner (the Hub's layout: model_index.json with `requires_aesthetics_score` and no
+/// `text_encoder`; only `text_encoder_2/` and `tokenizer_2/`) against diffusers'
+/// `StableDiffusionXLImg2ImgPipeline`: the one OpenCLIP encoder, the aesthetic scores (6 and
+/// 2.5) in the added conditioning, the negative prompt encoded (no zeros).
+#[test]
+fn the_refiner_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_xl_with_unet(dir.path(), "tiny_xl_refiner_unet");
+    for gone in ["text_encoder", "tokenizer"] {
+        std::fs::remove_dir_all(dir.path().join(gone)).unwrap();
+    }
+    let index = dir.path().join("model_index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["_class_name"] = "StableDiffusionXLImg2ImgPipeline".into();
+    v["requires_aesthetics_score"] = true.into();
+    v["force_zeros_for_empty_prompt"] = false.into();
+    v["text_encoder"] = serde_json::json!([null, null]);
+    v["tokenizer"] = serde_json::json!([null, null]);
+    std::fs::write(&index, v.to_string()).unwrap();
+    let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
+    let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
+    assert_eq!(check_picture_cases(&p, "refiner"), 2);
+    // without a picture: refused before any work
+    let e = p
+        .validate(&seed42_request(&p, &meta()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--image"), "{e}");
 }
 
 /// Inpainting with a 9-channel U-Net (the Hub's SDXL inpainting model's structure: tiny_xl

@@ -82,28 +82,33 @@ impl TimeEmbedding {
 pub struct AddedConditioning {
     /// (batch, pooled width): the second text encoder's pooled, projected output.
     pub text_embeds: Tensor,
-    /// Per image (original height, original width, crop top, crop left, target height, target
-    /// width), diffusers' `add_time_ids`.
-    pub time_ids: Vec<[f64; 6]>,
+    /// Per image diffusers' `add_time_ids`: (original height, original width, crop top, crop
+    /// left, target height, target width), or for the refiner the aesthetic score in place of
+    /// the target size.
+    pub time_ids: Vec<Vec<f64>>,
 }
 
 /// `add_time_proj` and `add_embedding`: the size numbers' embeddings, concatenated after the
 /// pooled text embedding, through an MLP into the time embedding's width.
 struct TextTimeEmbedding {
     embedding: TimeEmbedding,
-    pooled_dim: usize,
+    text_time: TextTime,
 }
 
 impl TextTimeEmbedding {
     fn forward(&self, added: &AddedConditioning, dtype: DType) -> Result<Tensor> {
         let text = &added.text_embeds;
         let (b, pooled) = text.dims2()?;
-        if pooled != self.pooled_dim || added.time_ids.len() != b {
+        let ids = added.time_ids.first().map_or(0, Vec::len);
+        let fits = added.time_ids.len() == b
+            && added.time_ids.iter().all(|t| t.len() == ids)
+            && self.text_time.pooled_dim(ids) == Some(pooled);
+        if !fits {
             candle_core::bail!(
-                "added conditioning: text_embeds {:?} and {} time_ids for a U-Net whose pooled width is {}",
+                "added conditioning: text_embeds {:?} and {} rows of {ids} time_ids for a U-Net whose add_embedding takes {} values",
                 text.dims(),
                 added.time_ids.len(),
-                self.pooled_dim
+                self.text_time.input_dim
             );
         }
         let numbers: Vec<f64> = added.time_ids.iter().flatten().copied().collect();
@@ -213,7 +218,7 @@ impl UNet2DConditionModel {
                     input_dim,
                     temb,
                 )?,
-                pooled_dim: t.pooled_dim(),
+                text_time: t,
             }),
         };
 

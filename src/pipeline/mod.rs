@@ -167,6 +167,10 @@ pub struct Pipeline {
     pub family: Family,
     /// SDXL: zeros for the unconditional half when there is no negative prompt.
     force_zeros_for_empty_prompt: bool,
+    /// SDXL's refiner (`requires_aesthetics_score`): one text encoder, OpenCLIP with its
+    /// projection (the Hub's `text_encoder_2/`), and an aesthetic score in the added
+    /// conditioning.
+    refiner: bool,
     tokenizer: ClipTokenizer,
     clip_config: ClipTextConfig,
     /// Textual-inversion embeddings, in the order of their token ids.
@@ -216,8 +220,16 @@ impl Pipeline {
             &files.tokenizer_dir,
             &files.text_encoder_config,
         )?;
+        // the refiner's one encoder is in the first slot (`files::first_encoder`)
+        let refiner = index.aesthetic_score;
         let second = match index.family {
             Family::Sd => None,
+            Family::Sdxl if refiner => {
+                if files.second_encoder.is_some() {
+                    bail!("{}: a model that requires an aesthetic score (SDXL's refiner) with two text encoders is not one sdgen knows", files.model_index.display());
+                }
+                None
+            }
             Family::Sdxl => {
                 let Some(f) = &files.second_encoder else {
                     bail!("{}: an SDXL pipeline needs text_encoder_2/ and tokenizer_2/, which the model does not have", files.model_index.display());
@@ -236,6 +248,8 @@ impl Pipeline {
             &clip_config,
             second.as_ref().map(|s| &s.config),
             &unet_config,
+            index.family,
+            refiner,
         )?;
         // diffusers builds the scheduler class model_index.json names, from this config
         if let Some(class) = index.scheduler_class {
@@ -253,6 +267,7 @@ impl Pipeline {
             residency: Residency::KeepAll,
             family: index.family,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            refiner,
             tokenizer,
             clip_config,
             embeddings: Vec::new(),
@@ -284,6 +299,12 @@ impl Pipeline {
     /// Adds a textual-inversion embedding: its words become tokens of the tokenizer(s), its
     /// vectors rows of the text encoder's (encoders') token embedding.
     pub fn add_embedding(&mut self, path: &Path) -> Result<()> {
+        if self.refiner {
+            bail!(
+                "{}: textual-inversion embeddings on SDXL's refiner are not supported",
+                path.display()
+            );
+        }
         let hidden_2 = self.second.as_ref().map(|s| s.config.hidden_size);
         let e = Embedding::load(path, self.clip_config.hidden_size, hidden_2)?;
         let ids = self.tokenizer.add_tokens(&e.tokens())?;
@@ -411,6 +432,8 @@ impl Pipeline {
             }
         };
         let part = match component {
+            // the refiner's one encoder is SDXL's second (its LoRA layers are named so)
+            Component::TextEncoder if self.refiner => Some(Part::TextEncoder2),
             Component::TextEncoder => Some(Part::TextEncoder),
             Component::TextEncoder2 => Some(Part::TextEncoder2),
             Component::Unet => Some(Part::Unet),
@@ -468,8 +491,12 @@ impl Pipeline {
             return Ok(m.clone());
         }
         let m = self.build(Component::TextEncoder, |vb| {
-            let m = ClipTextModel::new(vb, &self.clip_config)
-                .context("loading the text encoder weights")?;
+            let m = if self.refiner {
+                ClipTextModel::with_projection(vb, &self.clip_config)
+            } else {
+                ClipTextModel::new(vb, &self.clip_config)
+            }
+            .context("loading the text encoder weights")?;
             if self.embeddings.is_empty() {
                 return Ok(m);
             }
@@ -607,6 +634,12 @@ impl Pipeline {
         }
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
+        }
+        if self.refiner && r.image.is_none() {
+            bail!("this is SDXL's refiner, an image-to-image model (StableDiffusionXLImg2ImgPipeline): give it --image");
+        }
+        if self.refiner && r.sizes.target.is_some() {
+            bail!("--target-size is not part of the refiner's conditioning (it takes an aesthetic score instead)");
         }
         if self.family == Family::Sd && r.sizes != SizeConditioning::default() {
             bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
@@ -880,14 +913,15 @@ impl Pipeline {
         let (begin, mut generators, mut latents, inpaint) =
             self.start(r, scheduler.as_ref(), first, n)?;
         let unet = self.unet()?;
-        // SDXL's added conditioning of the images' rows for these halves, in this order
-        let added = |halves: &[&Conditioning]| -> Result<Option<AddedConditioning>> {
+        // SDXL's added conditioning of the images' rows for these halves (each with whether
+        // it is the unconditional one), in this order
+        let added = |halves: &[(&Conditioning, bool)]| -> Result<Option<AddedConditioning>> {
             if !unet.takes_added_conditioning() {
                 return Ok(None);
             }
             let pooled = halves
                 .iter()
-                .map(|c| {
+                .map(|(c, _)| {
                     c.pooled
                         .as_ref()
                         .context("no pooled text embedding for SDXL's U-Net")?
@@ -895,14 +929,21 @@ impl Pipeline {
                         .map_err(anyhow::Error::from)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let time_ids = halves
+                .iter()
+                .flat_map(|&(_, negative)| vec![self.time_ids(r, negative); n])
+                .collect();
             Ok(Some(AddedConditioning {
                 text_embeds: Tensor::cat(&pooled, 0)?,
-                time_ids: vec![r.sizes.time_ids(r.height, r.width); n * halves.len()],
+                time_ids,
             }))
         };
-        let added_cond = added(&[cond])?;
-        let added_uncond = uncond.map(|u| added(&[u])).transpose()?.flatten();
-        let added_both = uncond.map(|u| added(&[u, cond])).transpose()?.flatten();
+        let added_cond = added(&[(cond, false)])?;
+        let added_uncond = uncond.map(|u| added(&[(u, true)])).transpose()?.flatten();
+        let added_both = uncond
+            .map(|u| added(&[(u, true), (cond, false)]))
+            .transpose()?
+            .flatten();
         let cond = cond.context.repeat((n, 1, 1))?;
         let uncond = uncond.map(|u| u.context.repeat((n, 1, 1))).transpose()?;
         // one U-Net pass for both halves when their contexts have the same length; the web
@@ -1015,12 +1056,15 @@ fn check_tokenizer(
 }
 
 /// An error when the text encoders' outputs do not fit the U-Net: the hidden sizes (summed for
-/// SDXL's two) against `cross_attention_dim`, the second encoder's projection against the
-/// pooled width of SDXL's added conditioning, and added conditioning without a second encoder.
+/// SDXL's two) against `cross_attention_dim`, and for SDXL the pooling encoder's projection
+/// (the second; the refiner's one) against the pooled width of the added conditioning with
+/// its 6 size numbers (5 for the refiner: the aesthetic score replaces the target size).
 fn check_text_fits_unet(
     first: &ClipTextConfig,
     second: Option<&ClipTextConfig>,
     unet: &UNetConfig,
+    family: Family,
+    refiner: bool,
 ) -> Result<()> {
     let hidden = first.hidden_size + second.map_or(0, |c| c.hidden_size);
     if hidden != unet.cross_attention_dim {
@@ -1029,13 +1073,20 @@ fn check_text_fits_unet(
             unet.cross_attention_dim
         );
     }
-    match (unet.text_time()?, second) {
+    let pooling = match family {
+        Family::Sd => None,
+        Family::Sdxl => Some(second.unwrap_or(first)),
+    };
+    let ids = if refiner { 5 } else { 6 };
+    match (unet.text_time()?, pooling) {
         (None, None) => Ok(()),
-        (Some(t), Some(c)) if c.projection_dim == Some(t.pooled_dim()) => Ok(()),
+        (Some(t), Some(c)) if c.projection_dim.is_some() && c.projection_dim == t.pooled_dim(ids) => {
+            Ok(())
+        }
         (Some(t), Some(c)) => bail!(
-            "the second text encoder's projection_dim {:?} does not match the U-Net's pooled width {} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim)",
+            "the pooling text encoder's projection_dim {:?} does not match the U-Net's pooled width {:?} (projection_class_embeddings_input_dim - {ids} x addition_time_embed_dim)",
             c.projection_dim,
-            t.pooled_dim()
+            t.pooled_dim(ids)
         ),
         (Some(_), None) => {
             bail!("the U-Net takes SDXL's added conditioning, but model_index.json names a one-encoder pipeline")

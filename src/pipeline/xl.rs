@@ -1,6 +1,6 @@
 //! SDXL's side of the pipeline (diffusers' `StableDiffusionXLPipeline`): the second tokenizer
 //! and text encoder, a prompt's context from both encoders with the pooled embedding, and the
-//! size conditioning (`add_time_ids`).
+//! size conditioning (`add_time_ids`, with the refiner's aesthetic score).
 
 use super::{Component, Conditioning, Pipeline};
 use crate::conditioning::{self, PromptSyntax};
@@ -73,7 +73,8 @@ impl Pipeline {
 
     /// `StableDiffusionXLPipeline.encode_prompt` for one text: each encoder's hidden state
     /// `skip + 1` layers before its last (the second-to-last with `skip` 0), concatenated,
-    /// encoder 1 first; the pooled embedding from encoder 2. In the web UI's syntax, as its
+    /// encoder 1 first; the pooled embedding from encoder 2 (the refiner has only that one
+    /// encoder, in the first slot, and takes both from it). In the web UI's syntax, as its
     /// SDXL conditioner does: each encoder reads the prompt in 77-token chunks through its own
     /// tokenizer, each chunk's state weighted with the mean restored (per encoder), the chunks'
     /// contexts one after the other, the pooled embedding the first chunk's (unweighted).
@@ -83,35 +84,52 @@ impl Pipeline {
         syntax: PromptSyntax,
         skip: usize,
     ) -> Result<Conditioning> {
-        let second = self.second_encoder()?;
-        // the embeddings' words spelled out per tokenizer (diffusers' maybe_convert_prompt)
-        let first_chunks = conditioning::tokenize(&self.tokenizer, &self.expansions, text, syntax)?;
-        let second_chunks =
-            conditioning::tokenize(&second.tokenizer, &self.expansions, text, syntax)?;
-        let n = first_chunks.ids.len();
-        if second_chunks.ids.len() != n {
-            bail!(
-                "the two tokenizers cut the prompt into {n} and {} chunks (tokenizers of different vocabularies?)",
-                second_chunks.ids.len()
-            );
+        // each encoder with its tokenizer's chunks (the embeddings' words spelled out per
+        // tokenizer, diffusers' maybe_convert_prompt); the refiner has the one encoder
+        let mut encoders = vec![(
+            self.text_encoder()?,
+            conditioning::tokenize(&self.tokenizer, &self.expansions, text, syntax)?,
+        )];
+        if let Some(second) = &self.second {
+            encoders.push((
+                self.text_encoder_2()?,
+                conditioning::tokenize(&second.tokenizer, &self.expansions, text, syntax)?,
+            ));
         }
-        let (first, last) = (self.text_encoder()?, self.text_encoder_2()?);
+        let n = encoders[0].1.ids.len();
+        if encoders.iter().any(|(_, c)| c.ids.len() != n) {
+            bail!("the two tokenizers cut the prompt into different numbers of chunks (tokenizers of different vocabularies?)");
+        }
         let mut contexts = Vec::with_capacity(n);
         let mut pooled = None;
         for i in 0..n {
-            let a = first.forward_xl(&first_chunks.ids_tensor(i, &self.device)?, skip)?;
-            let b = last.forward_xl(&second_chunks.ids_tensor(i, &self.device)?, skip)?;
-            let a = first_chunks.emphasize(i, a.hidden)?;
-            let hidden = second_chunks.emphasize(i, b.hidden)?;
-            if i == 0 {
-                pooled = b.pooled;
+            let mut states = Vec::with_capacity(encoders.len());
+            for (encoder, chunks) in &encoders {
+                let out = encoder.forward_xl(&chunks.ids_tensor(i, &self.device)?, skip)?;
+                states.push(chunks.emphasize(i, out.hidden)?);
+                // the last encoder pools (the second; the refiner's one)
+                if i == 0 {
+                    pooled = out.pooled;
+                }
             }
-            contexts.push(Tensor::cat(&[&a, &hidden], 2)?);
+            contexts.push(Tensor::cat(&states, 2)?);
         }
         Ok(Conditioning {
             context: Tensor::cat(&contexts, 1)?,
             pooled,
         })
+    }
+
+    /// diffusers' `add_time_ids` of a request's rows: its size conditioning, or for the
+    /// refiner (`requires_aesthetics_score`) the original size, the crop and the aesthetic
+    /// score, diffusers' defaults 6 and 2.5 for the unconditional (`negative`) half.
+    pub(super) fn time_ids(&self, r: &super::Request, negative: bool) -> Vec<f64> {
+        let ids = r.sizes.time_ids(r.height, r.width);
+        if !self.refiner {
+            return ids.to_vec();
+        }
+        let score = if negative { 2.5 } else { 6.0 };
+        vec![ids[0], ids[1], ids[2], ids[3], score]
     }
 
     /// Drops the second text encoder (after encoding, for the lowest peak memory).

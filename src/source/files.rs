@@ -146,6 +146,18 @@ pub fn has_second_encoder(available: &BTreeSet<String>) -> bool {
     available.contains("text_encoder_2/config.json")
 }
 
+/// The folders of a model's (first) text encoder and tokenizer: `text_encoder/` and
+/// `tokenizer/`, or for a model with only SDXL's second encoder (the refiner, whose
+/// model_index.json names no `text_encoder`) `text_encoder_2/` and `tokenizer_2/`, which then
+/// serve as its one encoder.
+fn first_encoder(available: &BTreeSet<String>) -> (&'static str, &'static str) {
+    if !available.contains("text_encoder/config.json") && has_second_encoder(available) {
+        ("text_encoder_2", "tokenizer_2")
+    } else {
+        ("text_encoder", "tokenizer")
+    }
+}
+
 /// The relative paths of the files a generation needs, chosen from those the model has (SDXL's
 /// second tokenizer and text encoder too when it has them).
 pub fn needed_files(
@@ -153,11 +165,12 @@ pub fn needed_files(
     precision: Precision,
     source: &str,
 ) -> Result<Vec<String>> {
-    let second = has_second_encoder(available);
+    let (encoder, tokenizer) = first_encoder(available);
+    let second = encoder == "text_encoder" && has_second_encoder(available);
     let mut files: Vec<String> = vec![
         "model_index.json".into(),
         "scheduler/scheduler_config.json".into(),
-        "text_encoder/config.json".into(),
+        format!("{encoder}/config.json"),
         "unet/config.json".into(),
         "vae/config.json".into(),
     ];
@@ -175,7 +188,7 @@ pub fn needed_files(
     let tokenizers: &[&str] = if second {
         &["tokenizer", "tokenizer_2"]
     } else {
-        &["tokenizer"]
+        &[tokenizer]
     };
     for dir in tokenizers {
         for (i, name) in TOKENIZER_FILES.iter().enumerate() {
@@ -190,7 +203,7 @@ pub fn needed_files(
     let components: &[&str] = if second {
         &["text_encoder", "text_encoder_2", "unet", "vae"]
     } else {
-        &["text_encoder", "unet", "vae"]
+        &[encoder, "unet", "vae"]
     };
     for &component in components {
         let candidates = weight_candidates(component, precision);
@@ -291,12 +304,21 @@ impl ModelFiles {
         };
         let mut m = Self::configs_from(name, revision, root);
         // what needed_files chose, whatever else the folder holds
-        let second = files.iter().any(|f| f == "text_encoder_2/config.json");
+        let has = |f: &str| files.iter().any(|g| g == f);
+        let first = if has("text_encoder/config.json") {
+            "text_encoder"
+        } else {
+            // the refiner's one encoder (`first_encoder`)
+            m.tokenizer_dir = root.join("tokenizer_2");
+            m.text_encoder_config = root.join("text_encoder_2/config.json");
+            "text_encoder_2"
+        };
+        let second = first == "text_encoder" && has("text_encoder_2/config.json");
         if !second {
             m.second_encoder = None;
         }
         m.weights = WeightFiles::Diffusers {
-            text_encoder: weights("text_encoder"),
+            text_encoder: weights(first),
             text_encoder_2: second.then(|| weights("text_encoder_2")),
             unet: weights("unet"),
             vae: weights("vae"),
@@ -395,6 +417,48 @@ impl ModelFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SDXL's refiner has no `text_encoder/` or `tokenizer/`: its `text_encoder_2/` and
+    /// `tokenizer_2/` are planned as its one encoder, and a folder of that layout reads so.
+    #[test]
+    fn the_refiners_one_encoder_is_its_second() {
+        let names = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ];
+        let available: BTreeSet<String> = names.map(String::from).into();
+        let files = needed_files(&available, Precision::Full, "m").unwrap();
+        assert_eq!(files.len(), names.len(), "{files:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModelFiles::from_root("m".into(), None, dir.path(), &files);
+        assert_eq!(m.tokenizer_dir, dir.path().join("tokenizer_2"));
+        assert_eq!(
+            m.text_encoder_config,
+            dir.path().join("text_encoder_2/config.json")
+        );
+        assert!(m.second_encoder.is_none());
+        let WeightFiles::Diffusers {
+            text_encoder,
+            text_encoder_2,
+            ..
+        } = m.weights
+        else {
+            panic!("a diffusers layout")
+        };
+        assert_eq!(
+            text_encoder,
+            dir.path().join("text_encoder_2/model.safetensors")
+        );
+        assert!(text_encoder_2.is_none());
+    }
 
     /// A sharded U-Net is planned as its index and the shards the listing has, by diffusers'
     /// names (the fp16 variant's too), after a single file of the same precision.

@@ -714,7 +714,7 @@ mod tests {
                     let c = ClipTextConfig::load(&dir.join("text_encoder_2/config.json")).unwrap();
                     assert_eq!(
                         c.projection_dim,
-                        unet.text_time().unwrap().map(|t| t.pooled_dim())
+                        unet.text_time().unwrap().and_then(|t| t.pooled_dim(6))
                     );
                     c.hidden_size
                 }
