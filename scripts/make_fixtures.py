@@ -569,25 +569,38 @@ INPAINT_CASES = [
 ]
 
 
+def random_unet(unet_dir, config, seed):
+    """A U-Net of `config` with random weights (diffusers' initialisation, every matrix and
+    kernel moved by N(0, 0.02)) saved in f16 to unet_dir, unless one is there (committed)."""
+    if os.path.exists(unet_dir):
+        return
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn_like(p) * 0.02)
+    unet.half().save_pretrained(unet_dir, safe_serialization=True)
+
+
+def with_unet(model_dir, unet_dir, dest, index_edits):
+    """A copy of model_dir at dest with the U-Net of unet_dir and model_index.json edited: how
+    the fixtures compose variants from a committed U-Net (the Rust tests do the same)."""
+    shutil.copytree(model_dir, dest)
+    shutil.rmtree(os.path.join(dest, "unet"))
+    shutil.copytree(unet_dir, os.path.join(dest, "unet"))
+    apply_config_edits(dest, {"model_index.json": index_edits})
+    return dest
+
+
 def tiny_inpaint(out, tmp):
     """tiny with a random 9-channel U-Net (latents, mask, masked-picture latents), its folder
     in tmp; the U-Net is committed as models/tiny_inpaint_unet and the Rust tests compose the
     model the same way."""
     unet_dir = os.path.join(out, "models", "tiny_inpaint_unet")
-    if not os.path.exists(unet_dir):
-        torch.manual_seed(6)
-        unet = UNet2DConditionModel(**{**MODELS["tiny"]["unet"], "in_channels": 9})
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.dim() > 1:
-                    p.add_(torch.randn_like(p) * 0.02)
-        unet.half().save_pretrained(unet_dir, safe_serialization=True)
-    model_dir = os.path.join(tmp, "tiny_inpaint")
-    shutil.copytree(os.path.join(out, "models", "tiny"), model_dir)
-    shutil.rmtree(os.path.join(model_dir, "unet"))
-    shutil.copytree(unet_dir, os.path.join(model_dir, "unet"))
-    apply_config_edits(model_dir, {"model_index.json": {"_class_name": "StableDiffusionInpaintPipeline"}})
-    return model_dir
+    random_unet(unet_dir, {**MODELS["tiny"]["unet"], "in_channels": 9}, 6)
+    return with_unet(os.path.join(out, "models", "tiny"), unet_dir, os.path.join(tmp, "tiny_inpaint"),
+                     {"_class_name": "StableDiffusionInpaintPipeline"})
 
 
 def record_inpaint(out):
@@ -1048,22 +1061,10 @@ def tiny_xl_inpaint(out, tmp):
     requires_aesthetics_score false), its folder in tmp; the U-Net is committed as
     models/tiny_xl_inpaint_unet and the Rust tests compose the model the same way."""
     unet_dir = os.path.join(out, "models", "tiny_xl_inpaint_unet")
-    if not os.path.exists(unet_dir):
-        config = dict(UNet2DConditionModel.load_config(os.path.join(out, "models", "tiny_xl", "unet")))
-        torch.manual_seed(8)
-        unet = UNet2DConditionModel.from_config({**config, "in_channels": 9})
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.dim() > 1:
-                    p.add_(torch.randn_like(p) * 0.02)
-        unet.half().save_pretrained(unet_dir, safe_serialization=True)
-    model_dir = os.path.join(tmp, "tiny_xl_inpaint")
-    shutil.copytree(os.path.join(out, "models", "tiny_xl"), model_dir)
-    shutil.rmtree(os.path.join(model_dir, "unet"))
-    shutil.copytree(unet_dir, os.path.join(model_dir, "unet"))
-    apply_config_edits(model_dir, {"model_index.json": {"_class_name": "StableDiffusionXLInpaintPipeline",
-                                                        "requires_aesthetics_score": False}})
-    return model_dir
+    config = dict(UNet2DConditionModel.load_config(os.path.join(out, "models", "tiny_xl", "unet")))
+    random_unet(unet_dir, {**config, "in_channels": 9}, 8)
+    return with_unet(os.path.join(out, "models", "tiny_xl"), unet_dir, os.path.join(tmp, "tiny_xl_inpaint"),
+                     {"_class_name": "StableDiffusionXLInpaintPipeline", "requires_aesthetics_score": False})
 
 
 def record_sdxl_asymmetric(out):
@@ -1077,13 +1078,7 @@ def record_sdxl_asymmetric(out):
     config = dict(UNet2DConditionModel.load_config(os.path.join(out, "models", "tiny_xl", "unet")))
     config.update(transformer_layers_per_block=[1, [2, 1], [3, 1]],
                   reverse_transformer_layers_per_block=[[1, 3, 2], [2, 1, 1], 1])
-    torch.manual_seed(9)
-    unet = UNet2DConditionModel.from_config(config)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn_like(p) * 0.02)
-    unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    random_unet(unet_dir, config, 9)
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
     depths = [len(a.transformer_blocks) for b in unet.down_blocks for a in getattr(b, "attentions", [])]
     depths += [len(a.transformer_blocks) for a in unet.mid_block.attentions]
@@ -1109,18 +1104,11 @@ def tiny_xl_refiner(out, tmp):
     unet_dir = os.path.join(out, "models", "tiny_xl_refiner_unet")
     base = StableDiffusionXLPipeline.from_pretrained(os.path.join(out, "models", "tiny_xl"), torch_dtype=torch.float32,
                                                      add_watermarker=False)
-    if not os.path.exists(unet_dir):
-        config = dict(base.unet.config)
-        config.update(cross_attention_dim=base.text_encoder_2.config.hidden_size,
-                      projection_class_embeddings_input_dim=5 * config["addition_time_embed_dim"]
-                      + base.text_encoder_2.config.projection_dim)
-        torch.manual_seed(10)
-        unet = UNet2DConditionModel.from_config(config)
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.dim() > 1:
-                    p.add_(torch.randn_like(p) * 0.02)
-        unet.half().save_pretrained(unet_dir, safe_serialization=True)
+    config = dict(base.unet.config)
+    config.update(cross_attention_dim=base.text_encoder_2.config.hidden_size,
+                  projection_class_embeddings_input_dim=5 * config["addition_time_embed_dim"]
+                  + base.text_encoder_2.config.projection_dim)
+    random_unet(unet_dir, config, 10)
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
         tokenizer_2=base.tokenizer_2, unet=UNet2DConditionModel.from_pretrained(unet_dir), scheduler=base.scheduler,
