@@ -1440,24 +1440,29 @@ def record_real_world(out):
 ADDON_LORA_RANK = 2
 
 
+def add_lora_layer(out, key, weight, g):
+    """A random kohya layer `key` of rank ADDON_LORA_RANK for `weight` (a LoCon pair for a
+    convolution) into out: lora_down, lora_up (N(0, 0.3), f16) and an alpha of 1, 2 or 3."""
+    r = ADDON_LORA_RANK
+    if weight.dim() == 4:
+        down = torch.randn((r, weight.shape[1], weight.shape[2], weight.shape[3]), generator=g) * 0.3
+        up = torch.randn((weight.shape[0], r, 1, 1), generator=g) * 0.3
+    else:
+        down = torch.randn((r, weight.shape[1]), generator=g) * 0.3
+        up = torch.randn((weight.shape[0], r), generator=g) * 0.3
+    out[f"{key}.lora_down.weight"] = down.half()
+    out[f"{key}.lora_up.weight"] = up.half()
+    out[f"{key}.alpha"] = torch.tensor(float(len(out) % 3 + 1)).half()
+
+
 def kohya_lora(pipe, seed):
     """A kohya / web UI LoRA for every attention, projection and feed-forward layer of the
     U-Net, the resnets' convolutions (LoCon) and the text encoder's layers, random, with alphas."""
     g = torch.Generator().manual_seed(seed)
-    r = ADDON_LORA_RANK
     out = {}
 
     def add(prefix, name, weight):
-        key = f"{prefix}_{name.replace('.', '_')}"
-        if weight.dim() == 4:
-            down = torch.randn((r, weight.shape[1], weight.shape[2], weight.shape[3]), generator=g) * 0.3
-            up = torch.randn((weight.shape[0], r, 1, 1), generator=g) * 0.3
-        else:
-            down = torch.randn((r, weight.shape[1]), generator=g) * 0.3
-            up = torch.randn((weight.shape[0], r), generator=g) * 0.3
-        out[f"{key}.lora_down.weight"] = down.half()
-        out[f"{key}.lora_up.weight"] = up.half()
-        out[f"{key}.alpha"] = torch.tensor(float(len(out) % 3 + 1)).half()
+        add_lora_layer(out, f"{prefix}_{name.replace('.', '_')}", weight, g)
 
     for name, mod in pipe.unet.named_modules():
         if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")) or (
@@ -1986,19 +1991,10 @@ def kohya_xl_lora(pipe, seed):
     names (attention, projections, feed-forward, and as LoCon the resnets' convolutions, time
     projections, shortcuts and the resamplers), both text encoders as lora_te1_ / lora_te2_."""
     g = torch.Generator().manual_seed(seed)
-    r = ADDON_LORA_RANK
     out = {}
 
     def add(key, weight):
-        if weight.dim() == 4:
-            down = torch.randn((r, weight.shape[1], weight.shape[2], weight.shape[3]), generator=g) * 0.3
-            up = torch.randn((weight.shape[0], r, 1, 1), generator=g) * 0.3
-        else:
-            down = torch.randn((r, weight.shape[1]), generator=g) * 0.3
-            up = torch.randn((weight.shape[0], r), generator=g) * 0.3
-        out[f"{key}.lora_down.weight"] = down.half()
-        out[f"{key}.lora_up.weight"] = up.half()
-        out[f"{key}.alpha"] = torch.tensor(float(len(out) % 3 + 1)).half()
+        add_lora_layer(out, key, weight, g)
 
     lpb = pipe.unet.config.layers_per_block
     count = 0
