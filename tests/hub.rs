@@ -653,3 +653,70 @@ fn an_sdxl_repo_fetches_both_encoders() {
     let (max, _) = pixel_diff(got.as_raw(), want.as_raw());
     assert!(max <= 2, "max {max}/255");
 }
+
+/// SDXL's refiner from the Hub (model_index.json with `requires_aesthetics_score` and null
+/// `text_encoder` / `tokenizer`): only `text_encoder_2/` and `tokenizer_2/` of the encoders are
+/// fetched, and the cached model gives diffusers' image-to-image image.
+#[test]
+fn the_sdxl_refiner_fetches_its_one_encoder() {
+    let mut files = model_files(&model_dir("tiny_xl"));
+    files.retain(|f, _| !f.starts_with("text_encoder/") && !f.starts_with("tokenizer/"));
+    for (f, bytes) in model_files(&model_dir("tiny_xl_refiner_unet")) {
+        files.insert(format!("unet/{f}"), bytes);
+    }
+    let mut index: serde_json::Value = serde_json::from_slice(&files["model_index.json"]).unwrap();
+    index["_class_name"] = "StableDiffusionXLImg2ImgPipeline".into();
+    index["requires_aesthetics_score"] = true.into();
+    index["force_zeros_for_empty_prompt"] = false.into();
+    index["text_encoder"] = serde_json::json!([null, null]);
+    index["tokenizer"] = serde_json::json!([null, null]);
+    files.insert("model_index.json".into(), index.to_string().into_bytes());
+    let server = HubServer::start(REPO, files);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let out = dir.path().join("refined.png");
+    let picture = fixtures().join("img2img/tiny2.png");
+    let o = sdgen(
+        &[
+            "a photo of a cat on a beach",
+            "-n",
+            "blurry, lowres",
+            "-m",
+            REPO,
+            "--image",
+            picture.to_str().unwrap(),
+            "--strength",
+            "0.3",
+            "-s",
+            "42",
+            "--steps",
+            "6",
+            "--scheduler",
+            "euler",
+            "--guidance",
+            "7.5",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &server.url,
+        &cache,
+        &[],
+    );
+    ok(&o);
+    let got = fetched(&server);
+    assert!(
+        got.iter().any(|f| f == "text_encoder_2/model.safetensors")
+            && got.iter().any(|f| f == "tokenizer_2/vocab.json")
+            && !got
+                .iter()
+                .any(|f| f.starts_with("text_encoder/") || f.starts_with("tokenizer/")),
+        "{got:?}"
+    );
+    let got = image::open(&out).unwrap().to_rgb8();
+    let want = image::open(reference("tiny_xl/refiner/euler-0.3.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, _) = pixel_diff(got.as_raw(), want.as_raw());
+    assert!(max <= 2, "max {max}/255");
+}
