@@ -1118,7 +1118,9 @@ def tiny_xl_refiner(out, tmp):
     return model_dir
 
 
-SDXL_REFINER_CASES = [("euler", 0.3), ("dpmpp_2m", 0.6)]
+# (scheduler, strength, aesthetic scores other than diffusers' defaults)
+SDXL_REFINER_CASES = [("euler", 0.3, {}), ("dpmpp_2m", 0.6, {}),
+                      ("euler", 0.5, {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0})]
 
 
 def record_sdxl_refiner(out):
@@ -1140,13 +1142,13 @@ def record_sdxl_refiner(out):
         pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32,
                                                                 add_watermarker=False)
         base_config = dict(pipe.scheduler.config)
-        for name, strength in SDXL_REFINER_CASES:
+        for name, strength, scores in SDXL_REFINER_CASES:
             cls, extra = SCHEDULERS[name]
             pipe.scheduler = cls.from_config(base_config, **extra)
-            png = f"{name}-{strength}.png"
+            png = f"{name}-{strength}{'-scores' if scores else ''}.png"
             save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
-                              image=Image.open(os.path.join(pics, "tiny2.png")), strength=strength)
-            cases.append({"scheduler": name, "strength": strength, "png": png})
+                              image=Image.open(os.path.join(pics, "tiny2.png")), strength=strength, **scores)
+            cases.append({"scheduler": name, "strength": strength, "png": png, **scores})
     with open(os.path.join(ref, "cases.json"), "w") as f:
         json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
 

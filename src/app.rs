@@ -592,6 +592,8 @@ fn generate(args: &Args, pipeline: &Pipeline, jobs: &[Job], plan: &ImagePlan) ->
                 original: args.original_size,
                 crop_top_left: args.crop_top_left.unwrap_or((0, 0)),
                 target: args.target_size,
+                aesthetic_score: args.aesthetic_score,
+                negative_aesthetic_score: args.negative_aesthetic_score,
             },
         };
         if let Err(e) = pipeline.validate(&request) {

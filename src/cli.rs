@@ -89,6 +89,15 @@ pub struct Args {
     #[arg(long, value_name = "WxH", value_parser = parse_size)]
     pub target_size: Option<(usize, usize)>,
 
+    /// SDXL refiner's aesthetic score for the prompt (diffusers' aesthetic_score; default 6).
+    #[arg(long, value_name = "SCORE")]
+    pub aesthetic_score: Option<f64>,
+
+    /// SDXL refiner's aesthetic score for the negative prompt (diffusers'
+    /// negative_aesthetic_score; default 2.5).
+    #[arg(long, value_name = "SCORE")]
+    pub negative_aesthetic_score: Option<f64>,
+
     /// Number of images (seeds seed, seed+1, ...).
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,

@@ -204,6 +204,12 @@ pub fn metadata(
     if let Some((h, w)) = sizes.target {
         meta.push(("target_size".into(), format!("{w}x{h}")));
     }
+    if let Some(s) = sizes.aesthetic_score {
+        meta.push(("aesthetic_score".into(), s.to_string()));
+    }
+    if let Some(s) = sizes.negative_aesthetic_score {
+        meta.push(("negative_aesthetic_score".into(), s.to_string()));
+    }
     if !r.loras.is_empty() {
         let list: Vec<String> = r
             .loras

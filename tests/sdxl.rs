@@ -67,6 +67,7 @@ fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> 
             original: pair("original_size"),
             crop_top_left: pair("crops_coords_top_left").unwrap_or((0, 0)),
             target: pair("target_size"),
+            ..Default::default()
         },
     }
 }
@@ -440,6 +441,15 @@ fn the_cli_runs_sdxl_with_size_conditioning() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: ") && err.contains("SDXL"), "{err}");
     assert!(!out.exists());
+    // the refiner's aesthetic score on the base model: refused, not ignored
+    let o = run(&["--aesthetic-score", "7"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("refiner"),
+        "{err}"
+    );
+    assert!(!out.exists());
 
     // the size flags on an SD 1.x model: refused, not ignored
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdgen"))
@@ -541,7 +551,10 @@ fn check_picture_cases(p: &Pipeline, kind: &str) -> usize {
     for case in cases["cases"].as_array().unwrap() {
         let scheduler = case["scheduler"].as_str().unwrap();
         let strength = case["strength"].as_f64().unwrap();
-        let r = picture_request(p, scheduler, &picture, strength, mask.as_ref());
+        let mut r = picture_request(p, scheduler, &picture, strength, mask.as_ref());
+        // the refiner's aesthetic scores, where the case sets them
+        r.sizes.aesthetic_score = case["aesthetic_score"].as_f64();
+        r.sizes.negative_aesthetic_score = case["negative_aesthetic_score"].as_f64();
         let png = format!("tiny_xl/{kind}/{}", case["png"].as_str().unwrap());
         assert_near(&p.generate_all(&r).unwrap()[0].rgb, &png, 2, 0.25);
         checked += 1;
@@ -627,7 +640,7 @@ fn the_refiner_matches_diffusers() {
     std::fs::write(&index, v.to_string()).unwrap();
     let files = ModelFiles::from_folder(dir.path(), Precision::Full).unwrap();
     let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
-    assert_eq!(check_picture_cases(&p, "refiner"), 2);
+    assert_eq!(check_picture_cases(&p, "refiner"), 3);
     // without a picture: refused before any work
     let e = p
         .validate(&seed42_request(&p, &meta()))

@@ -641,6 +641,13 @@ impl Pipeline {
         if self.refiner && r.sizes.target.is_some() {
             bail!("--target-size is not part of the refiner's conditioning (it takes an aesthetic score instead)");
         }
+        let scores = [r.sizes.aesthetic_score, r.sizes.negative_aesthetic_score];
+        if !self.refiner && scores.iter().any(Option::is_some) {
+            bail!("--aesthetic-score and --negative-aesthetic-score are the conditioning of SDXL's refiner; this model does not take them");
+        }
+        if scores.iter().flatten().any(|s| !s.is_finite()) {
+            bail!("the aesthetic scores must be finite numbers");
+        }
         if self.family == Family::Sd && r.sizes != SizeConditioning::default() {
             bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
         }

@@ -14,14 +14,19 @@ use std::rc::Rc;
 
 /// SDXL's size conditioning: diffusers' `original_size`, `crops_coords_top_left` and
 /// `target_size`, each (height, width) / (top, left) in pixels; the same numbers for the
-/// negative prompt, as diffusers' defaults give. SD 1.x/2.x models ignore it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// negative prompt, as diffusers' defaults give. The refiner takes its aesthetic scores in
+/// the target size's place. SD 1.x/2.x models take none of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SizeConditioning {
     /// `None`: the image's size (diffusers' default).
     pub original: Option<(usize, usize)>,
     pub crop_top_left: (usize, usize),
     /// `None`: the image's size (diffusers' default).
     pub target: Option<(usize, usize)>,
+    /// The refiner's `aesthetic_score` (`None`: diffusers' 6).
+    pub aesthetic_score: Option<f64>,
+    /// The refiner's `negative_aesthetic_score`, for the unconditional half (`None`: 2.5).
+    pub negative_aesthetic_score: Option<f64>,
 }
 
 impl SizeConditioning {
@@ -122,13 +127,18 @@ impl Pipeline {
 
     /// diffusers' `add_time_ids` of a request's rows: its size conditioning, or for the
     /// refiner (`requires_aesthetics_score`) the original size, the crop and the aesthetic
-    /// score, diffusers' defaults 6 and 2.5 for the unconditional (`negative`) half.
+    /// score (diffusers' defaults: 6, and 2.5 for the unconditional, `negative`, half).
     pub(super) fn time_ids(&self, r: &super::Request, negative: bool) -> Vec<f64> {
         let ids = r.sizes.time_ids(r.height, r.width);
         if !self.refiner {
             return ids.to_vec();
         }
-        let score = if negative { 2.5 } else { 6.0 };
+        let s = &r.sizes;
+        let score = if negative {
+            s.negative_aesthetic_score.unwrap_or(2.5)
+        } else {
+            s.aesthetic_score.unwrap_or(6.0)
+        };
         vec![ids[0], ids[1], ids[2], ids[3], score]
     }
 
@@ -152,6 +162,7 @@ mod tests {
             original: Some((1024, 768)),
             crop_top_left: (4, 8),
             target: None,
+            ..Default::default()
         };
         assert_eq!(s.time_ids(64, 32), [1024.0, 768.0, 4.0, 8.0, 64.0, 32.0]);
     }
