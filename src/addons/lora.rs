@@ -292,26 +292,24 @@ impl LoraPatch {
     fn add_file(&mut self, path: &Path, scale: f64, index: usize, shape: UnetShape) -> Result<()> {
         let file = TensorFile::open(path)?;
         // diffusers: a file with U-Net layers in both namings keeps only the diffusers ones
-        let unet_module = |n: &str| n.strip_prefix("lora_unet_").map(|m| m.to_string());
-        let sgm = file.names().iter().filter_map(|n| unet_module(n));
-        let (mut any_sgm, mut any_diffusers) = (false, false);
-        for m in sgm {
-            if is_sgm(&m) {
-                any_sgm = true;
-            } else if ["down_blocks_", "mid_block_", "up_blocks_"]
+        let unet_modules: Vec<&str> = file
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_prefix("lora_unet_"))
+            .collect();
+        let diffusers_named = |m: &&str| {
+            ["down_blocks_", "mid_block_", "up_blocks_"]
                 .iter()
                 .any(|p| m.starts_with(p))
-            {
-                any_diffusers = true;
-            }
-        }
-        let skip_sgm = any_sgm && any_diffusers;
+        };
+        let skip_sgm =
+            unet_modules.iter().any(|m| is_sgm(m)) && unet_modules.iter().any(diffusers_named);
         let mut downs = HashMap::new();
         let mut ups = HashMap::new();
         let mut alphas = HashMap::new();
         let mut any = false;
         for name in file.names() {
-            if skip_sgm && unet_module(name).is_some_and(|m| is_sgm(&m)) {
+            if skip_sgm && name.strip_prefix("lora_unet_").is_some_and(is_sgm) {
                 continue;
             }
             let (part, key, what) = classify(name, shape)?;
@@ -589,6 +587,47 @@ mod tests {
                 .1,
             "up_blocks_0_attentions_0_proj_out"
         );
+    }
+
+    /// A file with U-Net layers in both namings: only the diffusers-named ones are applied,
+    /// as diffusers drops the others.
+    #[test]
+    fn both_namings_in_one_file_keep_the_diffusers_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.safetensors");
+        let t = |rows: usize, cols: usize| {
+            Tensor::ones((rows, cols), DType::F32, &Device::Cpu).unwrap()
+        };
+        let tensors: HashMap<String, Tensor> = [
+            (
+                "lora_unet_up_blocks_0_attentions_0_proj_out.lora_down.weight",
+                t(2, 4),
+            ),
+            (
+                "lora_unet_up_blocks_0_attentions_0_proj_out.lora_up.weight",
+                t(4, 2),
+            ),
+            (
+                "lora_unet_output_blocks_0_1_proj_in.lora_down.weight",
+                t(2, 4),
+            ),
+            (
+                "lora_unet_output_blocks_0_1_proj_in.lora_up.weight",
+                t(4, 2),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let spec = LoraSpec {
+            path,
+            te_scale: 1.0,
+            unet_scale: 1.0,
+        };
+        let patch = LoraPatch::load(&[spec], Part::Unet, SDXL).unwrap().unwrap();
+        let keys: Vec<&String> = patch.layers.keys().collect();
+        assert_eq!(keys, ["up_blocks_0_attentions_0_proj_out"]);
     }
 
     #[test]
