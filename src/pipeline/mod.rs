@@ -635,22 +635,7 @@ impl Pipeline {
         if !r.guidance.is_finite() {
             bail!("--guidance must be a finite number");
         }
-        if self.refiner && r.image.is_none() {
-            bail!("this is SDXL's refiner, an image-to-image model (StableDiffusionXLImg2ImgPipeline): give it --image");
-        }
-        if self.refiner && r.sizes.target.is_some() {
-            bail!("--target-size is not part of the refiner's conditioning (it takes an aesthetic score instead)");
-        }
-        let scores = [r.sizes.aesthetic_score, r.sizes.negative_aesthetic_score];
-        if !self.refiner && scores.iter().any(Option::is_some) {
-            bail!("--aesthetic-score and --negative-aesthetic-score are the conditioning of SDXL's refiner; this model does not take them");
-        }
-        if scores.iter().flatten().any(|s| !s.is_finite()) {
-            bail!("the aesthetic scores must be finite numbers");
-        }
-        if self.family == Family::Sd && r.sizes != SizeConditioning::default() {
-            bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
-        }
+        self.validate_added_conditioning(r)?;
         // the web UI's syntax can be wrong (a weight that is no number), or too long
         for text in r.texts()? {
             self.tokenize(&text, r.prompt_syntax)?;

@@ -2,7 +2,7 @@
 //! and text encoder, a prompt's context from both encoders with the pooled embedding, and the
 //! size conditioning (`add_time_ids`, with the refiner's aesthetic score).
 
-use super::{Component, Conditioning, Pipeline};
+use super::{Component, Conditioning, Family, Pipeline};
 use crate::conditioning::{self, PromptSyntax};
 use crate::config::ClipTextConfig;
 use crate::models::clip::ClipTextModel;
@@ -123,6 +123,28 @@ impl Pipeline {
             context: Tensor::cat(&contexts, 1)?,
             pooled,
         })
+    }
+
+    /// A request's SDXL-specific inputs, checked before any work: the refiner's picture and
+    /// aesthetic scores, and size conditioning only for SDXL models.
+    pub(super) fn validate_added_conditioning(&self, r: &super::Request) -> Result<()> {
+        if self.refiner && r.image.is_none() {
+            bail!("this is SDXL's refiner, an image-to-image model (StableDiffusionXLImg2ImgPipeline): give it --image");
+        }
+        if self.refiner && r.sizes.target.is_some() {
+            bail!("--target-size is not part of the refiner's conditioning (it takes an aesthetic score instead)");
+        }
+        let scores = [r.sizes.aesthetic_score, r.sizes.negative_aesthetic_score];
+        if !self.refiner && scores.iter().any(Option::is_some) {
+            bail!("--aesthetic-score and --negative-aesthetic-score are the conditioning of SDXL's refiner; this model does not take them");
+        }
+        if scores.iter().flatten().any(|s| !s.is_finite()) {
+            bail!("the aesthetic scores must be finite numbers");
+        }
+        if self.family == Family::Sd && r.sizes != SizeConditioning::default() {
+            bail!("--original-size, --crop-top-left and --target-size are SDXL's size conditioning; this model is SD 1.x/2.x");
+        }
+        Ok(())
     }
 
     /// diffusers' `add_time_ids` of a request's rows: its size conditioning, or for the
