@@ -997,29 +997,42 @@ def to_ldm_state_dict_xl(pipe):
 SDXL_IMG2IMG_CASES = [("euler", 0.6), ("dpmpp_2m", 0.6), ("euler_a", 0.3), ("ddim", 0.8)]
 
 
+def record_sdxl_picture_cases(out, pipe, kind, cases, mask=False):
+    """diffusers' seed-42 images of `pipe` (the e2e prompts) from the 64x64 picture
+    img2img/tiny2.png (and the mask img2img/tiny2-mask.png when `mask`), one per case
+    (scheduler, strength[, extra pipeline arguments]), in reference/tiny_xl/{kind}/ with the
+    cases.json the Rust tests read (tests/sdxl.rs, check_picture_cases)."""
+    from PIL import Image
+
+    ref = os.path.join(out, "reference", "tiny_xl", kind)
+    os.makedirs(ref, exist_ok=True)
+    inputs = {"picture": "img2img/tiny2.png", **({"mask": "img2img/tiny2-mask.png"} if mask else {})}
+    images = {"image": "picture", "mask_image": "mask"}
+    base_config = dict(pipe.scheduler.config)
+    recorded = []
+    for name, strength, *rest in cases:
+        extra_args = rest[0] if rest else {}
+        cls, extra = SCHEDULERS[name]
+        pipe.scheduler = cls.from_config(base_config, **extra)
+        png = f"{name}-{strength}{'-scores' if extra_args else ''}.png"
+        pictures = {arg: Image.open(os.path.join(out, inputs[key])) for arg, key in images.items() if key in inputs}
+        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
+                          strength=strength, **pictures, **extra_args)
+        recorded.append({"scheduler": name, "strength": strength, "png": png, **extra_args})
+    with open(os.path.join(ref, "cases.json"), "w") as f:
+        json.dump({**inputs, "cases": recorded}, f, indent=1)
+
+
 def record_sdxl_img2img(out):
     """diffusers' StableDiffusionXLImg2ImgPipeline (the base model's: no aesthetic score) on
     tiny_xl from the committed 64x64 picture img2img/tiny2.png, seed 42, the e2e prompts."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-    from PIL import Image
 
     model_dir = os.path.join(out, "models", "tiny_xl")
     base = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
     pipe = StableDiffusionXLImg2ImgPipeline(**base.components, requires_aesthetics_score=False,
                                             force_zeros_for_empty_prompt=True, add_watermarker=False)
-    ref = os.path.join(out, "reference", "tiny_xl", "img2img")
-    os.makedirs(ref, exist_ok=True)
-    picture = Image.open(os.path.join(out, "img2img", "tiny2.png"))
-    cases = []
-    for name, strength in SDXL_IMG2IMG_CASES:
-        cls, extra = SCHEDULERS[name]
-        pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
-        png = f"{name}-{strength}.png"
-        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
-                          image=picture, strength=strength)
-        cases.append({"scheduler": name, "strength": strength, "png": png})
-    with open(os.path.join(ref, "cases.json"), "w") as f:
-        json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
+    record_sdxl_picture_cases(out, pipe, "img2img", SDXL_IMG2IMG_CASES)
 
 
 # (scheduler, strength) of the SDXL inpainting references; 0.9999 is diffusers' default there
@@ -1040,19 +1053,7 @@ def record_sdxl_inpaint(out):
     base = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, add_watermarker=False)
     pipe = StableDiffusionXLInpaintPipeline(**base.components, requires_aesthetics_score=False,
                                             force_zeros_for_empty_prompt=True, add_watermarker=False)
-    ref = os.path.join(out, "reference", "tiny_xl", "inpaint")
-    os.makedirs(ref, exist_ok=True)
-    cases = []
-    for name, strength in SDXL_INPAINT_CASES:
-        cls, extra = SCHEDULERS[name]
-        pipe.scheduler = cls.from_config(dict(base.scheduler.config), **extra)
-        png = f"{name}-{strength}.png"
-        save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
-                          image=Image.open(os.path.join(pics, "tiny2.png")),
-                          mask_image=Image.open(os.path.join(pics, "tiny2-mask.png")), strength=strength)
-        cases.append({"scheduler": name, "strength": strength, "png": png})
-    with open(os.path.join(ref, "cases.json"), "w") as f:
-        json.dump({"picture": "img2img/tiny2.png", "mask": "img2img/tiny2-mask.png", "cases": cases}, f, indent=1)
+    record_sdxl_picture_cases(out, pipe, "inpaint", SDXL_INPAINT_CASES, mask=True)
 
 
 def tiny_xl_inpaint(out, tmp):
@@ -1128,12 +1129,7 @@ def record_sdxl_refiner(out):
     img2img/tiny2.png, seed 42, the e2e prompts: reference/tiny_xl/refiner/."""
     import tempfile
     from diffusers import StableDiffusionXLImg2ImgPipeline
-    from PIL import Image
 
-    pics = os.path.join(out, "img2img")
-    ref = os.path.join(out, "reference", "tiny_xl", "refiner")
-    os.makedirs(ref, exist_ok=True)
-    cases = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_xl_refiner(out, tmp)
         with open(os.path.join(model_dir, "model_index.json")) as f:
@@ -1141,16 +1137,7 @@ def record_sdxl_refiner(out):
         assert index["text_encoder"] == [None, None] and index["requires_aesthetics_score"], index
         pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32,
                                                                 add_watermarker=False)
-        base_config = dict(pipe.scheduler.config)
-        for name, strength, scores in SDXL_REFINER_CASES:
-            cls, extra = SCHEDULERS[name]
-            pipe.scheduler = cls.from_config(base_config, **extra)
-            png = f"{name}-{strength}{'-scores' if scores else ''}.png"
-            save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
-                              image=Image.open(os.path.join(pics, "tiny2.png")), strength=strength, **scores)
-            cases.append({"scheduler": name, "strength": strength, "png": png, **scores})
-    with open(os.path.join(ref, "cases.json"), "w") as f:
-        json.dump({"picture": "img2img/tiny2.png", "cases": cases}, f, indent=1)
+        record_sdxl_picture_cases(out, pipe, "refiner", SDXL_REFINER_CASES)
 
 
 SDXL_INPAINT9_CASES = [("euler", 0.9999), ("euler_a", 1.0), ("dpmpp_2m", 0.6)]
@@ -1161,26 +1148,11 @@ def record_sdxl_inpaint9(out):
     record_sdxl_inpaint: reference/tiny_xl/inpaint9/."""
     import tempfile
     from diffusers import StableDiffusionXLInpaintPipeline
-    from PIL import Image
 
-    pics = os.path.join(out, "img2img")
-    ref = os.path.join(out, "reference", "tiny_xl", "inpaint9")
-    os.makedirs(ref, exist_ok=True)
-    cases = []
     with tempfile.TemporaryDirectory() as tmp:
         pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_xl_inpaint(out, tmp), torch_dtype=torch.float32,
                                                                 add_watermarker=False)
-        base_config = dict(pipe.scheduler.config)
-        for name, strength in SDXL_INPAINT9_CASES:
-            cls, extra = SCHEDULERS[name]
-            pipe.scheduler = cls.from_config(base_config, **extra)
-            png = f"{name}-{strength}.png"
-            save_seed42_image(pipe, os.path.join(ref, png), prompt=E2E_PROMPT, negative_prompt=E2E_NEGATIVE,
-                              image=Image.open(os.path.join(pics, "tiny2.png")),
-                              mask_image=Image.open(os.path.join(pics, "tiny2-mask.png")), strength=strength)
-            cases.append({"scheduler": name, "strength": strength, "png": png})
-    with open(os.path.join(ref, "cases.json"), "w") as f:
-        json.dump({"picture": "img2img/tiny2.png", "mask": "img2img/tiny2-mask.png", "cases": cases}, f, indent=1)
+        record_sdxl_picture_cases(out, pipe, "inpaint9", SDXL_INPAINT9_CASES, mask=True)
 
 
 def record_sdxl_single_file(out):
