@@ -587,6 +587,31 @@ fn loras_and_embeddings_from_the_hub() {
     );
 }
 
+/// The flags of the tiny models' e2e euler image for seed 42 (6 steps, guidance 7.5) from
+/// REPO, written to `out`, with `extra`.
+fn euler_42<'a>(out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "a photo of a cat on a beach",
+        "-n",
+        "blurry, lowres",
+        "-m",
+        REPO,
+        "-s",
+        "42",
+        "--steps",
+        "6",
+        "--scheduler",
+        "euler",
+        "--guidance",
+        "7.5",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// An SDXL repo: the second tokenizer and text encoder are fetched with the rest (the fp16
 /// variant for half precision), nothing else; the cached model then gives diffusers' image.
 #[test]
@@ -622,29 +647,7 @@ fn an_sdxl_repo_fetches_both_encoders() {
     );
     // f32 from the same repo, then the image diffusers makes
     let out = dir.path().join("xl.png");
-    let o = sdgen(
-        &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            REPO,
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
-            "--guidance",
-            "7.5",
-            "-q",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        &server.url,
-        &cache,
-        &[],
-    );
+    let o = sdgen(&euler_42(&out, &[]), &server.url, &cache, &[]);
     ok(&o);
     let got = image::open(&out).unwrap().to_rgb8();
     let want = image::open(reference("tiny_xl/e2e/euler-42.png"))
@@ -676,33 +679,9 @@ fn the_sdxl_refiner_fetches_its_one_encoder() {
     let cache = dir.path().join("hub");
     let out = dir.path().join("refined.png");
     let picture = fixtures().join("img2img/tiny2.png");
-    let o = sdgen(
-        &[
-            "a photo of a cat on a beach",
-            "-n",
-            "blurry, lowres",
-            "-m",
-            REPO,
-            "--image",
-            picture.to_str().unwrap(),
-            "--strength",
-            "0.3",
-            "-s",
-            "42",
-            "--steps",
-            "6",
-            "--scheduler",
-            "euler",
-            "--guidance",
-            "7.5",
-            "-q",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        &server.url,
-        &cache,
-        &[],
-    );
+    let picture = picture.to_str().unwrap();
+    let args = euler_42(&out, &["--image", picture, "--strength", "0.3"]);
+    let o = sdgen(&args, &server.url, &cache, &[]);
     ok(&o);
     let got = fetched(&server);
     assert!(
