@@ -248,22 +248,12 @@ fn sdxl(
     let nan = f64::NAN;
     let dtype = p.dtype;
     let request = sdgen::pipeline::Request {
-        prompt: "a photo of a cat on a beach".into(),
-        negative_prompt: String::new(),
         seeds: vec![1],
         steps: 1,
         guidance: 5.0,
-        scheduler: None,
         width: 1024,
         height: 1024,
-        batch_size: 1,
-        clip_skip: 1,
-        prompt_syntax: Default::default(),
-        loras: Vec::new(),
-        rng: Default::default(),
-        image: None,
-        vae_tiling: false,
-        sizes: Default::default(),
+        ..p.request("a photo of a cat on a beach")
     };
     let text = if want("text") {
         time(dev, 3, || {

@@ -25,24 +25,14 @@ fn check_model(model: &str, batch_size: usize) {
         if !SCHEDULERS.iter().any(|s| s.0 == scheduler) {
             continue;
         }
-        let (height, width) = pipeline.default_size();
         let request = Request {
-            prompt: meta["prompt"].as_str().unwrap().into(),
             negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
             seeds: seeds.clone(),
             steps: meta["steps"].as_u64().unwrap() as usize,
             guidance: spec["guidance"].as_f64().unwrap(),
             scheduler: Some(scheduler.into()),
-            width,
-            height,
             batch_size,
-            clip_skip: 1,
-            prompt_syntax: Default::default(),
-            loras: Vec::new(),
-            rng: Default::default(),
-            image: None,
-            vae_tiling: false,
-            sizes: Default::default(),
+            ..pipeline.request(meta["prompt"].as_str().unwrap())
         };
         let images = pipeline.generate_all(&request).unwrap();
         for (img, seed) in images.iter().zip(&seeds) {
@@ -90,24 +80,12 @@ fn bf16_and_f16_images_stay_near_f32() {
             let files = ModelFiles::from_folder(&model_dir(model), precision).unwrap();
             let engine = Engine::Cpu(CpuEngine::with_bf16(bf16));
             let pipeline = Pipeline::load_on(files, Device::Cpu, dtype, engine).unwrap();
-            let (height, width) = pipeline.default_size();
             let request = Request {
-                prompt: "a red fox in the snow".into(),
-                negative_prompt: String::new(),
                 seeds: vec![11, 12],
                 steps: 6,
-                guidance: 7.5,
                 scheduler: Some("euler".into()),
-                width,
-                height,
                 batch_size: 2,
-                clip_skip: 1,
-                prompt_syntax: Default::default(),
-                loras: Vec::new(),
-                rng: Default::default(),
-                image: None,
-                vae_tiling: false,
-                sizes: Default::default(),
+                ..pipeline.request("a red fox in the snow")
             };
             pipeline.generate_all(&request).unwrap()
         };

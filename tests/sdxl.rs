@@ -22,7 +22,8 @@ fn meta() -> serde_json::Value {
 
 /// The request of e2e.json's run `spec` (its scheduler, guidance and extra arguments).
 fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> Request {
-    let (mut height, mut width) = p.default_size();
+    let base = p.request(meta["prompt"].as_str().unwrap());
+    let (mut height, mut width) = (base.height, base.width);
     if let (Some(h), Some(w)) = (spec["height"].as_u64(), spec["width"].as_u64()) {
         (height, width) = (h as usize, w as usize);
     }
@@ -40,7 +41,6 @@ fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> 
         _ => meta["negative_prompt"].as_str().unwrap().into(),
     };
     Request {
-        prompt: meta["prompt"].as_str().unwrap().into(),
         negative_prompt: negative,
         seeds: meta["seeds"]
             .as_array()
@@ -57,18 +57,13 @@ fn request(p: &Pipeline, meta: &serde_json::Value, spec: &serde_json::Value) -> 
         width,
         height,
         batch_size: 2,
-        clip_skip: 1,
-        prompt_syntax: Default::default(),
-        loras: Vec::new(),
-        rng: Default::default(),
-        image: None,
-        vae_tiling: false,
         sizes: SizeConditioning {
             original: pair("original_size"),
             crop_top_left: pair("crops_coords_top_left").unwrap_or((0, 0)),
             target: pair("target_size"),
             ..Default::default()
         },
+        ..base
     }
 }
 

@@ -17,24 +17,13 @@ fn single(name: &str) -> PathBuf {
 
 fn images(files: ModelFiles, scheduler: &str) -> Vec<Vec<u8>> {
     let p = Pipeline::load(files, Device::Cpu, DType::F32).unwrap();
-    let (height, width) = p.default_size();
     let r = Request {
-        prompt: "a photo of a cat on a beach".into(),
         negative_prompt: "blurry".into(),
         seeds: vec![42, 43],
         steps: 4,
-        guidance: 7.5,
         scheduler: Some(scheduler.into()),
-        width,
-        height,
         batch_size: 2,
-        clip_skip: 1,
-        prompt_syntax: Default::default(),
-        loras: Vec::new(),
-        rng: Default::default(),
-        image: None,
-        vae_tiling: false,
-        sizes: Default::default(),
+        ..p.request("a photo of a cat on a beach")
     };
     p.generate_all(&r)
         .unwrap()

@@ -569,6 +569,31 @@ impl Pipeline {
     }
 
     /// diffusers' default (height, width): unet sample_size x the VAE scale factor.
+    /// A request for one image of `prompt` with diffusers' defaults on this model: its
+    /// default size and scheduler, 50 steps, guidance 7.5, seed 0, no negative prompt, nothing
+    /// else; callers change what they need (`Request { seeds, ..p.request(prompt) }`).
+    pub fn request(&self, prompt: impl Into<String>) -> Request {
+        let (height, width) = self.default_size();
+        Request {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seeds: vec![0],
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            width,
+            height,
+            batch_size: 1,
+            clip_skip: 1,
+            prompt_syntax: PromptSyntax::Plain,
+            loras: Vec::new(),
+            rng: Default::default(),
+            image: None,
+            vae_tiling: false,
+            sizes: SizeConditioning::default(),
+        }
+    }
+
     pub fn default_size(&self) -> (usize, usize) {
         let (h, w) = self
             .unet_config

@@ -123,24 +123,11 @@ pub fn seed42_request(
     pipeline: &sdgen::pipeline::Pipeline,
     meta: &serde_json::Value,
 ) -> sdgen::pipeline::Request {
-    let (height, width) = pipeline.default_size();
     sdgen::pipeline::Request {
-        prompt: meta["prompt"].as_str().unwrap().into(),
         negative_prompt: meta["negative_prompt"].as_str().unwrap().into(),
         seeds: vec![42],
         steps: meta["steps"].as_u64().unwrap() as usize,
-        guidance: 7.5,
-        scheduler: None,
-        width,
-        height,
-        batch_size: 1,
-        clip_skip: 1,
-        prompt_syntax: Default::default(),
-        loras: Vec::new(),
-        rng: Default::default(),
-        image: None,
-        vae_tiling: false,
-        sizes: Default::default(),
+        ..pipeline.request(meta["prompt"].as_str().unwrap())
     }
 }
 
