@@ -96,7 +96,9 @@ fn check_positive(keys: &[(&str, usize)]) -> Result<()> {
 }
 
 /// `attention_head_dim` / `num_attention_heads` may be one number for every block or a list
-/// with one entry per block.
+/// with one entry per block; an entry of `transformer_layers_per_block` /
+/// `reverse_transformer_layers_per_block` one count for every layer of its block or a count
+/// per layer (distilled SDXL U-Nets).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
@@ -105,47 +107,49 @@ pub enum PerBlock {
 }
 
 impl PerBlock {
+    /// The `n` values: the one number `n` times, or the list when it has `n` entries.
+    fn values(&self, n: usize) -> Option<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Some(vec![*v; n]),
+            PerBlock::Each(v) => (v.len() == n).then(|| v.clone()),
+        }
+    }
+
+    /// How many values the list holds (1 for one number), for messages.
+    fn len(&self) -> usize {
+        match self {
+            PerBlock::One(_) => 1,
+            PerBlock::Each(v) => v.len(),
+        }
+    }
+
     pub fn expand(&self, n: usize, field: &str) -> Result<Vec<usize>> {
-        match self {
-            PerBlock::One(v) => Ok(vec![*v; n]),
-            PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Each(v) => bail!(
+        self.values(n).with_context(|| {
+            format!(
                 "unet config: {field} has {} entries but there are {n} blocks",
-                v.len()
-            ),
-        }
+                self.len()
+            )
+        })
     }
-}
 
-/// One entry of `transformer_layers_per_block` / `reverse_transformer_layers_per_block`: one
-/// count for every layer of a block, or a count per layer (distilled SDXL U-Nets).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Depth {
-    One(usize),
-    PerLayer(Vec<usize>),
-}
-
-impl Depth {
-    /// The counts of a block of `layers` layers.
+    /// The transformer counts of block `block`'s `layers` layers.
     fn per_layer(&self, layers: usize, field: &str, block: usize) -> Result<Vec<usize>> {
-        match self {
-            Depth::One(v) => Ok(vec![*v; layers]),
-            Depth::PerLayer(v) if v.len() == layers => Ok(v.clone()),
-            Depth::PerLayer(v) => bail!(
+        self.values(layers).with_context(|| {
+            format!(
                 "unet config: {field}[{block}] has {} counts but the block has {layers} layers",
-                v.len()
-            ),
-        }
+                self.len()
+            )
+        })
     }
 }
 
-/// `transformer_layers_per_block`: one count, or one [`Depth`] per block.
+/// `transformer_layers_per_block`: one count, or one [`PerBlock`] per block (a list of counts
+/// per layer inside it is how distilled SDXL U-Nets are described).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Depths {
     One(usize),
-    Each(Vec<Depth>),
+    Each(Vec<PerBlock>),
 }
 
 /// The transformer layers of every attention of a U-Net, as diffusers builds them: per down
@@ -254,7 +258,7 @@ pub struct UNetConfig {
     /// The up blocks' counts when they are not the down blocks' reversed (SSD-1B's
     /// asymmetric U-Net); needed when `transformer_layers_per_block` has per-layer counts.
     #[serde(default)]
-    pub reverse_transformer_layers_per_block: Option<Vec<Depth>>,
+    pub reverse_transformer_layers_per_block: Option<Vec<PerBlock>>,
     #[serde(default)]
     pub attention_head_dim: Option<PerBlock>,
     #[serde(default)]
@@ -507,9 +511,9 @@ impl UNetConfig {
     pub fn transformer_depths(&self) -> Result<TransformerDepths> {
         let n = self.block_out_channels.len();
         let field = "transformer_layers_per_block";
-        let per_block: Vec<Depth> = match &self.transformer_layers_per_block {
-            None => vec![Depth::One(1); n],
-            Some(Depths::One(v)) => vec![Depth::One(*v); n],
+        let per_block: Vec<PerBlock> = match &self.transformer_layers_per_block {
+            None => vec![PerBlock::One(1); n],
+            Some(Depths::One(v)) => vec![PerBlock::One(*v); n],
             Some(Depths::Each(v)) if v.len() == n => v.clone(),
             Some(Depths::Each(v)) => bail!(
                 "unet config: {field} has {} entries but there are {n} blocks",
@@ -524,8 +528,8 @@ impl UNetConfig {
             .collect::<Result<Vec<_>>>()?;
         // the mid block (one layer) takes the last block's count, or its first per-layer one
         let mid = match &per_block[n - 1] {
-            Depth::One(v) => *v,
-            Depth::PerLayer(v) => *v
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => *v
                 .first()
                 .with_context(|| format!("unet config: {field}[{}] is empty", n - 1))?,
         };
@@ -540,7 +544,7 @@ impl UNetConfig {
                 .map(|(i, d)| d.per_layer(lpb + 1, "reverse_transformer_layers_per_block", i))
                 .collect::<Result<Vec<_>>>()?,
             None => {
-                if per_block.iter().any(|d| matches!(d, Depth::PerLayer(_))) {
+                if per_block.iter().any(|d| matches!(d, PerBlock::Each(_))) {
                     bail!("unet config: {field} has per-layer counts but there is no reverse_transformer_layers_per_block for the up blocks (diffusers refuses such a config too)");
                 }
                 per_block
