@@ -146,15 +146,17 @@ pub fn has_second_encoder(available: &BTreeSet<String>) -> bool {
     available.contains("text_encoder_2/config.json")
 }
 
-/// The folders of a model's (first) text encoder and tokenizer: `text_encoder/` and
-/// `tokenizer/`, or for a model with only SDXL's second encoder (the refiner, whose
-/// model_index.json names no `text_encoder`) `text_encoder_2/` and `tokenizer_2/`, which then
-/// serve as its one encoder.
-fn first_encoder(available: &BTreeSet<String>) -> (&'static str, &'static str) {
-    if !available.contains("text_encoder/config.json") && has_second_encoder(available) {
-        ("text_encoder_2", "tokenizer_2")
+/// The text encoders of a model whose files `has` (a relative path): the folders of its
+/// (first) encoder and tokenizer, `text_encoder/` and `tokenizer/`, or for a model with only
+/// SDXL's second encoder (the refiner, whose model_index.json names no `text_encoder`)
+/// `text_encoder_2/` and `tokenizer_2/`, which then serve as its one encoder; and whether
+/// SDXL's second encoder comes beside the first.
+fn encoders(has: impl Fn(&str) -> bool) -> (&'static str, &'static str, bool) {
+    let second = has("text_encoder_2/config.json");
+    if has("text_encoder/config.json") || !second {
+        ("text_encoder", "tokenizer", second)
     } else {
-        ("text_encoder", "tokenizer")
+        ("text_encoder_2", "tokenizer_2", false)
     }
 }
 
@@ -165,8 +167,7 @@ pub fn needed_files(
     precision: Precision,
     source: &str,
 ) -> Result<Vec<String>> {
-    let (encoder, tokenizer) = first_encoder(available);
-    let second = encoder == "text_encoder" && has_second_encoder(available);
+    let (encoder, tokenizer, second) = encoders(|f| available.contains(f));
     let mut files: Vec<String> = vec![
         "model_index.json".into(),
         "scheduler/scheduler_config.json".into(),
@@ -304,16 +305,9 @@ impl ModelFiles {
         };
         let mut m = Self::configs_from(name, revision, root);
         // what needed_files chose, whatever else the folder holds
-        let has = |f: &str| files.iter().any(|g| g == f);
-        let first = if has("text_encoder/config.json") {
-            "text_encoder"
-        } else {
-            // the refiner's one encoder (`first_encoder`)
-            m.tokenizer_dir = root.join("tokenizer_2");
-            m.text_encoder_config = root.join("text_encoder_2/config.json");
-            "text_encoder_2"
-        };
-        let second = first == "text_encoder" && has("text_encoder_2/config.json");
+        let (first, tokenizer, second) = encoders(|f| files.iter().any(|g| g == f));
+        m.tokenizer_dir = root.join(tokenizer);
+        m.text_encoder_config = root.join(first).join("config.json");
         if !second {
             m.second_encoder = None;
         }
